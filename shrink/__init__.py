@@ -1,0 +1,39 @@
+"""shrink: turn Vision Transformers into faster, partly-MLP networks.
+
+Pick the least informative attention layers, fade them out with a lambda schedule while
+fine-tuning, and export the model with those attention layers physically gone.
+"""
+from .checkpoint import create_model, load, load_weights, read_state_dict, save
+from .dilution import (
+    DilutedBlock,
+    deploy_mode,
+    dilute,
+    diluted_blocks,
+    get_lambda,
+    lambda_at,
+    set_lambda,
+)
+from .errors import ShrinkError
+from .export import AttentionFreeBlock, attention_free_indices, export, fold_residual_scale
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionFreeBlock",
+    "DilutedBlock",
+    "ShrinkError",
+    "attention_free_indices",
+    "create_model",
+    "deploy_mode",
+    "dilute",
+    "diluted_blocks",
+    "export",
+    "fold_residual_scale",
+    "get_lambda",
+    "lambda_at",
+    "load",
+    "load_weights",
+    "read_state_dict",
+    "save",
+    "set_lambda",
+]
