@@ -177,13 +177,17 @@ class PassStats:
 class Runner:
     """Runs calibration passes over a loader: no_grad, eval mode, optional autocast.
 
-    ``passes`` counts full passes over the calibration set (one forward of every image each).
+    ``passes`` counts full passes over the calibration set (one forward of every image each). The
+    images of the first pass are kept in memory (up to ``cache_bytes``) so that the later passes of
+    a greedy search neither re-decode nor re-transform them, nor restart loader workers.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, cache_bytes: int = 4 << 30) -> None:
         self.model = model
         self.loader = loader
+        self.cache_bytes = cache_bytes
+        self._cache: list[torch.Tensor] | None = None
         self.device = device
         self.amp_dtype = amp_dtype
         self.passes = 0
@@ -193,6 +197,24 @@ class Runner:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        kept: list[torch.Tensor] | None = []
+        size = 0
+        for batch in self.loader:
+            x = _images(batch)
+            if kept is not None:
+                size += x.numel() * x.element_size()
+                if size <= self.cache_bytes:
+                    kept.append(x.cpu())
+                else:
+                    kept = None  # too large to keep: every pass reads the loader again
+            yield x
+        if kept is not None:
+            self._cache = kept
 
     @torch.no_grad()
     def run(self, skip: Sequence[int] = (), probe_layers: Sequence[int] = ()) -> PassStats:
@@ -240,8 +262,8 @@ class Runner:
                     handles.append(blk.ls1.register_forward_hook(attn_hook(i)))
                 handles.append(blk.ls2.register_forward_hook(mlp_hook(i)))
             with skip_attention(model, skip):
-                for batch in self.loader:
-                    x = _images(batch).to(self.device, non_blocking=True)
+                for x in self._batches():
+                    x = x.to(self.device, non_blocking=True)
                     with self._autocast():
                         f = pre_logits(model, x)
                     feat.update(f)
