@@ -1,0 +1,66 @@
+"""What the project's MLP families share: normalisation constants, cfg defaults, the build call.
+
+None of these models has downloadable weights here: ``pretrained=True`` raises a one-line
+``ShrinkError`` that points at :mod:`models.loaders` (local files, no network).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg
+from torch import nn
+
+from shrink.errors import ShrinkError
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD", "build", "cfg", "no_pretrained",
+]
+
+# Per-channel statistics of the training images (torchvision's CIFAR, pixels scaled to [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def cfg(**kwargs: Any) -> dict[str, Any]:
+    """A timm pretrained cfg without weights (no url, no hub id): ImageNet 224 px unless overridden."""
+    out = {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "", "classifier": "head",
+    }
+    out.update(kwargs)
+    return out
+
+
+def no_pretrained(variant: str, pretrained: bool) -> None:
+    """Refuse ``pretrained=True`` clearly: the project never downloads weights."""
+    if pretrained:
+        raise ShrinkError(
+            f"{variant} has no downloadable weights in this project: build it with pretrained=False and load a "
+            f"local file with models.loaders.load_checkpoint(model, path) or shrink.create_model(name, checkpoint=path)"
+        )
+
+
+def build(
+    model_cls: Callable[..., nn.Module],
+    variant: str,
+    pretrained: bool,
+    *,
+    filter_fn: Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``build_model_with_cfg`` for a weight-less variant; the cfg's input size follows ``img_size``."""
+    no_pretrained(variant, pretrained)
+    model = build_model_with_cfg(model_cls, variant, False, pretrained_filter_fn=filter_fn, **kwargs)
+    img_size = kwargs.get("img_size")
+    if img_size is not None:
+        in_chans = kwargs.get("in_chans", model.pretrained_cfg["input_size"][0])
+        size = (in_chans, *to_2tuple(img_size))
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": size}
+    return model

@@ -1,0 +1,231 @@
+"""BottleneckMLP from "Scaling MLPs: A Tale of Inductive Bias" (Bachmann et al., NeurIPS 2023).
+
+The image is flattened (C, H, W order) into one vector; a linear layer embeds it to width ``w``;
+``b`` pre-norm residual blocks ``x + fc2(gelu(fc1(norm(x))))`` with hidden width ``4w`` follow,
+then a linear head. No patches, no token mixing: the least inductive bias a vision net can have.
+
+Published sizes (64 px input, ImageNet-21k head of 11,230 classes): B_6-Wi_512 24M, B_12-Wi_512 37M,
+B_6-Wi_1024 74M, B_12-Wi_1024 124M (the README truncates to whole millions; exact counts are
+24,657,374 / 37,261,790 / 74,469,342 / 124,843,998). Their normalisation is ImageNet's mean/std.
+
+Key names here are timm's (``stem``, ``blocks.i.norm``, ``blocks.i.mlp.fc1``, ``head``);
+:func:`checkpoint_filter_fn` maps the original names (``linear_in``, ``layernorms.i``,
+``blocks.i.block.0``, ``linear_out``) onto them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import timm
+import torch
+from timm.layers import DropPath, Mlp, to_2tuple
+from timm.models import generate_default_cfgs, register_model
+from torch import nn
+
+from shrink.errors import ShrinkError
+
+from ._helpers import build, cfg
+
+__all__ = ["BottleneckBlock", "BottleneckMLP", "checkpoint_filter_fn", "get_model", "parse_architecture"]
+
+_NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": nn.Identity}
+_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class BottleneckBlock(nn.Module):
+    """``x + mlp(norm(x))`` with an expanding hidden layer, then dropout on the sum (as the original)."""
+
+    def __init__(self, dim: int, hidden_dim: int, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.mlp = Mlp(dim, hidden_dim, act_layer=act_layer)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop = nn.Dropout(drop) if drop > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x + self.drop_path(self.mlp(self.norm(x))))
+
+
+class BottleneckMLP(nn.Module):
+    """Flattened image -> linear embedding -> ``depth`` bottleneck blocks -> linear head."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 64,
+        in_chans: int = 3,
+        num_classes: int = 11230,
+        depth: int = 12,
+        embed_dim: int = 1024,
+        mlp_ratio: float = 4.0,
+        norm: str = "layer",
+        act: str = "gelu",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "",
+    ) -> None:
+        super().__init__()
+        if norm not in _NORMS or act not in _ACTS:
+            raise ShrinkError(f"BottleneckMLP: norm must be one of {sorted(_NORMS)} and act one of {sorted(_ACTS)}")
+        self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
+        self.in_dim = in_chans * self.img_size[0] * self.img_size[1]
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.global_pool = global_pool  # kept for timm's API; there are no tokens to pool
+        self.stem = nn.Linear(self.in_dim, embed_dim)
+        self.stem_drop = nn.Dropout(drop_rate) if drop_rate > 0.0 else nn.Identity()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        hidden = int(embed_dim * mlp_ratio)
+        self.blocks = nn.Sequential(*[
+            BottleneckBlock(embed_dim, hidden, _NORMS[norm], _ACTS[act], drop_rate, dpr[i]) for i in range(depth)
+        ])
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            if tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
+                raise ShrinkError(
+                    f"BottleneckMLP expects {self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, got "
+                    f"{'x'.join(map(str, x.shape[1:]))}: resize the input or build the model with that img_size"
+                )
+            x = x.flatten(1)
+        elif x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ShrinkError(f"BottleneckMLP expects images or flat vectors of {self.in_dim} values, got {tuple(x.shape)}")
+        return self.blocks(self.stem_drop(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_ORIGINAL_KEYS = (
+    (re.compile(r"^linear_in\."), "stem."),
+    (re.compile(r"^linear_out\."), "head."),
+    (re.compile(r"^layernorms\.(\d+)\."), r"blocks.\1.norm."),
+    (re.compile(r"^blocks\.(\d+)\.block\.0\."), r"blocks.\1.mlp.fc1."),
+    (re.compile(r"^blocks\.(\d+)\.block\.2\."), r"blocks.\1.mlp.fc2."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Rename the original repository's keys to this module's; keys already in this format pass through."""
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in _ORIGINAL_KEYS:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # Scaling MLPs trains at 64 px on ImageNet-21k (11,230 classes) with ImageNet's mean / std.
+    args = dict(num_classes=11230, input_size=(3, 64, 64), crop_pct=1.0, interpolation="bilinear",
+                first_conv="", origin_url="https://github.com/gregorbachmann/scaling_mlps", paper_ids="arXiv:2306.13575")
+    return cfg(**{**args, **kwargs})
+
+
+default_cfgs = generate_default_cfgs({
+    "bottleneck_mlp_b6_wi512": _cfg(),
+    "bottleneck_mlp_b12_wi512": _cfg(),
+    "bottleneck_mlp_b6_wi1024": _cfg(),
+    "bottleneck_mlp_b12_wi1024": _cfg(),
+    "bottleneck_mlp_nano": _cfg(num_classes=10, input_size=(3, 16, 16)),
+})
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> BottleneckMLP:
+    return build(BottleneckMLP, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def bottleneck_mlp_b6_wi512(pretrained: bool = False, **kwargs: Any) -> BottleneckMLP:
+    """B_6-Wi_512 at 64 px: 6 blocks of width 512 (hidden 2048)."""
+    return _create("bottleneck_mlp_b6_wi512", pretrained, **dict(dict(depth=6, embed_dim=512), **kwargs))
+
+
+@register_model
+def bottleneck_mlp_b12_wi512(pretrained: bool = False, **kwargs: Any) -> BottleneckMLP:
+    """B_12-Wi_512 at 64 px: 12 blocks of width 512 (hidden 2048)."""
+    return _create("bottleneck_mlp_b12_wi512", pretrained, **dict(dict(depth=12, embed_dim=512), **kwargs))
+
+
+@register_model
+def bottleneck_mlp_b6_wi1024(pretrained: bool = False, **kwargs: Any) -> BottleneckMLP:
+    """B_6-Wi_1024 at 64 px: 6 blocks of width 1024 (hidden 4096)."""
+    return _create("bottleneck_mlp_b6_wi1024", pretrained, **dict(dict(depth=6, embed_dim=1024), **kwargs))
+
+
+@register_model
+def bottleneck_mlp_b12_wi1024(pretrained: bool = False, **kwargs: Any) -> BottleneckMLP:
+    """B_12-Wi_1024 at 64 px: 12 blocks of width 1024 (hidden 4096), the paper's largest."""
+    return _create("bottleneck_mlp_b12_wi1024", pretrained, **dict(dict(depth=12, embed_dim=1024), **kwargs))
+
+
+@register_model
+def bottleneck_mlp_nano(pretrained: bool = False, **kwargs: Any) -> BottleneckMLP:
+    """A test-sized BottleneckMLP: 16 px, 2 blocks of width 32, 10 classes."""
+    return _create("bottleneck_mlp_nano", pretrained, **dict(dict(depth=2, embed_dim=32), **kwargs))
+
+
+_ARCH = re.compile(r"^B_(\d+)-Wi_(\d+)(?:-Ex_(\d+))?$")
+
+# The original's named checkpoints (its utils/download.py); they are files to fetch by hand here.
+_NAMED_CHECKPOINTS = {
+    "in21k": "imagenet21", "in21k_cifar10": "cifar10", "in21k_cifar100": "cifar100", "in21k_imagenet": "imagenet",
+}
+
+
+def parse_architecture(architecture: str) -> tuple[int, int, int]:
+    """``'B_12-Wi_1024'`` (optionally ``'-Ex_4'``) -> (blocks, width, expansion factor)."""
+    m = _ARCH.match(architecture.strip())
+    if not m:
+        raise ShrinkError(f"architecture {architecture!r} is not of the form 'B_<blocks>-Wi_<width>[-Ex_<factor>]'")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 4)
+
+
+def get_model(
+    architecture: str = "B_12-Wi_1024",
+    resolution: int = 64,
+    num_classes: int = 11230,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    trusted: bool = False,
+    **kwargs: Any,
+) -> BottleneckMLP:
+    """The original ``get_model`` call shape; ``checkpoint`` is a local weights file (never a download).
+
+    Registered variants (``B_12-Wi_1024`` -> ``bottleneck_mlp_b12_wi1024``) are built by name; other
+    block / width / expansion combinations pass ``depth`` / ``embed_dim`` / ``mlp_ratio`` to the class.
+    """
+    depth, width, expansion = parse_architecture(architecture)
+    if checkpoint is not None and str(checkpoint) in _NAMED_CHECKPOINTS and not os.path.exists(checkpoint):
+        b, w = architecture.split("-")
+        name = f"{b.replace('_', '-')}_{w.replace('_', '-')}_res_{resolution}_{_NAMED_CHECKPOINTS[str(checkpoint)]}"
+        raise ShrinkError(
+            f"checkpoint {checkpoint!r} names a download of the original repository (a file like '{name}_epochs_*'); "
+            f"this project never downloads: fetch the file yourself and pass its path"
+        )
+    variant = f"bottleneck_mlp_b{depth}_wi{width}"
+    args: dict[str, Any] = dict(img_size=resolution, num_classes=num_classes, **kwargs)
+    if expansion != 4 or not timm.is_model(variant):
+        variant = "bottleneck_mlp_b12_wi1024"  # the class is the same; depth / width / ratio are arguments
+        args.update(depth=depth, embed_dim=width, mlp_ratio=float(expansion))
+    model = timm.create_model(variant, **args)
+    model.shrink_arch = {"name": variant, "kwargs": args}  # lets shrink.save / shrink.load rebuild it
+    if checkpoint is not None:
+        from .loaders import load_checkpoint
+
+        load_checkpoint(model, checkpoint, trusted=trusted)
+    return model
