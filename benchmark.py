@@ -1,0 +1,111 @@
+"""Benchmark dense, attention-removed and token-merged models: params, GMACs, speed, memory.
+
+    python benchmark.py --model deit_tiny_patch16_224 --remove-layers 0,2,4 --device cpu
+
+Thin CLI over :func:`shrink.bench.run`; the report schema is documented in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from shrink.bench import (
+    VARIANTS,
+    BenchConfig,
+    ModelSpec,
+    format_markdown,
+    parse_compare,
+    parse_layers,
+    parse_models,
+    run,
+)
+from shrink.errors import ShrinkError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description="Measure parameters, GMACs (fvcore, attention matmuls included), inference images/s, "
+                    "batch-1 latency and peak memory of dense / pruned / ToMe configurations, all in one "
+                    "process, and print a markdown table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--model", required=True,
+                   help="timm model name(s), comma-separated, or a list file with one "
+                        "'name [checkpoint=PATH remove=0,2,4 selection=F ratio=R tome_r=R tome_start=S "
+                        "tome_policy=P compare=dense,pruned]' per line (# comments); the flags below are the defaults")
+    g.add_argument("--checkpoint", help="a directory written by shrink.save, or a weights file "
+                                        "(.pth/.safetensors); one model only (use a list file for several)")
+    g.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
+    r = p.add_argument_group("configurations")
+    rm = r.add_mutually_exclusive_group()
+    rm.add_argument("--remove-layers", help="attention layers to remove, e.g. 0,2,4")
+    rm.add_argument("--selection", help="selection JSON with a 'layers' list (written by the selection CLI)")
+    r.add_argument("--remove-ratio", type=float,
+                   help="with --selection: remove its first round(ratio * depth) layers; without it this "
+                        "is an error (selection needs data)")
+    r.add_argument("--tome-r", type=int, help="tokens merged per block for the +tome configurations")
+    r.add_argument("--tome-start-idx", type=int, default=0,
+                   help="first attention-bearing block that merges tokens (counts attention blocks only)")
+    r.add_argument("--tome-policy", default="none", choices=("none", "hidden"),
+                   help="ToMe in attention-free blocks: none (the reference: no merging) or hidden "
+                        "(merge before their MLP)")
+    r.add_argument("--compare", help=f"configurations, comma-separated, from {', '.join(VARIANTS)} "
+                                     "(default: dense, + pruned with a removal, + ToMe with --tome-r)")
+    m = p.add_argument_group("measurement")
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    m.add_argument("--batch-size", type=int, default=32, help="inference (and training) batch; halved on out of memory")
+    m.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="inference weights and inputs in this dtype; training uses autocast")
+    m.add_argument("--compile", action="store_true", help="torch.compile(dynamic=False) every configuration")
+    m.add_argument("--channels-last", action="store_true", help="channels-last input and weights")
+    m.add_argument("--warmup", type=int, help="warm-up iterations (default: 2 on cpu, 10 on cuda)")
+    m.add_argument("--iters", type=int, help="timed iterations per repeat (default: 5 on cpu, 40 on cuda)")
+    m.add_argument("--repeats", type=int, help="timed repeats; img/s is their median (default: 3)")
+    m.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
+    m.add_argument("--train", action="store_true", help="also measure training-step images/s")
+    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", help="write the full report (schema shrink.bench/1) here")
+    o.add_argument("--csv", help="write one row per configuration here")
+    o.add_argument("--plot", help="write a PNG of images/s against GMACs here")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        defaults = ModelSpec(
+            name="",
+            remove_layers=parse_layers(args.remove_layers, "--remove-layers") if args.remove_layers else None,
+            selection=args.selection, remove_ratio=args.remove_ratio, tome_r=args.tome_r,
+            tome_start_idx=args.tome_start_idx, tome_policy=args.tome_policy, compare=parse_compare(args.compare) if args.compare else None,
+        )
+        specs = parse_models(args.model, defaults)
+        if args.checkpoint is not None:
+            if len(specs) != 1:
+                raise ShrinkError("--checkpoint needs exactly one model; use a list file with checkpoint=PATH per line")
+            specs[0].checkpoint = args.checkpoint
+        cfg = BenchConfig(
+            models=specs, device=args.device, batch_size=args.batch_size, precision=args.precision,
+            compile=args.compile, channels_last=args.channels_last, img_size=args.img_size, warmup=args.warmup,
+            iters=args.iters, repeats=args.repeats, latency=not args.no_latency, train=args.train,
+            threads=args.threads, json_path=args.json, csv_path=args.csv, plot_path=args.plot,
+            progress=not args.no_progress,
+            command=shlex.join(["python", "benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+        )
+        report = run(cfg)
+    except ShrinkError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(format_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
