@@ -353,6 +353,7 @@ def plot_selection(result: SelectionResult, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from .io import atomic_write
 
@@ -369,7 +370,7 @@ def plot_selection(result: SelectionResult, path) -> None:
         ax.annotate(str(s + 1), (li, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
     ax.set_xlabel("block")
     ax.set_ylabel("entropy, sum log std (nats)")
-    ax.set_title("per-layer entropy (numbers: selection order)", fontsize=9)
+    ax.set_title("per-layer entropy (numbers on top: selection order)", fontsize=9, pad=14)
     ax.legend(fontsize=8)
     ax = axes[1]
     steps = result.scores.get("steps", [])
@@ -378,10 +379,11 @@ def plot_selection(result: SelectionResult, path) -> None:
         for s in steps:
             ax.annotate(str(s["layer"]), (s["step"] + 1, s["score"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("TE of chosen set (nats)" if result.criterion == "transfer_entropy" else result.criterion)
     else:
         ax.text(0.5, 0.5, f"criterion {result.criterion}: no scores", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{result.criterion}: chosen {result.layers}", fontsize=9)
+    ax.set_title(f"{result.criterion}: chosen {result.layers}", fontsize=9, pad=14)
     fig.tight_layout()
     try:
         atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
