@@ -314,7 +314,7 @@ def _block_kinds(model: nn.Module) -> list[str]:
             continue
         if isinstance(b, DilutedBlock):
             kind = "attn" if b.attn_active else "free"
-        elif isinstance(b, Block) and type(b).forward is Block.forward:
+        elif isinstance(b, ToMeBlock) or (isinstance(b, Block) and type(b).forward is Block.forward):
             kind = "attn"
         else:
             raise ShrinkError(
@@ -347,15 +347,16 @@ def apply_tome(
     ``policy`` for attention-free blocks: "none" (reference) or "hidden" (merge on norm2(x)).
     """
     model = _unwrap(model)
-    if is_tome(model):
-        remove_tome(model)
-    blocks = get_blocks(model)
+    get_blocks(model)
     if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
         raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
     kinds = _block_kinds(model)
-    schedule = tome_schedule(kinds, r, start_idx, policy)
+    schedule = tome_schedule(kinds, r, start_idx, policy)  # validate everything before changing the model
     if getattr(model, "attn_pool", None) is not None:
         raise ShrinkError("attention pooling ('map'/'prr') does not support merged tokens; use token or avg pooling")
+    if is_tome(model):
+        remove_tome(model)
+    blocks = get_blocks(model)
     state = ToMeState(model, model.num_prefix_tokens, prop_attn=prop_attn, trace_source=trace_source)
     state.merging = any(v > 0 for v in schedule)
     for i, b in enumerate(blocks):

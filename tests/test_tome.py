@@ -429,6 +429,15 @@ def test_forward_intermediates_nlc_works_nchw_is_refused():
         assert model.forward_intermediates(x)[1][0].shape == (1, 64, 8, 8)
 
 
+def test_bad_reapply_keeps_the_previous_settings():
+    model = _tiny_vit()
+    apply_tome(model, 3)
+    with pytest.raises(shrink.ShrinkError):
+        apply_tome(model, 3, start_idx=10)
+    assert is_tome(model) and tome_info(model)["schedule"] == [3, 3, 3, 3]
+    assert tome_token_counts(model) == [62, 59, 56, 53]
+
+
 def test_attn_mask_is_refused_and_remove_without_apply_raises():
     model = _tiny_vit()
     with pytest.raises(shrink.ShrinkError):
