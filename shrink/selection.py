@@ -44,7 +44,7 @@ def ratio_to_k(ratio: float, depth: int) -> int:
     """Number of layers to remove: ``ratio * depth`` rounded half *up* (not Python's banker's rounding).
 
     0.375 * 12 = 4.5 gives 5 (``round`` would give 4) and 0.125 * 4 = 0.5 gives 1 (``round``: 0).
-    A 1e-9 tolerance absorbs float error, so 0.35 * 10 (3.4999999999999996 in floats) gives 4.
+    A 1e-9 tolerance absorbs float error, so 0.58 * 25 (14.499999999999998 in floats) gives 15.
     """
     try:
         r = float(ratio)
