@@ -60,11 +60,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ShrinkError(
-                f"refused to load {path}: it holds objects other than tensors, and loading it could run code "
-                f"({first})"
-            ) from None
+            # weights_only refuses any global it does not know: that is a file that would run code
+            glob = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), None)
+            if glob is None:
+                raise ShrinkError(f"cannot read {path}: not a torch checkpoint of tensors") from None
+            raise ShrinkError(f"refused to load {path}: it holds objects other than tensors and loading it "
+                              f"could run code ({glob})") from None
         except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ShrinkError(f"cannot read {path}: {first}") from None

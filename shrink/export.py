@@ -99,12 +99,12 @@ def _final_norm_is_layernorm(model: nn.Module) -> bool:
 def fold_residual_scale(model: nn.Module) -> nn.Module:
     """Fold the factor 2 of every attention-free block into later residual branches, in place."""
     blocks = get_blocks(model)
+    if any(isinstance(b, DilutedBlock) for b in blocks):
+        raise ShrinkError("cannot fold a model that still has diluted blocks: export it first")
     if not attention_free_indices(model):
         raise ShrinkError("nothing to fold: the model has no attention-free blocks (export it first)")
     if is_folded(model):
         raise ShrinkError("the model is already folded")
-    if any(isinstance(b, DilutedBlock) for b in blocks):
-        raise ShrinkError("cannot fold a model that still has diluted blocks: export it first")
     if not _final_norm_is_layernorm(model):
         raise ShrinkError("folding is exact only when a LayerNorm feeds the head; this model has none")
     plan: list[tuple[nn.Linear, int]] = []  # validate everything before changing any weight

@@ -68,20 +68,36 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         fill(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = path.parent / f".{path.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Move the finished directory ``src`` to ``dst``, replacing it (see :func:`atomic_dir`)."""
+    src, dst = Path(src), Path(dst)
+    for f in src.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = dst.parent / f".{dst.name}.old"
+    if dst.exists():
+        if old.exists():  # a leftover from an earlier crash; dst is the good copy
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return dst
+
+
+def recover_dir(path: str | os.PathLike) -> Path | None:
+    """``path`` if it exists, else the ``.<name>.old`` a crash during :func:`replace_dir` left, else None."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    old = path.parent / f".{path.name}.old"
+    return old if old.is_dir() else None

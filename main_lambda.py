@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Prune attention layers of a ViT by lambda dilution (thin CLI over shrink.train.run).
+
+    accelerate launch main_lambda.py --remove-ratio 0.4            # the embedded default, offline
+    accelerate launch main_lambda.py --config configs/deit_base_40.yaml --data-path /imagenet
+    python main_lambda.py --eval --checkpoint out/run/best --tome-r 8
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from shrink.cli import cli_main
+
+
+def _table(summary: dict) -> str:
+    if "acc" in summary and "removed_layers" not in summary:  # --eval
+        rows = [("checkpoint", summary["checkpoint"]), ("parameters", f"{summary['params']:,}"),
+                ("attention-free blocks", summary["attention_free_blocks"]), ("top-1 (%)", f"{summary['acc']:.2f}")]
+        if "acc_tome" in summary:
+            t = summary["tome"]
+            rows += [(f"top-1 with ToMe r={t['r']} start_idx={t['start_idx']} ({t['policy']})",
+                      f"{summary['acc_tome']:.2f}"),
+                     ("tokens after each block", summary["tokens_per_block"])]
+    else:
+        def pct(v):
+            return "-" if v is None else f"{v:.2f}"
+        rows = [("model", summary["model"]), ("removed layers", summary["removed_layers"] or "none"),
+                ("criterion", summary["criterion"] or "-"),
+                ("dense top-1 (%)", pct(summary["dense_acc"])),
+                ("deployable top-1 at start (%)", pct(summary["deploy_acc_start"])),
+                ("best deployable top-1 (%)", f"{pct(summary['deploy_acc_best'])} (epoch {summary['best_epoch']}, "
+                                              f"{summary['best_source']})"),
+                ("best reloaded from disk (%)", pct(summary["best_acc_reloaded"])),
+                ("parameters dense -> deployable", f"{summary['params_dense']:,} -> "
+                                                   f"{(summary['params_deploy'] or 0):,}"),
+                ("training time (s)", summary["seconds_training"]),
+                ("best model", summary["paths"]["best"]), ("summary", summary["paths"]["best"].rsplit("/", 1)[0]
+                                                            + "/summary.json")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shrink.config import config_from_args
+    from shrink.train import run
+
+    def body(argv):
+        cfg = config_from_args(argv, description=__doc__)
+        summary = run(cfg)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(_table(summary))
+        return 0
+
+    return cli_main(body, argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
