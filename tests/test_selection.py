@@ -68,7 +68,7 @@ def test_entropy_needs_two_samples():
     (0.125, 12, 2),   # 1.5: both rules give 2
     (0.375, 12, 5),   # 4.5: half-up gives 5, Python's round() (banker's) would give 4
     (0.125, 4, 1),    # 0.5: half-up gives 1, round() gives 0
-    (0.35, 10, 4),    # 3.4999999999999996 in floats: the tolerance reads it as 3.5
+    (0.58, 25, 15),   # 14.499999999999998 in floats: the tolerance reads it as 14.5
     (0.0, 12, 0), (0.99, 12, 12),
 ])
 def test_ratio_to_k_rounds_half_up(ratio, depth, k):
@@ -276,3 +276,52 @@ def test_table_and_plot(tmp_path):
     plot_selection(r, tmp_path / "sel.png")
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
     assert not math.isnan(r.scores["feature_entropy"])
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    from shrink.select import main
+
+    out = tmp_path / "sel"
+    rc = main(["--model", "vit_digits", "--random-init", "--calib-images", "16", "--batch-size", "16",
+               "--ratio", "0.1", "--num-workers", "0", "--quiet", "--no-plot", "--output-dir", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "selection.json").read_text())
+    assert doc["criterion"] == "transfer_entropy" and doc["k"] == 1 and len(doc["layers"]) == 1
+    assert doc["forward_passes"] == 1 + 12 and doc["calib_images"] == 16 and doc["log_base"] == "e"
+    assert len(doc["scores"]["per_layer"]["attn_entropy"]) == 12
+    assert not (out / "selection.png").exists()  # --no-plot (the PNG itself is tested in test_table_and_plot)
+    printed = capsys.readouterr().out
+    assert "H(attn)" in printed and "TE (nats)" in printed
+
+
+@pytest.mark.parametrize("argv", [
+    ["--ratio", "1.5", "--random-init"],
+    ["--criterion", "manual", "--random-init"],
+    ["--model", "mixer_s16_224", "--random-init", "--data-set", "synthetic", "--input-size", "32",
+     "--calib-images", "4"],
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv):
+    from shrink.select import main
+
+    out = tmp_path / "sel"
+    assert main(argv + ["--quiet", "--num-workers", "0", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not out.exists()
+
+
+def test_loader_is_read_once_per_selection():
+    class Counting:
+        def __init__(self, dl):
+            self.dl, self.iters = dl, 0
+
+        def __iter__(self):
+            self.iters += 1
+            return iter(self.dl)
+
+    dl = Counting(loader())
+    r = select_layers(tiny_vit(depth=4), dl, k=2, progress=False)
+    assert r.forward_passes == 1 + 4 + 3 and dl.iters == 1  # later passes reuse the cached batches

@@ -1,0 +1,136 @@
+"""``python -m shrink.select``: choose the attention layers to remove and show why.
+
+Prints a per-layer table (entropy of each attention and MLP output, cosine importance, block
+influence, TE at each greedy step, the chosen order) and writes ``selection.json`` and
+``selection.png`` into ``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ShrinkError
+from .io import atomic_write_json
+from .selection import CRITERIA, layer_table, plot_selection, select_layers
+
+DEFAULT_MODEL = "vit_digits"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "vit_digits_dense.safetensors"
+AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import add_data_args
+
+    p = argparse.ArgumentParser(
+        prog="python -m shrink.select",
+        description="Choose which attention layers of a ViT to remove (transfer entropy, entropy, cosine, "
+                    "block influence, random, last, manual) on a deterministic calibration subset of the "
+                    "training data. Entropies are Gaussian (sum of log std per channel), in nats.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"weights file (.pth/.safetensors) or saved model directory; default for {DEFAULT_MODEL}: "
+                        "the shipped dense weights")
+    p.add_argument("--random-init", action="store_true",
+                   help="use random weights (smoke tests and timing only: the choice is then meaningless)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of blocks whose attention is removed; k = ratio * depth rounded half up "
+                        "(default 0.4 unless --layers is given)")
+    p.add_argument("--criterion", default="transfer_entropy", choices=CRITERIA)
+    p.add_argument("--layers", default=None, help="comma-separated layers for --criterion manual, e.g. 0,1,3")
+    p.add_argument("--one-shot", action="store_true",
+                   help="rank all layers once on the full model instead of greedily re-measuring after each pick")
+    p.add_argument("--te-abs", action="store_true",
+                   help="transfer entropy: pick the minimum |TE| instead of the minimum signed TE")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and of --criterion random")
+    p.add_argument("--calib-images", type=int, default=512,
+                   help="calibration images drawn from the training split (same default and seed as main_lambda.py)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--amp", default="auto", choices=list(AMP),
+                   help="autocast dtype; auto = bf16 on CUDA, full precision on CPU")
+    p.add_argument("--output-dir", default="output/select", help="where selection.json and selection.png go")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_data_args(p)
+    return p
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ShrinkError(f"--layers must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace):
+    """Build model and calibration data from parsed ``args``, select, print and write the results."""
+    from . import create_model
+    from .data import build_dataset, calibration_subset
+
+    layers = _parse_layers(args.layers)
+    if args.criterion == "manual" and layers is None:
+        raise ShrinkError("--criterion manual needs --layers, e.g. --layers 0,1,3")
+    if args.criterion != "manual" and layers is not None:
+        raise ShrinkError("--layers is only used with --criterion manual")
+    ratio = args.ratio if args.ratio is not None or layers is not None else 0.4
+    if args.calib_images <= 1:
+        raise ShrinkError(f"--calib-images must be at least 2, got {args.calib_images}")
+    if args.batch_size <= 0:
+        raise ShrinkError(f"--batch-size must be positive, got {args.batch_size}")
+    checkpoint = args.checkpoint
+    if checkpoint is None and not args.random_init and args.model == DEFAULT_MODEL:
+        checkpoint = DEFAULT_CHECKPOINT
+        if not checkpoint.is_file():
+            raise ShrinkError(f"{checkpoint} is missing: run scripts/make_dense_digits.py, or pass --checkpoint")
+    if checkpoint is None and not args.random_init:
+        raise ShrinkError(f"give --checkpoint for {args.model} (or --random-init for a smoke test)")
+    kwargs = {"img_size": args.input_size} if args.input_size else {}
+    torch.manual_seed(args.seed)  # random-init weights are reproducible too
+    model = create_model(args.model, checkpoint=None if args.random_init else checkpoint, **kwargs)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+
+    dataset = build_dataset(args.data_set, "train", data_path=args.data_path, input_size=args.input_size,
+                            model=model, train_transform=False, synthetic_size=args.calib_images)
+    calib = calibration_subset(dataset, args.calib_images, seed=args.seed)
+    loader = torch.utils.data.DataLoader(calib, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    result = select_layers(model, loader, ratio=ratio, criterion=args.criterion, seed=args.seed,
+                           greedy=not args.one_shot, device=device, amp_dtype=AMP[args.amp],
+                           progress=not args.quiet, layers=layers, te_abs=args.te_abs)
+    print(layer_table(result))
+    out = Path(args.output_dir)
+    doc = result.to_json()
+    doc["model"] = args.model
+    doc["checkpoint"] = None if args.random_init else str(checkpoint)
+    doc["data_set"] = args.data_set
+    doc["device"] = str(device)
+    doc["amp"] = args.amp
+    if not args.no_plot:
+        plot_selection(result, out / "selection.png")
+    atomic_write_json(out / "selection.json", doc)
+    print(f"wrote {out / 'selection.json'}" + ("" if args.no_plot else f" and {out / 'selection.png'}"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except ShrinkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
