@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=list(AMP),
                    help="autocast dtype; auto = bf16 on CUDA, full precision on CPU")
-    p.add_argument("--output-dir", default="output/select", help="where selection.json and selection.png go")
+    p.add_argument("--output-dir", default="out/select", help="where selection.json and selection.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_data_args(p)
