@@ -15,11 +15,15 @@ from .dilution import (
 )
 from .errors import ShrinkError
 from .export import AttentionFreeBlock, attention_free_indices, export, fold_residual_scale
+from .tome import apply_tome, remove_tome, tome_token_counts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionFreeBlock",
+    "apply_tome",
+    "remove_tome",
+    "tome_token_counts",
     "DilutedBlock",
     "ShrinkError",
     "attention_free_indices",

@@ -25,6 +25,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class RunConfig:
+    """A run's settings. The defaults are the embedded demo (vit_digits on digits, ~2 minutes on a CPU);
+    configs/deit_*.yaml hold the reference's DeiT recipe."""
+
     # model
     model: str = _f("vit_digits", "timm model name (the project's models are registered too)", group="model")
     pretrained: bool = _f(True, "start from timm's pretrained weights (for vit_digits: the dense weights shipped "
@@ -53,25 +56,25 @@ class RunConfig:
     # lambda schedule
     lambda_schedule: str = _f("reference", "reference: max(0, 1 - epoch/E) per epoch; linear / cosine: per step",
                               group="lambda", choices=SCHEDULES)
-    dilution_epochs: float = _f(299, "E: epochs over which lambda goes from 1 to 0 (reference: 299 of 400)",
+    dilution_epochs: float = _f(25, "E: epochs over which lambda goes from 1 to 0 (reference: 299 of 400)",
                                 group="lambda")
     # optimisation (timm factories)
-    epochs: int = _f(400, "total epochs (lambda = 0 from epoch E on)", group="optim")
+    epochs: int = _f(40, "total epochs; lambda = 0 from epoch E on (reference: 400)", group="optim")
     opt: str = _f("adamw", "optimizer (timm.optim.create_optimizer_v2 name)", group="optim")
-    lr: float | None = _f(None, "learning rate (default: blr * global batch / 512, the DeiT rule)", group="optim")
+    lr: float | None = _f(1e-3, "learning rate; none = blr * global batch / 512 (the DeiT rule)", group="optim")
     blr: float = _f(5e-4, "base learning rate per 512 images", group="optim")
     weight_decay: float = _f(0.05, "weight decay (none on 1-D params, pos_embed, cls_token)", group="optim")
     sched: str = _f("cosine", "lr schedule (timm.scheduler.create_scheduler_v2 name), stepped per epoch",
                     group="optim")
-    warmup_epochs: int = _f(5, "lr warm-up epochs", group="optim")
+    warmup_epochs: int = _f(3, "lr warm-up epochs (DeiT: 5)", group="optim")
     warmup_lr: float = _f(1e-6, "lr at the start of warm-up", group="optim")
     min_lr: float = _f(1e-5, "lr floor of the cosine schedule", group="optim")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value", group="optim")
     grad_accum: int = _f(1, "gradient accumulation steps (Accelerate)", group="optim")
     # recipe
     smoothing: float = _f(0.1, "label smoothing", group="recipe")
-    mixup: float = _f(0.8, "mixup alpha (0 = off)", group="recipe")
-    cutmix: float = _f(1.0, "cutmix alpha (0 = off)", group="recipe")
+    mixup: float = _f(0.0, "mixup alpha, 0 = off (DeiT: 0.8)", group="recipe")
+    cutmix: float = _f(0.0, "cutmix alpha, 0 = off (DeiT: 1.0)", group="recipe")
     aa: str | None = _f("rand-m9-mstd0.5-inc1", "RandAugment policy for real images ('none' = off)",
                         group="recipe")
     color_jitter: float = _f(0.3, "colour jitter for real images", group="recipe")
@@ -198,8 +201,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ShrinkError(f"{p}: unknown setting(s) {', '.join(unknown)}")
-    if isinstance(data.get("remove_layers"), str):
-        data["remove_layers"] = _int_list(data["remove_layers"])
+    types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    for k, v in data.items():  # YAML reads 1e-5 as a string: coerce strings like the command line does
+        if isinstance(v, str) and types[k] != "str" and types[k] in _TYPES:
+            try:
+                data[k] = _TYPES[types[k]](v)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise ShrinkError(f"{p}: {k}: cannot read {v!r} as {types[k]}") from None
+        elif isinstance(v, str) and types[k] == "bool":
+            raise ShrinkError(f"{p}: {k}: expected true or false, got {v!r}")
     return data
 
 

@@ -71,7 +71,7 @@ def export(model: nn.Module, *, fold: bool = False, inplace: bool = False) -> nn
     for i, b in enumerate(blocks):
         if isinstance(b, DilutedBlock):
             if b.lambda_value != 0.0:
-                _logger.warning("block %d has lambda=%g; exporting its lambda=0 (deployable) form", i, b.lambda_value)
+                _logger.info("block %d has lambda=%g; exporting its lambda=0 (deployable) form", i, b.lambda_value)
             blocks[i] = AttentionFreeBlock.from_block(b)
             converted.append(i)
     if fold:

@@ -270,7 +270,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             model, train_loader, optimizer, accelerator, loss_fn, epoch=epoch, lambda_fn=lam_at, raw_model=raw,
             mixup_fn=mixup_fn, clip_grad=cfg.clip_grad, ema=ema, teacher=teacher,
             distill_alpha=cfg.distill_alpha, distill_tau=cfg.distill_tau, progress=cfg.progress)
-        row: dict[str, Any] = {"epoch": epoch, "lambda": stats.lam_end if ts.layers else None,
+        row: dict[str, Any] = {"epoch": epoch,
+                               "lambda": (0.0 if ts.attention_free else stats.lam_end) if ts.layers else None,
                                "lr": stats.lr, "train_loss": stats.loss}
         last_epoch = epoch == cfg.epochs - 1
         if (epoch + 1) % cfg.eval_every == 0 or last_epoch:

@@ -1,0 +1,251 @@
+"""main_lambda.py end to end: the embedded default, DDP, kill + resume, the best rule, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import main_lambda
+import shrink
+from shrink import train as train_mod
+from shrink.config import RunConfig
+from shrink.dilution import lambda_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["--epochs", "4", "--dilution-epochs", "2", "--calib-images", "128", "--no-progress"]
+
+
+def _env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _run(args: list[str], timeout: float = 600, threads: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=_env(threads), capture_output=True, text=True, timeout=timeout)
+
+
+def _accelerate(n: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu"]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "state" not in p.parts}
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_default(tmp_path):
+    """`accelerate launch main_lambda.py --remove-ratio 0.4` with no other flag (output dir aside)."""
+    out = tmp_path / "embedded"
+    t0 = time.perf_counter()
+    res = _run(_accelerate(1) + ["main_lambda.py", "--remove-ratio", "0.4", "--output-dir", str(out),
+                                 "--no-progress"], threads=2)
+    seconds = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    print(f"embedded default: {seconds:.0f} s wall, dense {s['dense_acc']:.2f}, deployable {s['deploy_acc_best']:.2f}")
+    assert len(s["removed_layers"]) == 5 and s["criterion"] == "transfer_entropy"
+    assert s["deploy_acc_best"] >= s["dense_acc"] - 1.0
+    assert s["best_acc_reloaded"] == pytest.approx(s["deploy_acc_best"])
+    assert s["params_deploy"] < s["params_dense"]
+    for name in ("config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "best/model.safetensors",
+                 "best/config.json", "last/model.safetensors", "state/trainer_state.json"):
+        assert (out / name).is_file(), name
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(40))
+    assert rows[-1]["lambda"] == 0.0 and rows[0]["lambda"] == 1.0
+    assert "best deployable top-1" in res.stdout and "[" in res.stdout
+    best = shrink.load(out / "best")
+    assert shrink.attention_free_indices(best) == sorted(s["removed_layers"])
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_matches_single_process_outputs(tmp_path):
+    args = ["main_lambda.py", "--remove-layers", "0,2,4", *SHORT]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    r1 = _run([sys.executable, *args, "--output-dir", str(single)])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _run(_accelerate(2) + [*args, "--output-dir", str(ddp)])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert _files(single) == _files(ddp)
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (single, ddp))
+    assert s1.keys() == s2.keys() and s2["num_processes"] == 2 and s1["num_processes"] == 1
+    m1, m2 = _metrics(single), _metrics(ddp)
+    assert [r.keys() for r in m1] == [r.keys() for r in m2]
+    assert [r["lambda"] for r in m2] == [1.0, 0.5, 0.0, 0.0]  # the lambda = 0 phase ran under DDP
+    assert s2["removed_layers"] == [0, 2, 4]
+    assert not list(ddp.glob(".*.tmp")) and not list(ddp.glob(".*.old"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "main_lambda.py", "--remove-layers", "1,3", "--epochs", "8", "--dilution-epochs", "4",
+            "--no-progress", "--output-dir", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(_metrics(out)) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_metrics(out))
+    assert 3 <= done < 8, "the run must be killed mid-training"
+    # whatever was on disk at the kill is whole
+    for f in out.rglob("*.json"):
+        json.loads(f.read_text())
+    load_file(str(out / "best" / "model.safetensors"))
+    res = _run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(8))
+    expected = [lambda_reference(e, 4) for e in range(8)]
+    assert [r["lambda"] for r in rows] == pytest.approx(expected)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["best_acc_reloaded"] == pytest.approx(s["deploy_acc_best"])
+    assert shrink.attention_free_indices(shrink.load(out / "best")) == [1, 3]
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".*.old"))
+
+
+def test_best_is_the_best_deployable_model(tmp_path, monkeypatch):
+    """Accuracy at the current lambda peaks early, deploy accuracy late: the late epoch is best."""
+    current = iter([90.0, 80.0, 70.0, 60.0, 50.0])  # dense, then epochs 0..3
+    deploy = iter([10.0, 20.0, 30.0, 60.0, 40.0])   # start, then epochs 0..3
+
+    def fake_eval(model, loader, accelerator, cfg, desc, *, deploy):
+        return next(deploy_accs if deploy else current)
+
+    deploy_accs = deploy
+    monkeypatch.setattr(train_mod, "_eval", fake_eval)
+    cfg = RunConfig(remove_layers=[0, 5], epochs=4, dilution_epochs=3, output_dir=str(tmp_path / "o"),
+                    progress=False).validate()
+    s = train_mod.run(cfg)
+    assert s["best_epoch"] == 2 and s["deploy_acc_best"] == 60.0
+    extra = json.loads((tmp_path / "o" / "best" / "config.json").read_text())["extra"]
+    assert extra["epoch"] == 2 and extra["acc_deploy"] == 60.0
+    assert shrink.attention_free_indices(shrink.load(tmp_path / "o" / "best")) == [0, 5]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train_mod._loss_fn
+    calls = {"n": 0}
+
+    def nan_after_first_epoch(cfg, mixup_active):
+        base = real(cfg, mixup_active)
+
+        def loss(logits, target):
+            calls["n"] += 1
+            value = base(logits, target)
+            return value * float("nan") if calls["n"] > 22 else value
+        return loss
+
+    monkeypatch.setattr(train_mod, "_loss_fn", nan_after_first_epoch)
+    out = tmp_path / "o"
+    code = main_lambda.main(["--remove-layers", "0", "--epochs", "3", "--output-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "loss is nan" in err[0]
+    assert (out / "best" / "model.safetensors").is_file()
+    assert json.loads((out / "state" / "trainer_state.json").read_text())["epoch"] == 0
+    assert len(_metrics(out)) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--remove-ratio", "1.0"], "remove-ratio"),
+    (["--remove-ratio", "-0.1"], "remove-ratio"),
+    (["--remove-ratio", "abc"], "invalid"),
+    (["--remove-layers", "0,0"], "repeated"),
+    (["--remove-layers", "12"], "out of range"),
+    (["--remove-layers", "1,x"], "comma-separated"),
+    (["--batch-size", "0"], "batch-size"),
+    (["--data-set", "folder", "--data-path", "/nonexistent/imagenet"], "not found"),
+    (["--data-set", "folder"], "data-path"),
+    (["--finetune", "/nonexistent/deit.pth"], "not found"),
+    (["--model", "resnet18", "--remove-ratio", "0.4", "--no-pretrained"], "not a ViT"),
+    (["--model", "not_a_model_name"], "unknown model"),
+    (["--eval"], "checkpoint"),
+])
+def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, argv, match):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main_lambda.main([*argv, "--output-dir", str(out), "--no-progress"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert "Traceback" not in err[0]
+    assert not out.exists()
+
+
+def test_unreadable_checkpoint_cli(tmp_path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    assert main_lambda.main(["--finetune", str(junk), "--output-dir", str(out), "--no-progress"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main_lambda.main(["--output-dir", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_input_subprocess_has_no_traceback(tmp_path):
+    res = _run([sys.executable, "main_lambda.py", "--remove-ratio", "1.5", "--output-dir", str(tmp_path / "o")])
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_command_with_tome(tmp_path, capsys):
+    m = shrink.create_model("vit_digits", pretrained=True)
+    shrink.dilute(m, [0, 2], lam=0.0)
+    shrink.save(shrink.export(m), tmp_path / "best")
+    code = main_lambda.main(["--eval", "--checkpoint", str(tmp_path / "best"), "--tome-r", "2",
+                             "--tome-start-idx", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "top-1 with ToMe r=2" in out
+    # 17 tokens; blocks 0 and 2 have no attention; ToMe starts at the 2nd attention block (block 3)
+    # r is capped at half the unprotected tokens: 16 -> 14 -> ... -> 4 -> 2 -> 1 -> 1
+    assert "[17, 17, 17, 15, 13, 11, 9, 7, 5, 3, 2, 2]" in out
+
+
+def test_configs_parse():
+    from shrink.config import load_yaml
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = RunConfig(**load_yaml(path))
+        assert cfg.epochs > 0, path
+    deit = RunConfig(**load_yaml(ROOT / "configs" / "deit_base_40.yaml"))
+    assert deit.remove_layers == [0, 1, 3, 4, 6] and deit.epochs == 400 and deit.dilution_epochs == 299
+    assert deit.lr is None and deit.batch_size == 256
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main_lambda.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--remove-ratio", "--remove-layers", "--finetune", "--resume", "--tome-r", "--lambda-schedule"):
+        assert flag in text
+
