@@ -632,6 +632,8 @@ def plan(cfg: BenchConfig) -> tuple[list[_Planned], list[dict[str, str]]]:
         variants = _variants(spec, layers)
         if spec.compare is not None and spec.tome_r is not None and not any(v.endswith("+tome") for v in variants):
             raise ShrinkError(f"{spec.name}: --tome-r is given but --compare has no +tome configuration")
+        if spec.compare is not None and layers is not None and not any(v.startswith("pruned") for v in variants):
+            raise ShrinkError(f"{spec.name}: a removal is given but --compare has no pruned configuration")
         for v in variants:
             asked[v] = asked.get(v, 0) + 1
             try:
@@ -727,6 +729,7 @@ def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.devi
     if settings["channels_last"]:
         run_model = run_model.to(memory_format=torch.channels_last)
     if settings["compile"]:
+        torch._dynamo.reset()  # fresh caches: the recompile limit is shared by all models of one class
         run_model = torch.compile(run_model, dynamic=False)
     n = (settings["warmup"], settings["iters"], settings["repeats"])
     out["inference"] = measure_inference(run_model, size, settings["batch_size"], device, dtype, *n,

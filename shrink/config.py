@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
+from .cli import OneLineArgumentParser
 from .data import DATA_SETS
 from .dilution import SCHEDULES
-from .cli import OneLineArgumentParser
 from .errors import ShrinkError
 
 

@@ -33,7 +33,14 @@ from .dilution import attention_block_indices, deploy_mode, dilute, lambda_at, v
 from .engine import evaluate, train_one_epoch
 from .errors import ShrinkError
 from .export import attention_free_indices, export
-from .io import atomic_append_line, atomic_write, atomic_write_json, atomic_write_text, recover_dir, replace_dir
+from .io import (
+    atomic_append_line,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    recover_dir,
+    replace_dir,
+)
 
 _logger = logging.getLogger(__name__)
 IN_MEMORY = ("digits", "synthetic")

@@ -208,7 +208,7 @@ def test_schedules():
     values = [lambda_reference(e, 299) for e in range(400)]
     assert values[0] == 1.0 and values[298] > 0 and values[299] == 0.0
     assert sum(v == 0.0 for v in values) == 101
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     assert lambda_linear(0, 0, 10, 2) == 1.0
     assert lambda_linear(1, 0, 10, 2) == pytest.approx(0.5)
     assert lambda_linear(5, 3, 10, 2) == 0.0

@@ -249,3 +249,47 @@ def test_help_explains_flags(capsys):
     for flag in ("--remove-ratio", "--remove-layers", "--finetune", "--resume", "--tome-r", "--lambda-schedule"):
         assert flag in text
 
+
+
+def _image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                px = (torch.rand(size, size, 3, generator=g) * 80 + ci * 150).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(px.numpy()).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_with_deit_pth_finetune(tmp_path):
+    """Real-use path on stand-ins: ImageNet-style folders + a DeiT-format .pth (224 px, 1000 classes)."""
+    data = _image_folder(tmp_path / "imgs")
+    deit = shrink.create_model("deit_tiny_patch16_224")
+    torch.save({"model": deit.state_dict(), "epoch": 299}, tmp_path / "deit_tiny.pth")
+    out = tmp_path / "o"
+    cfg = RunConfig(model="deit_tiny_patch16_224", finetune=str(tmp_path / "deit_tiny.pth"), data_set="folder",
+                    data_path=str(data), input_size=32, batch_size=4, num_workers=0, remove_layers=[0, 2, 4],
+                    epochs=2, dilution_epochs=1, mixup=0.8, cutmix=1.0, output_dir=str(out),
+                    progress=False).validate()
+    s = train_mod.run(cfg)
+    assert s["removed_layers"] == [0, 2, 4] and s["params_deploy"] < s["params_dense"]
+    best = shrink.load(out / "best")
+    assert best.num_classes == 2 and best.pos_embed.shape[1] == 1 + 4  # head re-initialised, pos_embed resampled
+    assert not torch.equal(best.blocks[1].attn.qkv.weight.cpu(), deit.blocks[1].attn.qkv.weight)  # trained
+
+
+def test_ema_distill_repeated_aug_across_the_lambda_zero_switch(tmp_path):
+    out = tmp_path / "o"
+    cfg = RunConfig(remove_layers=[0, 3], epochs=2, dilution_epochs=1, model_ema=True, model_ema_decay=0.9,
+                    distill=True, repeated_aug=True, output_dir=str(out), progress=False).validate()
+    s = train_mod.run(cfg)
+    rows = _metrics(out)
+    assert [r["lambda"] for r in rows] == [1.0, 0.0]
+    assert all("ema_acc_deploy" in r for r in rows)
+    assert s["best_source"] in ("model", "ema")
+    assert (out / "state" / "ema.safetensors").is_file()
+    ema_keys = load_file(str(out / "state" / "ema.safetensors")).keys()
+    assert not any(k.startswith(("blocks.0.attn.", "blocks.3.attn.")) for k in ema_keys)  # EMA exported too
