@@ -132,6 +132,12 @@ class RunConfig:
             raise ShrinkError(f"data path not found: {self.data_path}")
         if self.log_with not in (None, "tensorboard", "wandb"):
             raise ShrinkError(f"--log-with must be tensorboard or wandb, got {self.log_with!r}")
+        if self.log_with is not None:
+            import importlib.util
+
+            needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[self.log_with]
+            if not any(importlib.util.find_spec(m) for m in needs):
+                raise ShrinkError(f"--log-with {self.log_with} needs the {needs[0]} package: pip install {needs[0]}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

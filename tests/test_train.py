@@ -53,7 +53,7 @@ def test_embedded_default(tmp_path):
     out = tmp_path / "embedded"
     t0 = time.perf_counter()
     res = _run(_accelerate(1) + ["main_lambda.py", "--remove-ratio", "0.4", "--output-dir", str(out),
-                                 "--no-progress"], threads=2)
+                                 "--no-progress"])
     seconds = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
@@ -293,3 +293,13 @@ def test_ema_distill_repeated_aug_across_the_lambda_zero_switch(tmp_path):
     assert (out / "state" / "ema.safetensors").is_file()
     ema_keys = load_file(str(out / "state" / "ema.safetensors")).keys()
     assert not any(k.startswith(("blocks.0.attn.", "blocks.3.attn.")) for k in ema_keys)  # EMA exported too
+
+
+def test_tracker_without_its_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith(("tensorboard", "wandb")) else real(name, *a))
+    with pytest.raises(shrink.ShrinkError, match="pip install tensorboard"):
+        RunConfig(log_with="tensorboard").validate()
