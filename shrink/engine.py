@@ -58,6 +58,7 @@ def train_one_epoch(
     """One epoch. ``lambda_fn(epoch, step)`` sets lambda of the diluted blocks before each step."""
     model.train()
     raw_model = raw_model if raw_model is not None else accelerator.unwrap_model(model)
+    raw_model = getattr(raw_model, "_orig_mod", raw_model)
     has_diluted = bool(diluted_blocks(raw_model))
     lam_start = lam = None
     total, count, steps = 0.0, 0, 0

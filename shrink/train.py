@@ -46,6 +46,12 @@ _logger = logging.getLogger(__name__)
 IN_MEMORY = ("digits", "synthetic")
 
 
+def _plain(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The bare model under the DDP / FSDP / torch.compile wrappers."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -245,7 +251,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             ema.module.load_state_dict(load_file(str(state_dir / "ema.safetensors")))
         _logger.info("resumed from %s at epoch %d", state_dir, start_epoch)
     else:
-        raw = accelerator.unwrap_model(model)
+        raw = _plain(accelerator, model)
         ts.dense_acc = _eval(raw, val_loader, accelerator, cfg, "dense", deploy=False)
         if ts.layers:
             ts.deploy_acc_start = _eval(raw, val_loader, accelerator, cfg, "deploy@start", deploy=True)
@@ -272,7 +278,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             sampler.set_epoch(epoch)
         elif hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
-        raw = accelerator.unwrap_model(model)
+        raw = _plain(accelerator, model)
         stats = train_one_epoch(
             model, train_loader, optimizer, accelerator, loss_fn, epoch=epoch, lambda_fn=lam_at, raw_model=raw,
             mixup_fn=mixup_fn, clip_grad=cfg.clip_grad, ema=ema, teacher=teacher,
@@ -321,7 +327,7 @@ def _eval(model, loader, accelerator, cfg, desc, *, deploy: bool) -> float:
 
 def _enter_attention_free_phase(accelerator, model, optimizer, cfg, lr, ema, train_loader, val_loader, sampler):
     """lambda is 0 from now on: export in place and rebuild the optimizer and the DDP wrapper."""
-    raw = accelerator.unwrap_model(model)
+    raw = _plain(accelerator, model)
     old_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     old_state = {p: old_opt.state[p] for g in old_opt.param_groups for p in g["params"] if p in old_opt.state}
     export(raw, inplace=True)
@@ -335,10 +341,11 @@ def _enter_attention_free_phase(accelerator, model, optimizer, cfg, lr, ema, tra
     train_raw = getattr(train_loader, "base_dataloader", train_loader)
     val_raw = getattr(val_loader, "base_dataloader", val_loader)
     accelerator.free_memory()
+    model = torch.compile(raw) if cfg.compile else raw
     if sampler is None:
-        model, new_opt, train_loader, val_loader = accelerator.prepare(raw, new_opt, train_raw, val_raw)
+        model, new_opt, train_loader, val_loader = accelerator.prepare(model, new_opt, train_raw, val_raw)
     else:
-        model, new_opt, val_loader = accelerator.prepare(raw, new_opt, val_raw)
+        model, new_opt, val_loader = accelerator.prepare(model, new_opt, val_raw)
     _logger.info("lambda reached 0: attention removed from blocks %s; training the deployable model",
                  attention_free_indices(raw))
     return model, new_opt, scheduler, train_loader, val_loader

@@ -30,7 +30,16 @@ def _env(threads: int = 1) -> dict[str, str]:
 
 
 def _run(args: list[str], timeout: float = 600, threads: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=_env(threads), capture_output=True, text=True, timeout=timeout)
+    """Run a command in its own process group; on timeout the whole group (launcher + workers) dies."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(threads), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(args[:6])} ... did not finish in {timeout} s")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def _accelerate(n: int) -> list[str]:
