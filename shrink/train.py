@@ -238,6 +238,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     if cfg.compile:
         model = torch.compile(model)
+    raw_loaders = (train_loader, val_loader)  # the phase switch prepares these again (prepared ones are sharded)
     if sampler is None:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     else:
@@ -271,7 +272,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.epochs):
         if ts.layers and not ts.attention_free and lam_at(epoch) == 0.0:
             model, optimizer, scheduler, train_loader, val_loader = _enter_attention_free_phase(
-                accelerator, model, optimizer, cfg, lr, ema, train_loader, val_loader, sampler)
+                accelerator, model, optimizer, cfg, lr, ema, raw_loaders, train_loader, sampler)
             ts.attention_free = True
         scheduler.step(epoch)
         if sampler is not None:
@@ -325,7 +326,7 @@ def _eval(model, loader, accelerator, cfg, desc, *, deploy: bool) -> float:
     return evaluate(model, loader, accelerator, desc=desc, progress=cfg.progress)
 
 
-def _enter_attention_free_phase(accelerator, model, optimizer, cfg, lr, ema, train_loader, val_loader, sampler):
+def _enter_attention_free_phase(accelerator, model, optimizer, cfg, lr, ema, raw_loaders, train_loader, sampler):
     """lambda is 0 from now on: export in place and rebuild the optimizer and the DDP wrapper."""
     raw = _plain(accelerator, model)
     old_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
@@ -338,8 +339,7 @@ def _enter_attention_free_phase(accelerator, model, optimizer, cfg, lr, ema, tra
         for p in g["params"]:
             if p in old_state:
                 new_opt.state[p] = old_state[p]
-    train_raw = getattr(train_loader, "base_dataloader", train_loader)
-    val_raw = getattr(val_loader, "base_dataloader", val_loader)
+    train_raw, val_raw = raw_loaders
     accelerator.free_memory()
     model = torch.compile(raw) if cfg.compile else raw
     if sampler is None:

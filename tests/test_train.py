@@ -43,8 +43,12 @@ def _run(args: list[str], timeout: float = 600, threads: int = 1) -> subprocess.
 
 
 def _accelerate(n: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu"]
+    """`accelerate launch` for n CPU processes. Accelerate's `--cpu` flag always takes its single-process
+    launcher (several CPU processes go through MPI), so n > 1 uses `--multi_gpu`, i.e. torchrun + gloo,
+    which on a machine without GPUs runs CPU DDP."""
+    mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -96,6 +100,8 @@ def test_ddp_two_processes_matches_single_process_outputs(tmp_path):
     m1, m2 = _metrics(single), _metrics(ddp)
     assert [r.keys() for r in m1] == [r.keys() for r in m2]
     assert [r["lambda"] for r in m2] == [1.0, 0.5, 0.0, 0.0]  # the lambda = 0 phase ran under DDP
+    for row in m2:  # every val image counted once by the 2 processes, also after the phase switch
+        assert round(row["acc"] * 360 / 100, 6).is_integer()
     assert s2["removed_layers"] == [0, 2, 4]
     assert not list(ddp.glob(".*.tmp")) and not list(ddp.glob(".*.old"))
 
