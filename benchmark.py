@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     m.add_argument("--train", action="store_true", help="also measure training-step images/s")
     m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--interleave", action="store_true",
+                   help="set every configuration up first, then time them round-robin, repeat by repeat, "
+                        "so load from other processes hits all alike (not with --compile)")
     o = p.add_argument_group("output")
     o.add_argument("--json", help="write the full report (schema shrink.bench/1) here")
     o.add_argument("--csv", help="write one row per configuration here")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             models=specs, device=args.device, batch_size=args.batch_size, precision=args.precision,
             compile=args.compile, channels_last=args.channels_last, img_size=args.img_size, warmup=args.warmup,
             iters=args.iters, repeats=args.repeats, latency=not args.no_latency, train=args.train,
-            threads=args.threads, json_path=args.json, csv_path=args.csv, plot_path=args.plot,
+            threads=args.threads, interleave=args.interleave, json_path=args.json, csv_path=args.csv, plot_path=args.plot,
             progress=not args.no_progress,
             command=shlex.join(["python", "benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
         )

@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ class BenchConfig:
     latency: bool = True
     train: bool = False
     threads: int | None = None
+    interleave: bool = False  # time the configurations round-robin (for machines with other load)
     json_path: str | None = None
     csv_path: str | None = None
     plot_path: str | None = None
@@ -403,7 +404,8 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated (weights + input + activations); growth over weights + input"
+            self.method = ("torch.cuda.max_memory_allocated over one forward after the warm-up (weights + input + "
+                           "activations); growth = peak minus what was allocated before")
             return self
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so growth is not hidden
@@ -483,39 +485,68 @@ def _prepare_input(size: Sequence[int], batch: int, device: torch.device, dtype:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+@dataclass
+class TimedModel:
+    """A model set up for timing: its forward closure (input bound), and what the set-up measured."""
+
+    forward: Callable[[], Any]
+    setup: dict[str, Any]  # first_call_s, memory, batch_size, batch_size_requested, oom_halvings
+    per_call: list[float] = field(default_factory=list)
+
+    def time(self, iters: int, repeats: int, sync: Callable[[], None]) -> None:
+        """Add ``repeats`` timed runs of ``iters`` calls each."""
+        self.per_call += time_calls(self.forward, 0, iters, repeats, sync)[1]
+
+    def result(self) -> dict[str, Any]:
+        ips = [self.setup["batch_size"] / t for t in self.per_call]
+        return {"images_per_s": statistics.median(ips), "images_per_s_min": min(ips),
+                "images_per_s_max": max(ips), "images_per_s_repeats": ips,
+                **{k: self.setup[k] for k in ("first_call_s", "batch_size", "batch_size_requested", "oom_halvings")}}
+
+
+def prepare_inference(model: nn.Module, size: Sequence[int], batch_size: int, device: torch.device,
+                      dtype: torch.dtype, warmup: int, channels_last: bool = False,
+                      track_memory: bool = True) -> TimedModel:
+    """Allocate a random batch, warm up and take the peak memory of a forward pass; halve on OOM."""
+    sync = _sync_fn(device)
+
+    def setup(b: int) -> dict[str, Any]:
+        x = _prepare_input(size, b, device, dtype, channels_last)
+
+        def forward() -> Any:
+            with torch.inference_mode():
+                return model(x)
+
+        peak = _PeakMemory(device) if track_memory else contextlib.nullcontext()
+        if device.type == "cuda":  # the peak of one forward after the warm-up (compile, autotune excluded)
+            first, _ = time_calls(forward, warmup, 0, 0, sync)
+            if track_memory:
+                with peak:
+                    forward()
+        else:  # CPU: the resident baseline must be taken before any forward pass reserves heap
+            with peak:
+                first, _ = time_calls(forward, max(warmup, int(track_memory)), 0, 0, sync)
+        return {"forward": forward, "first_call_s": first, "memory": peak.result(b) if track_memory else None}
+
+    s = _with_oom_halving(setup, batch_size, device, "inference")
+    return TimedModel(s.pop("forward"), s)
+
+
 def measure_inference(model: nn.Module, size: Sequence[int], batch_size: int, device: torch.device,
                       dtype: torch.dtype, warmup: int, iters: int, repeats: int,
                       channels_last: bool = False, track_memory: bool = True) -> dict[str, Any]:
     """Images/s of ``model`` (already on ``device`` in ``dtype``) at ``batch_size``, with peak memory."""
-    sync = _sync_fn(device)
-
-    def measure(b: int) -> dict[str, Any]:
-        x = _prepare_input(size, b, device, dtype, channels_last)
-        peak = _PeakMemory(device) if track_memory else contextlib.nullcontext()
-        with torch.inference_mode():
-            if device.type == "cuda" and warmup:  # CUDA: exclude warm-up (compile, autotune) from the peak
-                first, _ = time_calls(lambda: model(x), warmup, 0, 0, sync)
-                with peak:
-                    _, per_call = time_calls(lambda: model(x), 0, iters, repeats, sync)
-            else:  # CPU: the baseline must be taken before any forward pass reserves heap
-                with peak:
-                    first, per_call = time_calls(lambda: model(x), warmup, iters, repeats, sync)
-        ips = [b / t for t in per_call]
-        out = {"images_per_s": statistics.median(ips), "images_per_s_min": min(ips),
-               "images_per_s_max": max(ips), "images_per_s_repeats": ips, "first_call_s": first}
-        out["memory"] = peak.result(b) if track_memory else None
-        return out
-
-    return _with_oom_halving(measure, batch_size, device, "inference")
+    t = prepare_inference(model, size, batch_size, device, dtype, warmup, channels_last, track_memory)
+    t.time(iters, repeats, _sync_fn(device))
+    return {**t.result(), "memory": t.setup["memory"]}
 
 
 def measure_latency(model: nn.Module, size: Sequence[int], device: torch.device, dtype: torch.dtype,
                     warmup: int, iters: int, repeats: int, channels_last: bool = False) -> dict[str, Any]:
     """Milliseconds per forward pass at batch 1 (median, min, max of the repeats)."""
-    x = _prepare_input(size, 1, device, dtype, channels_last)
-    with torch.inference_mode():
-        _, per_call = time_calls(lambda: model(x), warmup, iters, repeats, _sync_fn(device))
-    return _summary([t * 1e3 for t in per_call])
+    t = prepare_inference(model, size, 1, device, dtype, warmup, channels_last, track_memory=False)
+    t.time(iters, repeats, _sync_fn(device))
+    return _summary([v * 1e3 for v in t.per_call])
 
 
 def measure_training(model: nn.Module, size: Sequence[int], batch_size: int, device: torch.device,
@@ -709,49 +740,92 @@ def _settings(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
          "warmup": w if cfg.warmup is None else cfg.warmup, "iters": i if cfg.iters is None else cfg.iters,
          "repeats": r if cfg.repeats is None else cfg.repeats, "compile": cfg.compile,
          "channels_last": cfg.channels_last, "img_size": cfg.img_size, "latency": cfg.latency,
-         "train": cfg.train}
+         "train": cfg.train, "interleave": cfg.interleave}
     for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1), ("repeats", 1)):
         if s[key] < low:
             raise ShrinkError(f"--{key.replace('_', '-')} must be >= {low}, got {s[key]}")
     if cfg.compile and s["warmup"] < 1:
         raise ShrinkError("--compile needs at least one warm-up iteration (--warmup >= 1)")
+    if cfg.compile and cfg.interleave:
+        raise ShrinkError("--interleave cannot be combined with --compile (each compiled configuration "
+                          "resets dynamo's caches); run them one after the other")
     return s
 
 
-def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """All measurements of one configuration (``model`` on CPU in fp32; it is moved and cast)."""
+def _static(model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
     size = input_size(model, settings["img_size"])
-    out: dict[str, Any] = {"input_size": list(size), "params": count_parameters(model)}
-    out["macs"] = count_macs(model, size)
-    out["gmacs"] = out["macs"]["gmacs"]
-    dtype = PRECISIONS[settings["precision"]]
-    run_model = model.to(device=device, dtype=dtype)
+    macs = count_macs(model, size)
+    return {"input_size": list(size), "params": count_parameters(model), "macs": macs, "gmacs": macs["gmacs"]}
+
+
+def _runnable(model: nn.Module, settings: dict[str, Any], device: torch.device) -> nn.Module:
+    run_model = model.to(device=device, dtype=PRECISIONS[settings["precision"]])
     if settings["channels_last"]:
         run_model = run_model.to(memory_format=torch.channels_last)
     if settings["compile"]:
         torch._dynamo.reset()  # fresh caches: the recompile limit is shared by all models of one class
         run_model = torch.compile(run_model, dynamic=False)
-    n = (settings["warmup"], settings["iters"], settings["repeats"])
-    out["inference"] = measure_inference(run_model, size, settings["batch_size"], device, dtype, *n,
-                                         channels_last=settings["channels_last"])
-    out["memory"] = out["inference"].pop("memory")
-    out["latency_ms"] = (measure_latency(run_model, size, device, dtype, *n, channels_last=settings["channels_last"])
-                         if settings["latency"] else None)
+    return run_model
+
+
+def _prepare_timers(run_model: nn.Module, size: Sequence[int], settings: dict[str, Any],
+                    device: torch.device) -> dict[str, TimedModel]:
+    args = (device, PRECISIONS[settings["precision"]], settings["warmup"], settings["channels_last"])
+    timers = {"inference": prepare_inference(run_model, size, settings["batch_size"], *args)}
+    if settings["latency"]:
+        timers["latency"] = prepare_inference(run_model, size, 1, *args, track_memory=False)
+    return timers
+
+
+def _finish(model: nn.Module, size: Sequence[int], timers: dict[str, TimedModel], settings: dict[str, Any],
+            device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {"inference": timers["inference"].result(), "memory": timers["inference"].setup["memory"]}
+    out["latency_ms"] = _summary([v * 1e3 for v in timers["latency"].per_call]) if "latency" in timers else None
     out["train"] = None
     if settings["train"]:
+        n = (settings["warmup"], settings["iters"], settings["repeats"])
         out["train"] = measure_training(model, size, settings["batch_size"], device, settings["precision"], *n,
                                         compile=settings["compile"], channels_last=settings["channels_last"])
-    notes = []
-    for key in ("inference", "train"):
-        r = out[key]
-        if r and r["oom_halvings"]:
-            notes.append(f"{key}: out of memory at batch {r['batch_size_requested']}, measured at batch {r['batch_size']}")
-    out["notes"] = notes
+    out["notes"] = [f"{k}: out of memory at batch {out[k]['batch_size_requested']}, measured at batch "
+                    f"{out[k]['batch_size']}" for k in ("inference", "train") if out[k] and out[k]["oom_halvings"]]
     return out
 
 
+def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """All measurements of one configuration (``model`` on CPU in fp32; it is moved and cast)."""
+    out = _static(model, settings)
+    timers = _prepare_timers(_runnable(model, settings, device), out["input_size"], settings, device)
+    for t in timers.values():
+        t.time(settings["iters"], settings["repeats"], _sync_fn(device))
+    out.update(_finish(model, out["input_size"], timers, settings, device))
+    return out
+
+
+def _entry(p: _Planned, model: nn.Module, img_size: int | None) -> dict[str, Any]:
+    return {"model": p.spec.name, "variant": p.variant, "label": _label(p, model), "checkpoint": p.spec.checkpoint,
+            "removed_layers": p.layers if p.variant.startswith("pruned") else None,
+            "attention_free_blocks": _free_blocks(model),
+            "tome": _tome_entry(model, p.spec, img_size) if p.variant.endswith("+tome") else None}
+
+
+def _models(planned: list[_Planned], img_size: int | None, device: torch.device):
+    """Yield (planned, configured model), building each base model once."""
+    base, key = None, None
+    for p in planned:
+        if key != id(p.spec):
+            base, key = None, id(p.spec)
+            _free(device)
+            base = _build_base(p.spec, img_size)
+        yield p, build_variant(base, p.variant, p.layers, p.spec.tome_r, p.spec.tome_start_idx, p.spec.tome_policy)
+
+
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure every configuration of ``cfg`` and return the report; write the files it names."""
+    """Measure every configuration of ``cfg`` and return the report; write the files it names.
+
+    Configurations are measured one after the other, or with ``interleave`` round-robin: every
+    configuration is set up first, then each timed repeat visits all of them (in a rotating
+    order), so that load from other processes spreads over all configurations alike.
+    """
     from tqdm.auto import tqdm
 
     device = _device(cfg.device)
@@ -760,32 +834,47 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         if cfg.threads < 1:
             raise ShrinkError(f"--threads must be >= 1, got {cfg.threads}")
         torch.set_num_threads(cfg.threads)
+    started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     environment = _environment(device)  # load average before the run, other processes included
     planned, skipped = plan(cfg)
+    sync = _sync_fn(device)
     results: list[dict[str, Any]] = []
-    bases: dict[int, nn.Module] = {}
-    bar = tqdm(planned, desc="benchmark", unit="config", disable=not cfg.progress, file=sys.stderr)
-    for p in bar:
-        key = id(p.spec)
-        if key not in bases:
-            bases.clear()
+    bar = tqdm(total=len(planned) * (2 if cfg.interleave else 1), desc="benchmark", unit="step",
+               disable=not cfg.progress, file=sys.stderr)
+    if not cfg.interleave:
+        for p, model in _models(planned, cfg.img_size, device):
+            entry = _entry(p, model, cfg.img_size)
+            bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
+            entry.update(benchmark_one(model, settings, device))
+            results.append(entry)
+            del model
             _free(device)
-            bases[key] = _build_base(p.spec, cfg.img_size)
-        model = build_variant(bases[key], p.variant, p.layers, p.spec.tome_r, p.spec.tome_start_idx,
-                              p.spec.tome_policy)
-        label = _label(p, model)
-        bar.set_postfix_str(f"{p.spec.name} {label}")
-        entry = {"model": p.spec.name, "variant": p.variant, "label": label, "checkpoint": p.spec.checkpoint,
-                 "removed_layers": p.layers if p.variant.startswith("pruned") else None,
-                 "attention_free_blocks": _free_blocks(model),
-                 "tome": _tome_entry(model, p.spec, cfg.img_size) if p.variant.endswith("+tome") else None}
-        entry.update(benchmark_one(model, settings, device))
-        results.append(entry)
-        del model
-        _free(device)
-    bases.clear()
+            bar.update()
+    else:
+        staged = []
+        for p, model in _models(planned, cfg.img_size, device):
+            entry = _entry(p, model, cfg.img_size)
+            bar.set_postfix_str(f"set up {p.spec.name} {entry['label']}")
+            entry.update(_static(model, settings))
+            timers = _prepare_timers(_runnable(model, settings, device), entry["input_size"], settings, device)
+            staged.append((entry, model, timers))
+            bar.update()
+        for rep in range(settings["repeats"]):
+            order = list(range(len(staged)))
+            order = order[rep % len(order):] + order[:rep % len(order)]
+            for i in order:
+                for t in staged[i][2].values():
+                    t.time(settings["iters"], 1, sync)
+        for entry, model, timers in staged:
+            bar.set_postfix_str(f"finish {entry['model']} {entry['label']}")
+            entry.update(_finish(model, entry["input_size"], timers, settings, device))
+            results.append(entry)
+            bar.update()
+        del staged
+    bar.close()
+    _free(device)
     _add_speedups(results)
-    report = {"schema": SCHEMA, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    report = {"schema": SCHEMA, "date": started,
               "command": cfg.command, "environment": environment, "settings": settings,
               "results": results, "skipped": skipped}
     write_outputs(report, cfg.json_path, cfg.csv_path, cfg.plot_path)

@@ -264,7 +264,7 @@ def test_removal_sets_and_ratio(tmp_path, deit_tiny_64):
 TOP_KEYS = {"schema": str, "date": str, "command": (str, type(None)), "environment": dict, "settings": dict,
             "results": list, "skipped": list}
 SETTINGS_KEYS = {"device", "precision", "batch_size", "warmup", "iters", "repeats", "compile",
-                 "channels_last", "img_size", "latency", "train"}
+                 "channels_last", "img_size", "latency", "train", "interleave"}
 ENV_KEYS = {"python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "timm", "fvcore", "shrink",
             "gpu", "load_average"}
 RESULT_KEYS = {"model": str, "variant": str, "label": str, "checkpoint": (str, type(None)),
@@ -368,6 +368,29 @@ def test_checkpoint_dir_and_file_are_benchmarked_as_saved(tmp_path):
     assert loaded["latency_ms"] is None
 
 
+def test_interleaved_run_times_every_configuration_in_every_round(monkeypatch):
+    rounds = []
+    real = bench.TimedModel.time
+
+    def spy(self, iters, repeats, sync):
+        rounds.append((self.setup["batch_size"], repeats))
+        real(self, iters, repeats, sync)
+
+    monkeypatch.setattr(bench.TimedModel, "time", spy)
+    spec = ModelSpec(name="deit_tiny_patch16_224", remove_layers=[0, 2, 4])
+    cfg = BenchConfig(models=[spec], img_size=32, interleave=True, **{**FAST, "repeats": 3})
+    report = bench.run(cfg)
+    assert [r["variant"] for r in report["results"]] == ["dense", "pruned"]
+    assert report["settings"]["interleave"] is True
+    # 3 rounds x 2 configurations x (batch-2 throughput + batch-1 latency), one repeat per visit
+    assert rounds == [(2, 1), (1, 1)] * 6
+    for r in report["results"]:
+        assert len(r["inference"]["images_per_s_repeats"]) == 3 and len(r["latency_ms"]["repeats"]) == 3
+        assert r["memory"]["growth_mb"] >= 0
+    with pytest.raises(shrink.ShrinkError, match="--interleave cannot be combined with --compile"):
+        bench.run(BenchConfig(models=[spec], compile=True, interleave=True, **{**FAST, "warmup": 1}))
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors: one line, exit code 2, no output files
 # ------------------------------------------------------------------------------------------------
@@ -382,6 +405,7 @@ def test_checkpoint_dir_and_file_are_benchmarked_as_saved(tmp_path):
     (["--model", "deit_tiny_patch16_224", "--remove-ratio", "0.25"], "--selection sel.json"),
     (["--model", "deit_tiny_patch16_224", "--compare", "dense,pruned"], "needs --remove-layers"),
     (["--model", "deit_tiny_patch16_224", "--tome-r", "4", "--compare", "dense"], r"no \+tome configuration"),
+    (["--model", "deit_tiny_patch16_224", "--remove-layers", "1", "--compare", "dense"], "no pruned configuration"),
     (["--model", "deit_tiny_patch16_224,mixer_s16_224", "--checkpoint", "x.pth"], "exactly one model"),
     (["--model", "deit_tiny_patch16_224", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--model", "deit_tiny_patch16_224", "--device", "cuda:0"] if not torch.cuda.is_available()
