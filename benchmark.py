@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure parameters, GMACs (fvcore, attention matmuls included), inference images/s, "
                     "batch-1 latency and peak memory of dense / pruned / ToMe configurations, all in one "
                     "process, and print a markdown table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="JSON schema, metrics and measured numbers: docs/benchmarks.md",
     )
     g = p.add_argument_group("models")
     g.add_argument("--model", required=True,
@@ -45,21 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--remove-layers", help="attention layers to remove, e.g. 0,2,4")
     rm.add_argument("--selection", help="selection JSON with a 'layers' list (written by the selection CLI)")
     r.add_argument("--remove-ratio", type=float,
-                   help="with --selection: remove its first round(ratio * depth) layers; without it this "
-                        "is an error (selection needs data)")
+                   help="with --selection: remove its first ratio * depth layers (rounded half up); without "
+                        "--selection this is an error (choosing layers needs data)")
     r.add_argument("--tome-r", type=int, help="tokens merged per block for the +tome configurations")
     r.add_argument("--tome-start-idx", type=int, default=0,
-                   help="first attention-bearing block that merges tokens (counts attention blocks only)")
+                   help="first attention-bearing block that merges tokens (counts attention blocks only; "
+                        "default 0)")
     r.add_argument("--tome-policy", default="none", choices=("none", "hidden"),
-                   help="ToMe in attention-free blocks: none (the reference: no merging) or hidden "
-                        "(merge before their MLP)")
+                   help="ToMe in attention-free blocks: none (default, the reference: no merging) or "
+                        "hidden (merge before their MLP)")
     r.add_argument("--compare", help=f"configurations, comma-separated, from {', '.join(VARIANTS)} "
                                      "(default: dense, + pruned with a removal, + ToMe with --tome-r)")
     m = p.add_argument_group("measurement")
-    m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    m.add_argument("--batch-size", type=int, default=32, help="inference (and training) batch; halved on out of memory")
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    m.add_argument("--batch-size", type=int, default=32, help="inference (and training) batch, default 32; halved on out of memory")
     m.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="inference weights and inputs in this dtype; training uses autocast")
+                   help="inference weights and inputs in this dtype (default fp32); training uses autocast")
     m.add_argument("--compile", action="store_true", help="torch.compile(dynamic=False) every configuration")
     m.add_argument("--channels-last", action="store_true", help="channels-last input and weights")
     m.add_argument("--warmup", type=int, help="warm-up iterations (default: 2 on cpu, 10 on cuda)")

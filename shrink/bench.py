@@ -947,7 +947,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             ips += f" @b{inf['batch_size']}"
         lat = r["latency_ms"]
         m = r["memory"]["peak_mb"] if s["device"].startswith("cuda") else r["memory"]["growth_mb"]
-        cells = [r["model"], r["label"], f"{r['params']['total'] / 1e6:.2f}", f"{r['gmacs']:.3f}", ips,
+        cells = [r["model"], r["label"], f"{r['params']['total'] / 1e6:.2f}", f"{r['gmacs']:.4g}", ips,
                  "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x",
                  "-" if lat is None else f"{lat['median']:.2f}", f"{m:.0f}"]
         if s["train"]:
