@@ -85,8 +85,10 @@ class DilutedBlock(nn.Module):
             raise ShrinkError(f"{type(block).__name__} is not a pre-norm transformer block")
         for name in _BLOCK_PARTS:
             setattr(self, name, getattr(block, name))
-        self.register_buffer("lam", torch.tensor(_check_lambda(lam), dtype=torch.float32))
-        self.attn_active = self.lam.item() > 0
+        value = _check_lambda(lam)
+        p = next(block.parameters(), None)
+        self.register_buffer("lam", torch.tensor(value, dtype=torch.float32, device=p.device if p is not None else None))
+        self.attn_active = value > 0
         self.register_load_state_dict_post_hook(_sync_after_load)
 
     def set_lambda(self, value: float) -> None:
@@ -137,12 +139,7 @@ def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0) -> nn.Modu
         if isinstance(blocks[i], DilutedBlock):
             blocks[i].set_lambda(lam)
             continue
-        old = blocks[i]
-        new = DilutedBlock(old, lam=lam)
-        p = next(old.parameters(), None)
-        if p is not None:
-            new.lam.data = new.lam.data.to(p.device)
-        blocks[i] = new
+        blocks[i] = DilutedBlock(blocks[i], lam=lam)
     _logger.info("diluted blocks %s at lambda=%g", layers, lam)
     return model
 
