@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import nn
 
@@ -17,7 +18,7 @@ from shrink.errors import ShrinkError
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_DEFAULT_MEAN",
-    "IMAGENET_DEFAULT_STD", "build", "cfg", "no_pretrained",
+    "IMAGENET_DEFAULT_STD", "build", "cfg", "init_linear", "no_pretrained", "rename_keys",
 ]
 
 # Per-channel statistics of the training images (torchvision's CIFAR, pixels scaled to [0, 1]).
@@ -64,3 +65,21 @@ def build(
         size = (in_chans, *to_2tuple(img_size))
         model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": size}
     return model
+
+
+def init_linear(m: nn.Module) -> None:
+    """Linear layers: truncated-normal weights (std 0.02), zero bias (timm's ViT/Mixer default); use with apply."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def rename_keys(state_dict: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """Apply (compiled regex, replacement) rules to every key, in order; values are kept as they are."""
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in rules:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out

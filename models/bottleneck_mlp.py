@@ -26,7 +26,7 @@ from torch import nn
 
 from shrink.errors import ShrinkError
 
-from ._helpers import build, cfg
+from ._helpers import build, cfg, rename_keys
 
 __all__ = ["BottleneckBlock", "BottleneckMLP", "checkpoint_filter_fn", "get_model", "parse_architecture"]
 
@@ -121,12 +121,7 @@ _ORIGINAL_KEYS = (
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Rename the original repository's keys to this module's; keys already in this format pass through."""
-    out = {}
-    for k, v in state_dict.items():
-        for pattern, repl in _ORIGINAL_KEYS:
-            k = pattern.sub(repl, k)
-        out[k] = v
-    return out
+    return rename_keys(state_dict, _ORIGINAL_KEYS)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg
+from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg, init_linear
 
 __all__ = ["FNet", "FNetBlock", "FourierMix"]
 
@@ -90,7 +90,7 @@ class FNet(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_linear)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -119,13 +119,6 @@ class FNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def _cifar_cfg(**kwargs: Any) -> dict[str, Any]:

@@ -22,13 +22,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from shrink.errors import ShrinkError
 
-from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg
+from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg, init_linear, rename_keys
 
 __all__ = ["MSMLP", "MixShiftBlock", "ShiftMix", "checkpoint_filter_fn"]
 
@@ -156,7 +156,7 @@ class MSMLP(nn.Module):
         self.norm = _LN(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_linear)
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -181,13 +181,6 @@ class MSMLP(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 _ORIGINAL_KEYS = (
     (re.compile(r"^patch_embed\."), "stem."),
     (re.compile(r"^layers\.(\d+)\.downsample\."), r"stages.\1.downsample."),
@@ -202,12 +195,7 @@ _ORIGINAL_KEYS = (
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Rename the original repository's keys (``layers.i.blocks.j.dwconv_lr.g`` ...) to this module's."""
-    out = {}
-    for k, v in state_dict.items():
-        for pattern, repl in _ORIGINAL_KEYS:
-            k = pattern.sub(repl, k)
-        out[k] = v
-    return out
+    return rename_keys(state_dict, _ORIGINAL_KEYS)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
