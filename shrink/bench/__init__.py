@@ -1,0 +1,75 @@
+"""Benchmarks of dense, attention-removed and token-merged models in one process.
+
+Per configuration: parameters (total and per component), GMACs (fvcore, attention matmuls
+included), inference images/s, batch-1 latency, peak memory and, optionally, training images/s.
+The report is a plain dict (schema ``shrink.bench/1``, documented in docs/benchmarks.md) that
+:func:`run` can also write as JSON, CSV and a PNG of images/s against GMACs.
+
+Modules: :mod:`.spec` (model lists, removal sets, configurations, the run plan),
+:mod:`.measure` (counts, timing, memory, OOM halving), :mod:`.report` (markdown, CSV, PNG)
+and :mod:`.runner` (:func:`run`). Every public name is re-exported here.
+"""
+from __future__ import annotations
+
+from .measure import (
+    DEFAULT_ITERS,
+    PRECISIONS,
+    TimedModel,
+    count_macs,
+    count_parameters,
+    measure_inference,
+    measure_latency,
+    measure_training,
+    prepare_inference,
+    time_calls,
+)
+from .measure import _PeakMemory as _PeakMemory  # used by tests/test_bench.py
+from .report import CSV_COLUMNS, SCHEMA, format_csv, format_markdown, plot_png, write_outputs
+from .runner import benchmark_one, run
+from .spec import (
+    VARIANTS,
+    BenchConfig,
+    ModelSpec,
+    build_variant,
+    input_size,
+    parse_compare,
+    parse_layers,
+    parse_model_line,
+    parse_models,
+    plan,
+    read_selection,
+    resolve_removal,
+)
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DEFAULT_ITERS",
+    "PRECISIONS",
+    "SCHEMA",
+    "VARIANTS",
+    "BenchConfig",
+    "ModelSpec",
+    "TimedModel",
+    "benchmark_one",
+    "build_variant",
+    "count_macs",
+    "count_parameters",
+    "format_csv",
+    "format_markdown",
+    "input_size",
+    "measure_inference",
+    "measure_latency",
+    "measure_training",
+    "parse_compare",
+    "parse_layers",
+    "parse_model_line",
+    "parse_models",
+    "plan",
+    "plot_png",
+    "prepare_inference",
+    "read_selection",
+    "resolve_removal",
+    "run",
+    "time_calls",
+    "write_outputs",
+]

@@ -1,0 +1,256 @@
+"""The whole benchmark run: settings, environment, per-configuration measurement and :func:`run`."""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ShrinkError
+from .measure import (
+    DEFAULT_ITERS,
+    PRECISIONS,
+    TimedModel,
+    _free,
+    _summary,
+    _sync_fn,
+    count_macs,
+    count_parameters,
+    measure_training,
+    prepare_inference,
+)
+from .report import SCHEMA, write_outputs
+from .spec import (
+    BenchConfig,
+    ModelSpec,
+    _build_base,
+    _free_blocks,
+    _Planned,
+    _tome_module,
+    build_variant,
+    input_size,
+    plan,
+)
+
+
+def _label(p: _Planned, model: nn.Module) -> str:
+    free = _free_blocks(model)
+    parts = []
+    if p.variant.startswith("pruned"):
+        parts.append("pruned [" + ",".join(map(str, p.layers)) + "]")
+    elif free:
+        parts.append("as loaded, attention-free [" + ",".join(map(str, free)) + "]")
+    else:
+        parts.append("dense")
+    if p.variant.endswith("+tome"):
+        policy = "" if p.spec.tome_policy == "none" else f" policy={p.spec.tome_policy}"
+        parts.append(f"ToMe r={p.spec.tome_r} start={p.spec.tome_start_idx}{policy}")
+    return " + ".join(parts)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ShrinkError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ShrinkError("--device cuda asked for, but CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ShrinkError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "timm": version("timm"), "fvcore": version("fvcore"),
+            "shrink": version("shrink"),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def _settings(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    if cfg.precision not in PRECISIONS:
+        raise ShrinkError(f"unknown precision {cfg.precision!r}; choose from {', '.join(PRECISIONS)}")
+    w, i, r = DEFAULT_ITERS[device.type]
+    s = {"device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size,
+         "warmup": w if cfg.warmup is None else cfg.warmup, "iters": i if cfg.iters is None else cfg.iters,
+         "repeats": r if cfg.repeats is None else cfg.repeats, "compile": cfg.compile,
+         "channels_last": cfg.channels_last, "img_size": cfg.img_size, "latency": cfg.latency,
+         "train": cfg.train, "interleave": cfg.interleave}
+    for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1), ("repeats", 1)):
+        if s[key] < low:
+            raise ShrinkError(f"--{key.replace('_', '-')} must be >= {low}, got {s[key]}")
+    if cfg.compile and s["warmup"] < 1:
+        raise ShrinkError("--compile needs at least one warm-up iteration (--warmup >= 1)")
+    if cfg.compile and cfg.interleave:
+        raise ShrinkError("--interleave cannot be combined with --compile (each compiled configuration "
+                          "resets dynamo's caches); run them one after the other")
+    return s
+
+
+def _static(model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+    size = input_size(model, settings["img_size"])
+    macs = count_macs(model, size)
+    return {"input_size": list(size), "params": count_parameters(model), "macs": macs, "gmacs": macs["gmacs"]}
+
+
+def _runnable(model: nn.Module, settings: dict[str, Any], device: torch.device) -> nn.Module:
+    run_model = model.to(device=device, dtype=PRECISIONS[settings["precision"]])
+    if settings["channels_last"]:
+        run_model = run_model.to(memory_format=torch.channels_last)
+    if settings["compile"]:
+        torch._dynamo.reset()  # fresh caches: the recompile limit is shared by all models of one class
+        run_model = torch.compile(run_model, dynamic=False)
+    return run_model
+
+
+def _prepare_timers(run_model: nn.Module, size: Sequence[int], settings: dict[str, Any],
+                    device: torch.device) -> dict[str, TimedModel]:
+    args = (device, PRECISIONS[settings["precision"]], settings["warmup"], settings["channels_last"])
+    timers = {"inference": prepare_inference(run_model, size, settings["batch_size"], *args)}
+    if settings["latency"]:
+        timers["latency"] = prepare_inference(run_model, size, 1, *args, track_memory=False)
+    return timers
+
+
+def _finish(model: nn.Module, size: Sequence[int], timers: dict[str, TimedModel], settings: dict[str, Any],
+            device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {"inference": timers["inference"].result(), "memory": timers["inference"].setup["memory"]}
+    out["latency_ms"] = _summary([v * 1e3 for v in timers["latency"].per_call]) if "latency" in timers else None
+    out["train"] = None
+    if settings["train"]:
+        n = (settings["warmup"], settings["iters"], settings["repeats"])
+        out["train"] = measure_training(model, size, settings["batch_size"], device, settings["precision"], *n,
+                                        compile=settings["compile"], channels_last=settings["channels_last"])
+    out["notes"] = [f"{k}: out of memory at batch {out[k]['batch_size_requested']}, measured at batch "
+                    f"{out[k]['batch_size']}" for k in ("inference", "train") if out[k] and out[k]["oom_halvings"]]
+    return out
+
+
+def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """All measurements of one configuration (``model`` on CPU in fp32; it is moved and cast)."""
+    out = _static(model, settings)
+    timers = _prepare_timers(_runnable(model, settings, device), out["input_size"], settings, device)
+    for t in timers.values():
+        t.time(settings["iters"], settings["repeats"], _sync_fn(device))
+    out.update(_finish(model, out["input_size"], timers, settings, device))
+    return out
+
+
+def _entry(p: _Planned, model: nn.Module, img_size: int | None) -> dict[str, Any]:
+    return {"model": p.spec.name, "variant": p.variant, "label": _label(p, model), "checkpoint": p.spec.checkpoint,
+            "removed_layers": p.layers if p.variant.startswith("pruned") else None,
+            "attention_free_blocks": _free_blocks(model),
+            "tome": _tome_entry(model, p.spec, img_size) if p.variant.endswith("+tome") else None}
+
+
+def _models(planned: list[_Planned], img_size: int | None, device: torch.device):
+    """Yield (planned, configured model), building each base model once."""
+    base, key = None, None
+    for p in planned:
+        if key != id(p.spec):
+            base, key = None, id(p.spec)
+            _free(device)
+            base = _build_base(p.spec, img_size)
+        yield p, build_variant(base, p.variant, p.layers, p.spec.tome_r, p.spec.tome_start_idx, p.spec.tome_policy)
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every configuration of ``cfg`` and return the report; write the files it names.
+
+    Configurations are measured one after the other, or with ``interleave`` round-robin: every
+    configuration is set up first, then each timed repeat visits all of them (in a rotating
+    order), so that load from other processes spreads over all configurations alike.
+    """
+    from tqdm.auto import tqdm
+
+    device = _device(cfg.device)
+    settings = _settings(cfg, device)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ShrinkError(f"--threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
+    started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    environment = _environment(device)  # load average before the run, other processes included
+    planned, skipped = plan(cfg)
+    sync = _sync_fn(device)
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(planned) * (2 if cfg.interleave else 1), desc="benchmark", unit="step",
+               disable=not cfg.progress, file=sys.stderr)
+    if not cfg.interleave:
+        for p, model in _models(planned, cfg.img_size, device):
+            entry = _entry(p, model, cfg.img_size)
+            bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
+            entry.update(benchmark_one(model, settings, device))
+            results.append(entry)
+            del model
+            _free(device)
+            bar.update()
+    else:
+        staged = []
+        for p, model in _models(planned, cfg.img_size, device):
+            entry = _entry(p, model, cfg.img_size)
+            bar.set_postfix_str(f"set up {p.spec.name} {entry['label']}")
+            entry.update(_static(model, settings))
+            timers = _prepare_timers(_runnable(model, settings, device), entry["input_size"], settings, device)
+            staged.append((entry, model, timers))
+            bar.update()
+        for rep in range(settings["repeats"]):
+            order = list(range(len(staged)))
+            order = order[rep % len(order):] + order[:rep % len(order)]
+            for i in order:
+                for t in staged[i][2].values():
+                    t.time(settings["iters"], 1, sync)
+        for entry, model, timers in staged:
+            bar.set_postfix_str(f"finish {entry['model']} {entry['label']}")
+            entry.update(_finish(model, entry["input_size"], timers, settings, device))
+            results.append(entry)
+            bar.update()
+        del staged
+    bar.close()
+    _free(device)
+    _add_speedups(results)
+    report = {"schema": SCHEMA, "date": started,
+              "command": cfg.command, "environment": environment, "settings": settings,
+              "results": results, "skipped": skipped}
+    write_outputs(report, cfg.json_path, cfg.csv_path, cfg.plot_path)
+    return report
+
+
+def _tome_entry(model: nn.Module, spec: ModelSpec, img_size: int | None) -> dict[str, Any]:
+    tome = _tome_module()
+    return {"r": spec.tome_r, "start_idx": spec.tome_start_idx, "policy": spec.tome_policy,
+            "r_per_block": tome.tome_info(model)["schedule"],
+            "tokens_per_block": tome.tome_token_counts(model, input_size(model, img_size))}
+
+
+def _add_speedups(results: list[dict[str, Any]]) -> None:
+    """images/s over the first dense configuration of the same model and input size in this run."""
+    dense: dict[tuple, float] = {}
+    for r in results:
+        if r["variant"] == "dense" and not r["attention_free_blocks"]:  # not a loaded shrunk model
+            dense.setdefault((r["model"], tuple(r["input_size"])), r["inference"]["images_per_s"])
+    for r in results:
+        d = dense.get((r["model"], tuple(r["input_size"])))
+        r["speedup_vs_dense"] = r["inference"]["images_per_s"] / d if d else None
