@@ -110,6 +110,10 @@ def _normalise(model: nn.Module, rgb: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)[:, None, None]
     std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)[:, None, None]
     x = torch.from_numpy(rgb).permute(2, 0, 1)
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if getattr(proj, "in_channels", 3) == 1:  # grey-scale models (e.g. vit_digits): ITU-R 601 luma
+        x = (x * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
+        mean, std = mean[:1], std[:1]
     return ((x - mean) / std).unsqueeze(0)
 
 

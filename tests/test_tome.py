@@ -511,3 +511,16 @@ def test_visualize_cli_subprocess(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: start_idx=99")
     assert not (tmp_path / "b.png").exists()
+
+
+def test_merge_png_for_a_greyscale_model(tmp_path):
+    """vit_digits takes 1-channel 8x8 images: an RGB picture is converted to grey, not refused."""
+    from PIL import Image
+
+    from shrink.tome_vis import save_merge_png
+
+    model = shrink.create_model("vit_digits", pretrained=True).eval()
+    shrink.apply_tome(model, r=2)
+    Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "rgb.png")
+    out = save_merge_png(model, tmp_path / "rgb.png", tmp_path / "m.png")
+    assert out.is_file() and out.stat().st_size > 0
