@@ -26,7 +26,6 @@ from shrink import bench
 from shrink.bench import BenchConfig, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_TOME = importlib.util.find_spec("shrink.tome") is not None
 FAST = {"warmup": 0, "iters": 1, "repeats": 1, "batch_size": 2, "progress": False}
 
 
@@ -285,10 +284,8 @@ TOME_KEYS = {"r", "start_idx", "policy", "r_per_block", "tokens_per_block"}
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    deit = ModelSpec(name="deit_tiny_patch16_224", remove_layers=[0, 2, 4], compare=["dense", "pruned"])
-    if HAS_TOME:
-        deit.compare.append("pruned+tome")
-        deit.tome_r, deit.tome_start_idx = 1, 1
+    deit = ModelSpec(name="deit_tiny_patch16_224", remove_layers=[0, 2, 4], compare=["dense", "pruned", "pruned+tome"],
+                     tome_r=1, tome_start_idx=1)
     specs = [deit, ModelSpec(name="mixer_s16_224", remove_layers=[0, 2, 4], compare=["dense", "pruned"])]
     cfg = BenchConfig(models=specs, img_size=32, train=True, json_path=str(out / "r.json"),
                       csv_path=str(out / "r.csv"), plot_path=str(out / "r.png"), command="pytest", **FAST)
@@ -304,7 +301,7 @@ def test_report_schema_is_the_documented_one(mixed_run):
         assert isinstance(on_disk[k], t), k
     assert set(on_disk["settings"]) == SETTINGS_KEYS
     assert set(on_disk["environment"]) == ENV_KEYS
-    assert len(on_disk["results"]) == 3 + HAS_TOME
+    assert len(on_disk["results"]) == 4
     for r in on_disk["results"]:
         assert set(r) == set(RESULT_KEYS)
         for k, t in RESULT_KEYS.items():
@@ -327,17 +324,16 @@ def test_report_schema_is_the_documented_one(mixed_run):
 def test_mixed_run_skips_removal_on_the_mlp_model_and_measures_the_rest(mixed_run):
     report, out = mixed_run
     got = [(r["model"], r["variant"]) for r in report["results"]]
-    tome = [("deit_tiny_patch16_224", "pruned+tome")] if HAS_TOME else []
-    assert got == [("deit_tiny_patch16_224", "dense"), ("deit_tiny_patch16_224", "pruned"), *tome,
+    assert got == [("deit_tiny_patch16_224", "dense"), ("deit_tiny_patch16_224", "pruned"),
+                   ("deit_tiny_patch16_224", "pruned+tome"),
                    ("mixer_s16_224", "dense")]
     assert report["skipped"] == [{"model": "mixer_s16_224", "variant": "pruned",
                                   "reason": "mixer_s16_224: --compare pruned needs --remove-layers or --selection"}]
     dense, pruned, mixer = report["results"][0], report["results"][1], report["results"][-1]
-    if HAS_TOME:
-        merged = report["results"][2]
-        # 4 patches + cls; r=1 from block 3 (2nd attention block), capped at half the unprotected tokens
-        assert merged["tome"]["tokens_per_block"] == [5, 5, 5, 4, 4, 3, 2, 2, 2, 2, 2, 2]
-        assert merged["gmacs"] < pruned["gmacs"] and merged["label"] == "pruned [0,2,4] + ToMe r=1 start=1"
+    merged = report["results"][2]
+    # 4 patches + cls; r=1 from block 3 (2nd attention block), capped at half the unprotected tokens
+    assert merged["tome"]["tokens_per_block"] == [5, 5, 5, 4, 4, 3, 2, 2, 2, 2, 2, 2]
+    assert merged["gmacs"] < pruned["gmacs"] and merged["label"] == "pruned [0,2,4] + ToMe r=1 start=1"
     assert pruned["removed_layers"] == [0, 2, 4] == pruned["attention_free_blocks"]
     assert pruned["params"]["total"] < dense["params"]["total"] and pruned["gmacs"] < dense["gmacs"]
     assert dense["speedup_vs_dense"] == 1.0 and mixer["speedup_vs_dense"] == 1.0
@@ -400,7 +396,7 @@ def test_interleaved_run_times_every_configuration_in_every_round(monkeypatch):
     (["--model", "deit_tiny_patch16_224", "--checkpoint", "{tmp}/bad.pth"], "cannot read"),
     (["--model", "deit_tiny_patch16_224", "--checkpoint", "{tmp}/missing.pth"], "checkpoint not found"),
     (["--model", "mixer_s16_224", "--remove-layers", "0,2"], "mixer_s16_224 has no attention layers to remove"),
-    (["--model", "resnet18", "--tome-r", "4"], "ToMe needs a model with a sequence of tokens|ToMe not available"),
+    (["--model", "resnet18", "--tome-r", "4"], "ToMe needs a model with a sequence of tokens"),
     (["--model", "mixer_s16_224", "--tome-r", "2"], "not a timm VisionTransformer|ToMe not available"),
     (["--model", "deit_tiny_patch16_224", "--remove-ratio", "0.25"], "--selection sel.json"),
     (["--model", "deit_tiny_patch16_224", "--compare", "dense,pruned"], "needs --remove-layers"),
@@ -423,13 +419,6 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, args, messag
     assert not out_json.exists() and not list(tmp_path.glob(".out.json*"))
 
 
-@pytest.mark.skipif(HAS_TOME, reason="shrink.tome exists")
-def test_tome_configurations_need_the_tome_module(deit_tiny_64):
-    with pytest.raises(shrink.ShrinkError, match="ToMe not available"):
-        bench.build_variant(deit_tiny_64, "pruned+tome", [0, 2, 4], tome_r=2)
-
-
-@pytest.mark.skipif(not HAS_TOME, reason="shrink.tome is not there yet")
 def test_tome_macs_follow_the_merged_token_counts(deit_tiny_64):
     from shrink import tome
 

@@ -189,12 +189,8 @@ def _free_blocks(model: nn.Module) -> list[int]:
 
 
 def _tome_module():
-    try:
-        from .. import tome
-    except ModuleNotFoundError as e:
-        if e.name in ("shrink.tome", f"{__package__.rpartition('.')[0]}.tome"):
-            raise ShrinkError("ToMe not available (shrink/tome.py is missing from this installation)") from None
-        raise
+    from .. import tome
+
     return tome
 
 
