@@ -15,6 +15,7 @@ from .dilution import (
 )
 from .errors import ShrinkError
 from .export import AttentionFreeBlock, attention_free_indices, export, fold_residual_scale
+from .selection import select_layers
 from .tome import apply_tome, remove_tome, tome_token_counts
 
 __version__ = "0.1.0"
@@ -39,5 +40,6 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "save",
+    "select_layers",
     "set_lambda",
 ]
