@@ -58,6 +58,27 @@ def run_logged(cmd: list[str], log: Path) -> float:
     return seconds
 
 
+def skip_accuracy(layers: list[int], cache: dict) -> float:
+    """Val top-1 (%) of the dense embedded model with the attention of ``layers`` skipped (x + 0), untrained.
+
+    This is the model transfer entropy measures (identity skip), not the deployable ``2x`` block.
+    """
+    import torch
+
+    from shrink import create_model
+    from shrink.criteria import skip_attention
+    from shrink.data import build_dataset
+
+    if "model" not in cache:
+        cache["model"] = create_model("vit_digits", pretrained=True).eval()
+        val = build_dataset("digits", "val")
+        cache["val"] = (torch.stack([val[i][0] for i in range(len(val))]), torch.tensor([val[i][1] for i in range(len(val))]))
+    model, (x, y) = cache["model"], cache["val"]
+    with torch.no_grad(), skip_attention(model, layers):
+        pred = model(x).argmax(dim=1)
+    return 100.0 * int((pred == y).sum()) / len(y)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -67,8 +88,9 @@ def main() -> int:
     p.add_argument("--extras", action="store_true", help="also |TE|, one-shot TE, entropy, one-shot cosine")
     p.add_argument("--only", default=None, help="comma-separated subset of run names")
     p.add_argument("--train-seeds", default=None,
-                   help="comma-separated training seeds (passed as --seed to main_lambda.py); default: its own default")
-    p.add_argument("--train-args", default="", help="extra arguments for main_lambda.py, one quoted string")
+                   help="comma-separated training seeds passed as --seed to main_lambda.py; 'default' = no --seed "
+                        "flag (its default, 0), e.g. default,1,2")
+    p.add_argument("--train-args", default="", help="extra arguments for main_lambda.py, one quoted string; write it as --train-args=\"--epochs 10\"")
     p.add_argument("--fresh", action="store_true", help="redo runs whose results already exist")
     p.add_argument("--select-only", action="store_true", help="run the selections only (no training)")
     args = p.parse_args()
@@ -81,9 +103,11 @@ def main() -> int:
         if unknown:
             sys.exit(f"unknown run names {unknown}; known: {', '.join([*REQUIRED, *EXTRAS])}")
         runs = {w: {**REQUIRED, **EXTRAS}[w] for w in wanted}
-    train_seeds = [None] if args.train_seeds is None else [int(s) for s in args.train_seeds.split(",")]
+    train_seeds = [None] if args.train_seeds is None else [
+        None if s == "default" else int(s) for s in args.train_seeds.split(",")]
     py = sys.executable
     results = []
+    eval_cache: dict = {}
     for name, flags in runs.items():
         sel_dir = out / "select" / name
         sel_json = sel_dir / "selection.json"
@@ -92,6 +116,7 @@ def main() -> int:
                         "--quiet", "--output-dir", str(sel_dir), *flags], out / "logs" / f"select_{name}.log")
         sel = json.loads(sel_json.read_text())
         layers = ",".join(str(i) for i in sel["layers"])
+        skip_acc = skip_accuracy(sel["layers"], eval_cache)
         print(f"{name}: layers {sel['layers']} (TE of set {sel['scores'].get('te_of_selection')})", flush=True)
         if args.select_only:
             continue
@@ -110,15 +135,18 @@ def main() -> int:
             results.append({
                 "run": tag, "selection": name, "train_seed": ts, "criterion": sel["criterion"],
                 "select_flags": flags, "layers": sel["layers"],
-                "te_of_selection": sel["scores"].get("te_of_selection"),
+                "te_of_selection": sel["scores"].get("te_of_selection"), "skip_acc_untrained": skip_acc,
                 "select_seconds": sel["seconds"], "forward_passes": sel["forward_passes"],
-                "dense_acc": summary.get("dense_acc"), "deploy_acc_best": summary.get("deploy_acc_best"),
+                "dense_acc": summary.get("dense_acc"), "deploy_acc_start": summary.get("deploy_acc_start"),
+                "deploy_acc_best": summary.get("deploy_acc_best"),
                 "removed_layers": summary.get("removed_layers"), "train_seconds": train_seconds,
                 "summary": str(summary_path.relative_to(ROOT)) if summary_path.is_relative_to(ROOT) else str(summary_path),
             })
             print(f"{tag}: layers {sel['layers']} -> deploy_acc_best {summary.get('deploy_acc_best')}", flush=True)
             atomic_write_json(out / "results.json", {"ratio": args.ratio, "calib_images": args.calib_images,
                                                      "train_args": args.train_args, "runs": results})
+    if args.select_only:
+        return 0
     table = markdown_table(results)
     atomic_write_text(out / "table.md", table)
     print(table)
@@ -130,26 +158,63 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per run, and a mean +- spread line for runs sharing a selection (seeds)."""
-    lines = ["| run | criterion | layers (selection order) | TE of set (nats) | selection s | passes "
-             "| dense acc | deploy acc (best) |", "|---|---|---|---|---|---|---|---|"]
+    """One row per selection (training seeds side by side), then the mean over all random selections."""
+    by_sel: dict[str, list[dict]] = {}
     for r in results:
-        flags = " ".join(r["select_flags"][2:])
-        crit = r["criterion"] + (f" `{flags}`" if flags else "")
-        lines.append(f"| {r['run']} | {crit} | {r['layers']} | {_fmt(r['te_of_selection'], '.3f')} "
-                     f"| {_fmt(r['select_seconds'], '.1f')} | {r['forward_passes']} | {_fmt(r['dense_acc'], '.4f')} "
-                     f"| {_fmt(r['deploy_acc_best'], '.4f')} |")
-    groups: dict[str, list[float]] = {}
-    for r in results:
-        key = "random" if r["criterion"] == "random" else r["selection"]
-        if isinstance(r["deploy_acc_best"], (int, float)):
-            groups.setdefault(key, []).append(r["deploy_acc_best"])
-    multi = {k: v for k, v in groups.items() if len(v) > 1}
-    if multi:
-        lines += ["", "| group | runs | mean deploy acc | min | max |", "|---|---|---|---|---|"]
-        for k, v in multi.items():
-            lines.append(f"| {k} | {len(v)} | {sum(v) / len(v):.4f} | {min(v):.4f} | {max(v):.4f} |")
+        by_sel.setdefault(r["selection"], []).append(r)
+    seeds = sorted({r["train_seed"] if r["train_seed"] is not None else 0 for r in results})
+    head = " | ".join(f"deploy acc, train seed {s}" for s in seeds)
+    lines = [f"| selection | layers (selection order) | TE of set (nats) | passes | selection s | skipped, untrained "
+             f"| deployable (2x), untrained | {head} | mean |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(seeds) + "---|"]
+    for rows in by_sel.values():
+        r0 = rows[0]
+        flags = " ".join(r0["select_flags"][2:])
+        label = r0["criterion"] + (f" `{flags}`" if flags else "")
+        accs = {(r["train_seed"] if r["train_seed"] is not None else 0): r["deploy_acc_best"] for r in rows}
+        vals = [a for a in accs.values() if isinstance(a, (int, float))]
+        mean = sum(vals) / len(vals) if vals else None
+        cells = " | ".join(_fmt(accs.get(s), ".2f") for s in seeds)
+        lines.append(f"| {label} | {r0['layers']} | {_fmt(r0['te_of_selection'], '.3f')} | {r0['forward_passes']} "
+                     f"| {_fmt(r0['select_seconds'], '.1f')} | {_fmt(r0['skip_acc_untrained'], '.2f')} "
+                     f"| {_fmt(r0['deploy_acc_start'], '.2f')} | {cells} | {_fmt(mean, '.2f')} |")
+    rand = [r["deploy_acc_best"] for r in results if r["criterion"] == "random"
+            and isinstance(r["deploy_acc_best"], (int, float))]
+    dense = {r["dense_acc"] for r in results if isinstance(r["dense_acc"], (int, float))}
+    lines.append("")
+    if dense:
+        lines.append(f"Dense starting model: {', '.join(f'{d:.2f}' for d in sorted(dense))}% top-1.")
+    if len(rand) > 1:
+        lines.append(f"All random runs ({len(rand)}): mean {sum(rand) / len(rand):.2f}, "
+                     f"min {min(rand):.2f}, max {max(rand):.2f}.")
+    lines += correlations(by_sel)
     return "\n".join(lines) + "\n"
+
+
+def correlations(by_sel: dict[str, list[dict]]) -> list[str]:
+    """Spearman rank correlations across the distinct selections (scipy.stats.spearmanr)."""
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        return []
+    cols = {"TE of set": [], "skipped, untrained": [], "deployable (2x), untrained": [], "mean deploy acc": []}
+    for rows in by_sel.values():
+        accs = [r["deploy_acc_best"] for r in rows if isinstance(r["deploy_acc_best"], (int, float))]
+        if not accs or not isinstance(rows[0]["te_of_selection"], (int, float)):
+            continue
+        cols["TE of set"].append(rows[0]["te_of_selection"])
+        cols["skipped, untrained"].append(rows[0]["skip_acc_untrained"])
+        cols["deployable (2x), untrained"].append(rows[0]["deploy_acc_start"])
+        cols["mean deploy acc"].append(sum(accs) / len(accs))
+    n = len(cols["TE of set"])
+    if n < 4:
+        return []
+    out = [f"Spearman rank correlation over the {n} distinct selections (p-value):"]
+    for a, b in (("TE of set", "skipped, untrained"), ("TE of set", "mean deploy acc"),
+                 ("skipped, untrained", "mean deploy acc"), ("deployable (2x), untrained", "mean deploy acc")):
+        res = spearmanr(cols[a], cols[b])
+        out.append(f"- {a} vs {b}: rho = {res.statistic:+.2f} (p = {res.pvalue:.3f})")
+    return out
 
 
 if __name__ == "__main__":
