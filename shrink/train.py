@@ -111,7 +111,7 @@ def resolve_layers(cfg: RunConfig, model: nn.Module, calib_ds, accelerator: Acce
     if accelerator.is_main_process:
         loader = DataLoader(calibration_subset(calib_ds, cfg.calib_images, seed=cfg.seed),
                             batch_size=max(cfg.batch_size, 64), shuffle=False)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[cfg.mixed_precision]
         sel = select_layers(model, loader, ratio=cfg.remove_ratio, criterion=cfg.criterion, seed=cfg.seed,
                             device=accelerator.device, amp_dtype=amp, progress=cfg.progress)
         result = [sel.to_json()]
