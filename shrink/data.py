@@ -168,16 +168,39 @@ def build_dataset(
         raise ShrinkError(f"cannot read image folder {root}: {str(e).splitlines()[0]}") from None
 
 
-def dataset_num_classes(ds: Dataset) -> int:
-    """Number of classes of a data set built by :func:`build_dataset`."""
-    if isinstance(ds, Subset):
-        return dataset_num_classes(ds.dataset)
-    if isinstance(ds, SyntheticDataset):
-        return ds.num_classes
-    classes = getattr(ds, "classes", None)
-    if classes is None:
-        raise ShrinkError(f"cannot tell the number of classes of {type(ds).__name__}")
-    return len(classes)
+def count_classes(name: str, data_path: str | os.PathLike | None = None, default: int = 10) -> int:
+    """Classes of data set ``name`` without loading it (folders: the class sub-folders of train/)."""
+    if name in NUM_CLASSES:
+        return NUM_CLASSES[name]
+    if name == "synthetic":
+        return default
+    if data_path is None:
+        raise ShrinkError("--data-path is required for --data-set folder (a folder with train/ and val/)")
+    root = Path(data_path) / "train"
+    if not root.is_dir():
+        raise ShrinkError(f"data folder not found: {root} (expected DATA_PATH/train and DATA_PATH/val)")
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return len(find_classes(str(root))[0])
+    except FileNotFoundError as e:
+        raise ShrinkError(f"cannot read image folder {root}: {e}") from None
+
+
+def with_transform(dataset: Dataset, train_transform: bool, model: nn.Module | None = None,
+                   input_size: int | None = None) -> Dataset:
+    """The same images with another transform, without reading the data set again (a shallow copy)."""
+    import copy
+
+    if isinstance(dataset, DigitsDataset):
+        out = copy.copy(dataset)
+        out.augment = train_transform
+        return out
+    if hasattr(dataset, "transform"):
+        out = copy.copy(dataset)
+        out.transform = build_transform(train_transform, model, input_size)
+        return out
+    return dataset
 
 
 def calibration_subset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import create_model, load, save
 from .config import RunConfig
-from .data import build_dataset, calibration_subset, dataset_num_classes
+from .data import build_dataset, calibration_subset, count_classes, with_transform
 from .dilution import attention_block_indices, deploy_mode, dilute, lambda_at, validate_layers
 from .engine import evaluate, train_one_epoch
 from .errors import ShrinkError
@@ -84,7 +84,7 @@ def build_datasets(cfg: RunConfig, model: nn.Module | None = None):
            "color_jitter": cfg.color_jitter, "re_prob": cfg.reprob}
     common = dict(data_path=cfg.data_path, input_size=cfg.input_size, model=model)
     train = build_dataset(cfg.data_set, "train", train_transform=True, aug=aug, **common)
-    calib = build_dataset(cfg.data_set, "train", train_transform=False, **common)
+    calib = with_transform(train, False, model, cfg.input_size)  # same files, eval transform, no second scan
     val = build_dataset(cfg.data_set, "val", train_transform=False, **common)
     return train, calib, val
 
@@ -184,11 +184,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         ts = TrainerState(**json.loads((state_dir / "trainer_state.json").read_text()))
 
     # --- everything that can fail on bad input happens before the output directory exists ---
-    if cfg.data_set == "synthetic":
-        num_classes = cfg.num_classes or 10
-    else:  # the class count comes from the data (digits: 10; folders: one class per sub-folder)
-        num_classes = dataset_num_classes(build_dataset(cfg.data_set, "val", data_path=cfg.data_path,
-                                                        input_size=cfg.input_size))
+    # the class count comes from the data (digits: 10; folders: one class per sub-folder of train/)
+    num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
     model = build_model(cfg, num_classes)
     train_ds, calib_ds, val_ds = build_datasets(cfg, model)
     if not cfg.resume:

@@ -1,0 +1,32 @@
+"""Data helpers: the fixed digits split, class counts without loading, re-transforming without re-reading."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shrink import ShrinkError
+from shrink.data import DigitsDataset, build_dataset, calibration_subset, count_classes, with_transform
+
+from .test_train import _image_folder
+
+
+def test_digits_split_is_fixed_and_stratified():
+    tr, va = DigitsDataset("train"), DigitsDataset("val")
+    assert (len(tr), len(va)) == (1437, 360)
+    assert torch.equal(DigitsDataset("val").targets, va.targets)
+    assert set(torch.bincount(va.targets).tolist()) <= {35, 36, 37}  # ~36 per class
+
+
+def test_count_classes_and_eval_copy_of_a_folder(tmp_path):
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
+    assert count_classes("folder", root) == 3 and count_classes("cifar100") == 100 and count_classes("digits") == 10
+    with pytest.raises(ShrinkError, match="not found"):
+        count_classes("folder", tmp_path / "missing")
+    train = build_dataset("folder", "train", data_path=root, input_size=32, train_transform=True,
+                          aug={"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25})
+    calib = with_transform(train, False, input_size=32)
+    assert calib.samples is train.samples  # the same file list: the folder is not scanned again
+    assert torch.equal(calib[0][0], calib[0][0])  # eval transform: deterministic
+    assert calib[0][0].shape == (3, 32, 32)
+    sub = calibration_subset(calib, 4, seed=0)
+    assert list(sub.indices) == list(calibration_subset(calib, 4, seed=0).indices) and len(sub) == 4
