@@ -35,8 +35,7 @@ def _table(summary: dict) -> str:
                 ("parameters dense -> deployable", f"{summary['params_dense']:,} -> "
                                                    f"{(summary['params_deploy'] or 0):,}"),
                 ("training time (s)", summary["seconds_training"]),
-                ("best model", summary["paths"]["best"]), ("summary", summary["paths"]["best"].rsplit("/", 1)[0]
-                                                            + "/summary.json")]
+                ("best model", summary["paths"]["best"]), ("summary", summary["paths"]["summary"])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -147,7 +147,7 @@ def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0) -> nn.Modu
 def set_lambda(model: nn.Module, value: float) -> None:
     """Set lambda of every diluted block of ``model`` (unwrap DDP / compile wrappers first)."""
     v = _check_lambda(value)
-    blocks = diluted_blocks(_unwrap(model))
+    blocks = diluted_blocks(unwrap(model))
     if not blocks:
         raise ShrinkError("the model has no diluted blocks: call shrink.dilute(model, layers) first")
     for b in blocks.values():
@@ -156,7 +156,7 @@ def set_lambda(model: nn.Module, value: float) -> None:
 
 def get_lambda(model: nn.Module) -> float | None:
     """The common lambda of the diluted blocks, or None if the model has none."""
-    vals = {b.lambda_value for b in diluted_blocks(_unwrap(model)).values()}
+    vals = {b.lambda_value for b in diluted_blocks(unwrap(model)).values()}
     if not vals:
         return None
     if len(vals) > 1:
@@ -167,7 +167,7 @@ def get_lambda(model: nn.Module) -> float | None:
 @contextlib.contextmanager
 def deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily run every diluted block at lambda = 0 (the deployable model), then restore."""
-    blocks = diluted_blocks(_unwrap(model))
+    blocks = diluted_blocks(unwrap(model))
     saved = {i: b.lambda_value for i, b in blocks.items()}
     try:
         for b in blocks.values():
@@ -178,7 +178,8 @@ def deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
             b.set_lambda(saved[i])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under torch.compile and DDP / FSDP wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dilution import diluted_blocks, set_lambda
+from .dilution import diluted_blocks, set_lambda, unwrap
 from .errors import ShrinkError
 
 
@@ -57,8 +57,7 @@ def train_one_epoch(
 ) -> EpochStats:
     """One epoch. ``lambda_fn(epoch, step)`` sets lambda of the diluted blocks before each step."""
     model.train()
-    raw_model = raw_model if raw_model is not None else accelerator.unwrap_model(model)
-    raw_model = getattr(raw_model, "_orig_mod", raw_model)
+    raw_model = raw_model if raw_model is not None else unwrap(accelerator.unwrap_model(model))
     has_diluted = bool(diluted_blocks(raw_model))
     lam_start = lam = None
     total, count, steps = 0.0, 0, 0
@@ -84,8 +83,9 @@ def train_one_epoch(
                     with torch.no_grad():
                         t_logits = teacher(images)
                     loss = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(logits, t_logits, distill_tau)
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {step}; stopping "
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss is {loss_value} at epoch {epoch}, step {step}; stopping "
                                        f"(the last good checkpoint is kept)")
             accelerator.backward(loss)
             if clip_grad is not None and accelerator.sync_gradients:
@@ -94,10 +94,10 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and accelerator.sync_gradients:
             ema.update(raw_model)
-        total += loss.item() * hard_targets.shape[0]
+        total += loss_value * hard_targets.shape[0]
         count += hard_targets.shape[0]
         steps += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
     bar.close()
     stats = torch.tensor([total, count], dtype=torch.float64, device=accelerator.device)
     stats = accelerator.reduce(stats, reduction="sum")

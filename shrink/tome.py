@@ -42,7 +42,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .dilution import DilutedBlock, _unwrap, get_blocks
+from .dilution import DilutedBlock, get_blocks, unwrap
 from .errors import ShrinkError
 from .export import AttentionFreeBlock
 from .tome_merge import (
@@ -329,7 +329,7 @@ def _block_kinds(model: nn.Module) -> list[str]:
 
 def is_tome(model: nn.Module) -> bool:
     """True when apply_tome has been applied to ``model``."""
-    return getattr(_unwrap(model), "_tome_state", None) is not None
+    return getattr(unwrap(model), "_tome_state", None) is not None
 
 
 def apply_tome(
@@ -346,7 +346,7 @@ def apply_tome(
     ``r``: int, per-block list, or ``(r, inflection)`` ramp; ``start_idx`` counts attention blocks;
     ``policy`` for attention-free blocks: "none" (reference) or "hidden" (merge on norm2(x)).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     get_blocks(model)
     if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
         raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
@@ -381,7 +381,7 @@ def apply_tome(
 
 def remove_tome(model: nn.Module) -> nn.Module:
     """Undo apply_tome in place: the original block objects come back with their current weights."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if not is_tome(model):
         raise ShrinkError("the model has no ToMe applied (call shrink.tome.apply_tome first)")
     blocks = get_blocks(model)
@@ -397,13 +397,13 @@ def remove_tome(model: nn.Module) -> nn.Module:
 
 def tome_info(model: nn.Module) -> dict[str, Any] | None:
     """The settings apply_tome stored (r, start_idx, policy, per-block schedule), or None."""
-    info = getattr(_unwrap(model), "_tome_info", None)
+    info = getattr(unwrap(model), "_tome_info", None)
     return dict(info) if info is not None else None
 
 
 def tome_state(model: nn.Module) -> ToMeState:
     """The live ToMe state (sizes and source map of the last forward) of a ToMe model."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if not is_tome(model):
         raise ShrinkError("the model has no ToMe applied")
     return model._tome_state
@@ -432,7 +432,7 @@ def tome_token_counts(
     model: nn.Module, input_size: int | Sequence[int] | None = None, batch: int = 1
 ) -> list[int]:
     """Tokens left after each block, measured by a real forward pass on a random input."""
-    model = _unwrap(model)
+    model = unwrap(model)
     blocks = get_blocks(model)
     c, h, w = _input_size(model, input_size)
     p = next(model.parameters())

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .dilution import _unwrap
+from .dilution import unwrap
 from .errors import ShrinkError
 from .io import atomic_write
 from .tome import is_tome, tome_state
@@ -37,7 +37,7 @@ def merge_groups(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
 
     ``image`` is ``(1, C, H, W)`` or ``(C, H, W)``; the model must have ToMe applied.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if not is_tome(model):
         raise ShrinkError("the model has no ToMe applied: call shrink.tome.apply_tome(model, r) first")
     if image.dim() == 3:
@@ -126,7 +126,7 @@ def save_merge_png(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    model = _unwrap(model)
+    model = unwrap(model)
     img_size = getattr(model.patch_embed, "img_size", None)
     if img_size is None:
         raise ShrinkError("cannot tell the model's input size (patch_embed.img_size)")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import create_model, load, save
 from .config import RunConfig
 from .data import build_dataset, calibration_subset, count_classes, with_transform
-from .dilution import attention_block_indices, deploy_mode, dilute, lambda_at, validate_layers
+from .dilution import attention_block_indices, deploy_mode, dilute, lambda_at, unwrap, validate_layers
 from .engine import evaluate, train_one_epoch
 from .errors import ShrinkError
 from .export import attention_free_indices, export
@@ -48,8 +48,7 @@ IN_MEMORY = ("digits", "synthetic")
 
 def _plain(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """The bare model under the DDP / FSDP / torch.compile wrappers."""
-    model = accelerator.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)
+    return unwrap(accelerator.unwrap_model(model))
 
 
 def count_params(model: nn.Module) -> int:
@@ -67,8 +66,6 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.input_size is not None:
         kwargs["img_size"] = cfg.input_size
-    if cfg.finetune and Path(cfg.finetune).is_dir():
-        return load(cfg.finetune)
     try:
         return create_model(cfg.model, pretrained=cfg.pretrained and not cfg.finetune,
                             checkpoint=cfg.finetune, **kwargs)
@@ -168,7 +165,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     state_dir = recover_dir(out / "state") if cfg.resume else None
     if cfg.resume and state_dir is None:
         raise ShrinkError(f"nothing to resume: {out / 'state'} does not exist")
-    if not cfg.resume and (out / "summary.json").exists() or not cfg.resume and recover_dir(out / "state"):
+    if not cfg.resume and ((out / "summary.json").exists() or recover_dir(out / "state")):
         raise ShrinkError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
 
     accelerator = Accelerator(
@@ -395,7 +392,7 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
         "params_dense": ts.params_dense, "params_deploy": params_after,
         "seconds_training": round(seconds, 1),
         "num_processes": accelerator.num_processes,
-        "paths": {"best": str(out / "best"), "last": str(out / "last"), "state": str(out / "state"),
+        "paths": {"summary": str(out / "summary.json"), "best": str(out / "best"), "last": str(out / "last"), "state": str(out / "state"),
                   "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png"),
                   "config": str(out / "config.yaml")},
     }
@@ -451,8 +448,7 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     loader = accelerator.prepare(_loader(val_ds, cfg, train=False))
     model = model.to(accelerator.device)
     result: dict[str, Any] = {"checkpoint": cfg.checkpoint, "params": count_params(model),
-                              "attention_free_blocks": [i for i, b in enumerate(getattr(model, "blocks", []))
-                                                        if type(b).__name__ == "AttentionFreeBlock"]}
+                              "attention_free_blocks": attention_free_indices(model) if hasattr(model, "blocks") else []}
     result["acc"] = evaluate(model, loader, accelerator, desc="eval", progress=cfg.progress)
     if cfg.tome_r > 0:
         from .tome import apply_tome, remove_tome, tome_token_counts
