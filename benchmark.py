@@ -21,11 +21,12 @@ from shrink.bench import (
     parse_models,
     run,
 )
+from shrink.cli import OneLineArgumentParser, check_distinct, check_output_file, cli_main
 from shrink.errors import ShrinkError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="benchmark.py",
         description="Measure parameters, GMACs (fvcore, attention matmuls included), inference images/s, "
                     "batch-1 latency and peak memory of dense / pruned / ToMe configurations, all in one "
@@ -80,10 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """--json / --csv / --plot are checked before anything is measured (not after the whole benchmark)."""
+    check_distinct({"--json": args.json, "--csv": args.csv, "--plot": args.plot})
+    for flag, path, suffix in (("--json", args.json, ".json"), ("--csv", args.csv, ".csv"), ("--plot", args.plot, ".png")):
+        if path is not None:
+            check_output_file(path, flag, suffixes=(suffix,))
+
+
 def main(argv: list[str] | None = None) -> int:
+    return cli_main(_main, argv, prefix="benchmark.py: error: ")
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("shrink").setLevel(logging.WARNING)
     try:
+        check_outputs(args)
         defaults = ModelSpec(
             name="",
             remove_layers=parse_layers(args.remove_layers, "--remove-layers") if args.remove_layers else None,

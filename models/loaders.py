@@ -158,7 +158,9 @@ def load_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     """Convert a public checkpoint to a ``shrink.save`` directory (safetensors + config.json)."""
-    parser = argparse.ArgumentParser(
+    from shrink.cli import OneLineArgumentParser, check_input_file, check_output_dir, cli_main
+
+    parser = OneLineArgumentParser(
         prog="python -m models.loaders",
         description="Convert a public checkpoint of an MLP family (Scaling MLPs, MS-MLP, FF-only ViT, timm) into "
                     "a shrink model directory (model.safetensors + config.json) that loads without unpickling.",
@@ -171,24 +173,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entry", default=None, help="top-level entry holding the weights, e.g. model_ema")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a full unpickler for files that need one; only for files from a source you trust")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def body(argv: list[str] | None) -> int:
         import shrink
 
-        out = Path(args.output)
-        if out.exists():
-            raise ShrinkError(f"output {out} already exists")
+        args = parser.parse_args(argv)
+        for flag, v in (("--num-classes", args.num_classes), ("--img-size", args.img_size)):
+            if v is not None and not 0 < v <= 1 << 20:
+                raise ShrinkError(f"{flag} must be a positive integer, got {v}")
+        check_input_file(args.checkpoint, "checkpoint")
+        out = check_output_dir(args.output, "output", must_not_exist=True)
         kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
         model = shrink.create_model(args.model, **kwargs)
         report = load_checkpoint(model, args.checkpoint, trusted=args.trust_checkpoint, entry=args.entry)
         shrink.save(model, out, extra={"converted_from": str(args.checkpoint)})
-    except ShrinkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    note = f" (classifier re-initialised: {', '.join(report['reinitialised'])})" if report["reinitialised"] else ""
-    print(f"wrote {out}{note}")
-    return 0
+        note = f" (classifier re-initialised: {', '.join(report['reinitialised'])})" if report["reinitialised"] else ""
+        print(f"wrote {out}{note}")
+        return 0
+
+    return cli_main(body, argv)
 
 
 if __name__ == "__main__":

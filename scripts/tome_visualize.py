@@ -9,19 +9,21 @@ Example:
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shrink  # noqa: E402
+from shrink.cli import OneLineArgumentParser, check_input_file, check_output_file, cli_main  # noqa: E402
 from shrink.tome import POLICIES, apply_tome  # noqa: E402
 from shrink.tome_vis import save_merge_png  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
+        prog="tome_visualize.py",
         description="Run one image through a ViT with token merging and draw which patches ended up in "
         "the same token (input crop | patch groups filled with their mean colour).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -44,31 +46,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def check_args(args: argparse.Namespace) -> None:
+    """Cheap checks before the model is built: values, the image, the checkpoint and the output path."""
+    if args.r < 0:
+        raise shrink.ShrinkError(f"--r must be >= 0, got {args.r}")
+    if args.start_idx < 0:
+        raise shrink.ShrinkError(f"--start-idx must be >= 0, got {args.start_idx}")
+    if args.img_size is not None and not 0 < args.img_size <= 16384:
+        raise shrink.ShrinkError(f"--img-size must be a positive integer, got {args.img_size}")
+    if not 0 <= args.seed < 2**32:
+        raise shrink.ShrinkError(f"--seed must be an integer from 0 to {2**32 - 1}, got {args.seed}")
+    check_output_file(args.out, "--out", suffixes=(".png",))
+    check_input_file(args.image, "--image")
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        if not str(args.out).lower().endswith(".png"):
-            raise shrink.ShrinkError(f"--out must be a .png file, got {args.out}")
-        if not Path(args.image).is_file():
-            raise shrink.ShrinkError(f"image not found: {args.image}")
+        with Image.open(args.image) as im:
+            w, h = im.size
+            if not math.prod(im.size) <= 100_000_000:
+                raise shrink.ShrinkError(f"--image {args.image} is {w}x{h} pixels; too large")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise shrink.ShrinkError(f"--image {args.image} is not an image PIL can read ({type(e).__name__})") from None
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).exists():
+            raise shrink.ShrinkError(f"--checkpoint: not found: {args.checkpoint}")
+        if not Path(args.checkpoint).is_dir():
+            check_input_file(args.checkpoint, "--checkpoint")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body(argv: list[str] | None) -> int:
+        args = parse_args(argv)
+        check_args(args)
         import torch
 
         torch.manual_seed(args.seed)
         kwargs = {"img_size": args.img_size} if args.img_size else {}
         if args.checkpoint is not None and Path(args.checkpoint).is_dir():
-            model, name = shrink.load(args.checkpoint), str(args.checkpoint)
+            model, name = shrink.create_model(None, checkpoint=args.checkpoint, **kwargs), str(args.checkpoint)
         else:
             model, name = shrink.create_model(args.model, checkpoint=args.checkpoint, **kwargs), args.model
         model.eval()
         apply_tome(model, args.r, start_idx=args.start_idx, policy=args.policy)
         title = f"{name}  r={args.r} start_idx={args.start_idx} policy={args.policy}"
-        out = save_merge_png(model, args.image, args.out, title=title)
-    except shrink.ShrinkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+        print(save_merge_png(model, args.image, args.out, title=title))
+        return 0
+
+    return cli_main(body, argv)
 
 
 if __name__ == "__main__":

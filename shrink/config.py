@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ class RunConfig:
                                     ".safetensors, or a directory written by shrink.save", group="model")
     num_classes: int | None = _f(None, "classes of the task head (default: from the data set)", group="model")
     drop_path: float = _f(0.0, "stochastic depth rate (DeiT recipe: 0.1)", group="model")
+    drop_path_schedule: str = _f("linear", "drop path per block: linear (0 -> drop_path over the depth, timm's "
+                                           "default; the reference for DeiT-T/S) | constant (drop_path in every "
+                                           "block; the reference for DeiT-B)", group="model",
+                                 choices=("linear", "constant"))
     # data (see shrink.data.add_data_args for the meaning)
     data_set: str = _f("digits", "digits | cifar10 | cifar100 | folder | synthetic", group="data", choices=DATA_SETS)
     data_path: str | None = _f(None, "root of the data set: DATA_PATH/train and DATA_PATH/val for 'folder'; the "
@@ -103,45 +108,253 @@ class RunConfig:
                           group="eval", choices=("none", "hidden"))
 
     # ------------------------------------------------------------------------------------------
-    def validate(self) -> RunConfig:
-        """Check values a user can get wrong; raise ShrinkError with one line."""
-        r = self.remove_ratio
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or not 0.0 <= r < 1.0:
-            raise ShrinkError(f"--remove-ratio must be a number in [0, 1), got {r!r}")
-        for name in ("batch_size", "epochs", "grad_accum", "eval_every", "calib_images"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ShrinkError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if self.dilution_epochs < 0:
-            raise ShrinkError(f"--dilution-epochs must be >= 0, got {self.dilution_epochs}")
-        if self.remove_layers is not None and len(set(self.remove_layers)) != len(self.remove_layers):
-            raise ShrinkError(f"--remove-layers has a repeated index: {self.remove_layers}")
-        if self.remove_layers is not None and any(i < 0 for i in self.remove_layers):
-            raise ShrinkError(f"--remove-layers has a negative index: {self.remove_layers}")
-        if self.eval and not self.checkpoint:
-            raise ShrinkError("--eval needs --checkpoint DIR (a model written by shrink.save)")
-        if self.tome_r < 0 or self.tome_start_idx < 0:
-            raise ShrinkError("--tome-r and --tome-start-idx must be >= 0")
-        if self.finetune and not Path(self.finetune).exists():
-            raise ShrinkError(f"checkpoint not found: {self.finetune}")
-        if self.checkpoint and not Path(self.checkpoint).exists():
-            raise ShrinkError(f"checkpoint not found: {self.checkpoint}")
-        if self.data_set in ("folder",) and not self.data_path:
-            raise ShrinkError("--data-set folder needs --data-path (a folder with train/ and val/)")
-        if self.data_set == "folder" and not Path(self.data_path).is_dir():
-            raise ShrinkError(f"data path not found: {self.data_path}")
-        if self.log_with not in (None, "tensorboard", "wandb"):
-            raise ShrinkError(f"--log-with must be tensorboard or wandb, got {self.log_with!r}")
-        if self.log_with is not None:
-            import importlib.util
+    def validate(self, origin: Mapping[str, str] | None = None, explicit: set[str] | None = None) -> RunConfig:
+        """Check every value a user can get wrong, by type, range, choice and combination.
 
-            needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[self.log_with]
-            if not any(importlib.util.find_spec(m) for m in needs):
-                raise ShrinkError(f"--log-with {self.log_with} needs the {needs[0]} package: pip install {needs[0]}")
+        Raises ShrinkError with one line that names the setting (``--lr`` for a flag, ``FILE: lr`` for a
+        YAML value when ``origin`` says where it came from). Cheap checks only: files are looked at,
+        the model is built on the meta device (no memory, no download) to check layers and input size.
+        ``explicit`` lists the settings the user gave (flags or YAML); ``None`` means "not known".
+        """
+        _check_types(self, origin or {})
+        _check_values(self, origin or {}, explicit)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+# timm 1.0's create_scheduler_v2 names (it has no list function)
+SCHEDS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
+MAX_SEED = 2**32 - 1  # numpy's seed range (Accelerate's set_seed seeds numpy too)
+_BIG = 1 << 20  # no image side, class count or image count of a sane run is this large
+
+# name -> (low, high, low_inclusive, high_inclusive); None = unbounded
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "num_classes": (1, _BIG, True, True), "drop_path": (0, 1, True, False), "input_size": (1, 16384, True, True),
+    "num_workers": (0, 1024, True, True), "batch_size": (1, _BIG, True, True),
+    "remove_ratio": (0, 1, True, False), "calib_images": (1, 100 * _BIG, True, True),
+    "dilution_epochs": (0, None, True, True), "epochs": (1, _BIG, True, True), "lr": (0, None, False, True),
+    "blr": (0, None, False, True), "weight_decay": (0, None, True, True), "warmup_epochs": (0, _BIG, True, True),
+    "warmup_lr": (0, None, True, True), "min_lr": (0, None, True, True), "clip_grad": (0, None, False, True),
+    "grad_accum": (1, 4096, True, True), "smoothing": (0, 1, True, False), "mixup": (0, None, True, True),
+    "cutmix": (0, None, True, True), "color_jitter": (0, None, True, True), "reprob": (0, 1, True, True),
+    "model_ema_decay": (0, 1, False, False), "distill_alpha": (0, 1, True, True), "distill_tau": (0, None, False, True),
+    "seed": (0, MAX_SEED, True, True), "eval_every": (1, _BIG, True, True), "tome_r": (0, _BIG, True, True),
+    "tome_start_idx": (0, _BIG, True, True),
+}
+
+
+def _name(key: str, origin: Mapping[str, str]) -> str:
+    src = origin.get(key, "flag")
+    return f"--{key.replace('_', '-')}" if src == "flag" else f"{src}: {key}"
+
+
+def _check_types(cfg: RunConfig, origin: Mapping[str, str]) -> None:
+    """Every field holds a value of its declared type (YAML can hold anything); ints widen to floats."""
+    for f in dataclasses.fields(cfg):
+        v, t = getattr(cfg, f.name), str(f.type)
+        optional = t.endswith("| None")
+        base = t.replace("| None", "").strip()
+        if v is None:
+            if optional:
+                continue
+            raise ShrinkError(f"{_name(f.name, origin)} needs a value, got none")
+        if base == "bool":
+            ok = isinstance(v, bool)
+        elif base == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif base == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok:
+                v = float(v)
+                if not math.isfinite(v):
+                    raise ShrinkError(f"{_name(f.name, origin)} must be a finite number, got {v}")
+                setattr(cfg, f.name, v)
+        elif base == "str":
+            ok = isinstance(v, str)
+        elif base == "list[int]":
+            if isinstance(v, int) and not isinstance(v, bool):  # YAML 'remove_layers: 3'
+                v = [v]
+                setattr(cfg, f.name, v)
+            ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            if ok and not v:
+                raise ShrinkError(f"{_name(f.name, origin)} is empty; give at least one block index or leave it out")
+        else:  # a field type this check does not know: leave it to its own validation
+            continue
+        if not ok:
+            raise ShrinkError(f"{_name(f.name, origin)} must be {_KIND.get(base, base)}"
+                              f"{' or none' if optional else ''}, got {v!r} ({type(v).__name__})")
+
+
+_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+         "list[int]": "a list of integers (e.g. 0,1,3)"}
+
+
+def _check_range(cfg: RunConfig, key: str, origin: Mapping[str, str]) -> None:
+    v = getattr(cfg, key, None)
+    if v is None or key not in _RANGES:
+        return
+    lo, hi, lo_in, hi_in = _RANGES[key]
+    bad = (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi))
+    if bad:
+        if hi is None:
+            want = f"{'>=' if lo_in else '>'} {lo}"
+        elif lo_in and hi_in and isinstance(v, int):
+            want = f"an integer from {lo} to {hi}"
+        else:
+            want = f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+        raise ShrinkError(f"{_name(key, origin)} must be {want}, got {v!r}")
+
+
+def _choice(cfg: RunConfig, key: str, choices, origin: Mapping[str, str]) -> None:
+    v = getattr(cfg, key)
+    if v not in choices:
+        shown = ", ".join(choices) if len(choices) <= 12 else ", ".join(list(choices)[:12]) + ", ..."
+        raise ShrinkError(f"{_name(key, origin)}: unknown value {v!r}; choose one of {shown}")
+
+
+def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] | None) -> None:
+    from timm.optim import list_optimizers
+
+    from .selection import CRITERIA
+
+    n = lambda key: _name(key, origin)  # noqa: E731
+    for key in _RANGES:
+        _check_range(cfg, key, origin)
+    _choice(cfg, "data_set", DATA_SETS, origin)
+    _choice(cfg, "lambda_schedule", SCHEDULES, origin)
+    _choice(cfg, "mixed_precision", ("no", "fp16", "bf16"), origin)
+    _choice(cfg, "tome_policy", ("none", "hidden"), origin)
+    _choice(cfg, "criterion", CRITERIA, origin)
+    _choice(cfg, "sched", SCHEDS, origin)
+    if cfg.opt.lower() not in list_optimizers() and cfg.opt.lower().split("_")[-1] not in list_optimizers():
+        raise ShrinkError(f"{n('opt')}: unknown optimizer {cfg.opt!r} (see timm.optim.list_optimizers())")
+    if cfg.log_with not in (None, "tensorboard", "wandb"):
+        raise ShrinkError(f"{n('log_with')} must be tensorboard or wandb, got {cfg.log_with!r}")
+    if not cfg.output_dir.strip():
+        raise ShrinkError(f"{n('output_dir')} must name a folder, got {cfg.output_dir!r}")
+    if "\x00" in cfg.output_dir or any(s is not None and "\x00" in s for s in (cfg.data_path, cfg.finetune,
+                                                                                cfg.checkpoint)):
+        raise ShrinkError("a path holds a NUL character")
+    if not cfg.model.strip():
+        raise ShrinkError(f"{n('model')} must name a model")
+    if cfg.aa is not None and cfg.aa.lower() != "none":
+        _check_aa(cfg.aa, n("aa"))
+
+    # --- combinations ---
+    if cfg.remove_layers is not None:
+        if len(set(cfg.remove_layers)) != len(cfg.remove_layers):
+            raise ShrinkError(f"{n('remove_layers')} has a repeated index: {cfg.remove_layers}")
+        if any(i < 0 for i in cfg.remove_layers):
+            raise ShrinkError(f"{n('remove_layers')} has a negative index: {cfg.remove_layers}")
+        if cfg.remove_ratio:
+            raise ShrinkError(f"give {n('remove_ratio')} or {n('remove_layers')}, not both")
+    if cfg.criterion == "manual" and cfg.remove_ratio:
+        raise ShrinkError(f"{n('criterion')} manual picks no layers; give the layers with --remove-layers")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ShrinkError(f"{n('batch_size')} must be even with mixup/cutmix (timm's Mixup pairs images), "
+                          f"got {cfg.batch_size}")
+    if cfg.eval:
+        if not cfg.checkpoint:
+            raise ShrinkError("--eval needs --checkpoint DIR (a model written by shrink.save)")
+        if cfg.resume:
+            raise ShrinkError("--eval and --resume do not go together (--eval only evaluates --checkpoint)")
+    else:
+        if cfg.checkpoint:
+            raise ShrinkError(f"{n('checkpoint')} is the model for --eval; to start training from weights use "
+                              f"--finetune")
+        for key, default in (("tome_r", 0), ("tome_start_idx", 0), ("tome_policy", "none")):
+            if getattr(cfg, key) != default:
+                raise ShrinkError(f"{n(key)} is only used with --eval")
+
+    # --- files ---
+    if cfg.finetune is not None:
+        _check_model_path(cfg.finetune, n("finetune"), dir_ok=True)
+    if cfg.checkpoint is not None:
+        _check_model_path(cfg.checkpoint, n("checkpoint"), dir_ok=True, file_ok=False)
+    _check_data(cfg, n, explicit)
+    if cfg.log_with is not None:
+        import importlib.util
+
+        needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[cfg.log_with]
+        if not any(importlib.util.find_spec(m) for m in needs):
+            raise ShrinkError(f"--log-with {cfg.log_with} needs the {needs[0]} package: pip install {needs[0]}")
+
+    # --- the model, on the meta device: name, arguments, input size, layers (no memory, no download) ---
+    if not cfg.eval:
+        _check_model(cfg, n, explicit)
+
+
+def _check_aa(aa: str, name: str) -> None:
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    try:
+        transforms_imagenet_train(32, auto_augment=aa)
+    except Exception as e:  # noqa: BLE001 - timm raises AssertionError / ValueError / KeyError on bad policies
+        raise ShrinkError(f"{name}: not a RandAugment/AutoAugment policy timm knows: {aa!r} ({e})") from None
+
+
+def _check_model_path(path: str, name: str, *, dir_ok: bool, file_ok: bool = True) -> None:
+    p = Path(path)
+    if not path.strip() or not p.exists():
+        raise ShrinkError(f"{name}: checkpoint not found: {path!r}")
+    if p.is_dir():
+        if not dir_ok:
+            raise ShrinkError(f"{name}: {path} is a folder, expected a weights file")
+        if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+            raise ShrinkError(f"{name}: {path} is not a model saved by shrink.save (config.json and "
+                              f"model.safetensors expected)")
+    elif not file_ok:
+        raise ShrinkError(f"{name} must be a model folder written by shrink.save, got the file {path}")
+    elif not p.is_file():
+        raise ShrinkError(f"{name}: {path} is not a regular file")
+
+
+def _check_data(cfg: RunConfig, n, explicit: set[str] | None) -> None:
+    from .data import check_data_path
+
+    if cfg.data_set in ("digits", "synthetic") and cfg.data_path is not None:
+        raise ShrinkError(f"{n('data_path')} is not used by --data-set {cfg.data_set}; leave it out, or give "
+                          f"--data-set folder / cifar10 / cifar100")
+    check_data_path(cfg.data_set, cfg.data_path, flag=n("data_path"))
+
+
+def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
+    """Build the model's skeleton on the meta device: unknown names, bad arguments, input sizes the patch
+    size does not divide, removals on models without attention and out-of-range layers all fail here."""
+    from .checkpoint import model_skeleton
+    from .dilution import attention_block_indices, validate_layers
+
+    kwargs: dict[str, Any] = {}
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.input_size is not None:
+        kwargs["img_size"] = cfg.input_size
+    is_dir = cfg.finetune is not None and Path(cfg.finetune).is_dir()
+    chosen = "model" in explicit if explicit is not None else cfg.model != RunConfig.model
+    name = cfg.model if (not is_dir or chosen) else None
+    model = model_skeleton(name, checkpoint=cfg.finetune if is_dir else None, **kwargs)
+    if is_dir and name is None:  # the saved architecture is the model: recorded in config.yaml as such
+        cfg.model = model.shrink_arch["name"]
+    if cfg.remove_layers is not None or cfg.remove_ratio > 0:
+        try:
+            has_attention = bool(attention_block_indices(model))
+        except ShrinkError:
+            has_attention = False
+        if not has_attention:
+            raise ShrinkError(f"{cfg.model} is not a ViT: it has no attention layers to remove; use --remove-ratio 0")
+        if cfg.remove_layers is not None:
+            try:
+                validate_layers(model, cfg.remove_layers)
+            except ShrinkError as e:
+                raise ShrinkError(f"{n('remove_layers')}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +376,25 @@ def _optional(cast):
     return parse
 
 
-_TYPES = {"str": str, "int": int, "float": float, "str | None": _optional(str), "int | None": _optional(int),
-          "float | None": _optional(float), "list[int] | None": _optional(_int_list)}
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be finite")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+
+
+_TYPES = {"str": str, "int": _int, "float": _float, "str | None": _optional(str), "int | None": _optional(_int),
+          "float | None": _optional(_float), "list[int] | None": _optional(_int_list)}
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -187,29 +417,46 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
             groups[g].add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-            groups[g].add_argument(flag, type=_TYPES[f.type], help=help_text,
+            groups[g].add_argument(flag, type=_TYPES.get(f.type, str), help=help_text,
                                    metavar=f.name.upper(), **kw)
     return parser
 
 
+_MAX_YAML = 1 << 20  # a settings file is a few hundred bytes; refuse to parse megabytes
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The settings of a YAML file, keys checked against RunConfig; strings coerced like flags."""
     p = Path(path)
+    if not str(path).strip() or not p.exists():
+        raise ShrinkError(f"config file not found: {str(path)!r}")
     if not p.is_file():
-        raise ShrinkError(f"config file not found: {p}")
+        raise ShrinkError(f"config file {p} is not a regular file")
+    if p.stat().st_size > _MAX_YAML:
+        raise ShrinkError(f"config file {p} is larger than {_MAX_YAML} bytes; not a settings file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ShrinkError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ShrinkError(f"cannot parse {p}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise ShrinkError(f"cannot read {p}: {e.strerror or e}") from None
+    except RecursionError:
+        raise ShrinkError(f"cannot parse {p}: nested too deeply") from None
     if not isinstance(data, dict):
-        raise ShrinkError(f"{p} must hold a mapping of settings")
+        raise ShrinkError(f"{p} must hold a mapping of settings (key: value lines)")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ShrinkError(f"{p}: setting names must be strings, got {bad_keys[0]!r}")
     known = {f.name for f in dataclasses.fields(RunConfig)}
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ShrinkError(f"{p}: unknown setting(s) {', '.join(unknown)}")
-    types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
     for k, v in data.items():  # YAML reads 1e-5 as a string: coerce strings like the command line does
-        if isinstance(v, str) and types[k] != "str" and types[k] in _TYPES:
+        if isinstance(v, str) and types[k] not in ("str", "str | None") and types[k] in _TYPES:
             try:
                 data[k] = _TYPES[types[k]](v)
             except (ValueError, argparse.ArgumentTypeError):
@@ -219,21 +466,49 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _same_level_removal(values: dict[str, Any], where: str) -> None:
+    ratio, layers = values.get("remove_ratio"), values.get("remove_layers")
+    if layers is not None and ratio not in (None, 0, 0.0):
+        raise ShrinkError(f"{where}: give remove_ratio or remove_layers, not both")
+
+
 def config_from_args(argv: list[str] | None = None, description: str | None = None) -> RunConfig:
-    """Parse ``argv``: defaults, then the --config YAML, then the flags given; validated."""
+    """Parse ``argv``: defaults < the run's saved config.yaml (with --resume) < the --config YAML < flags.
+
+    Every value, wherever it came from, passes the same checks (:meth:`RunConfig.validate`). A
+    ``--data-path`` without a data set given anywhere means ``--data-set folder`` (as in timm's
+    train.py). Of --remove-ratio and --remove-layers the later level wins; both at one level is an error.
+    """
     parser = build_parser(description)
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
-    if ns.get("resume") and "config" not in ns:  # continue with the settings the run was started with
-        saved = Path(ns.get("output_dir", RunConfig.output_dir)) / "config.yaml"
-        if saved.is_file():
-            values.update(load_yaml(saved))
-            values.pop("resume", None)
+    origin: dict[str, str] = {}
+    levels: list[tuple[str, dict[str, Any]]] = []
+    if ns.get("resume"):  # continue with the settings the run was started with
+        out = ns.get("output_dir", RunConfig.output_dir)
+        saved = Path(out) / "config.yaml" if str(out).strip() else None
+        if saved is not None and saved.is_file():
+            old = load_yaml(saved)
+            old.pop("resume", None)
+            old.pop("output_dir", None)
+            levels.append((str(saved), old))
     if "config" in ns:
-        values.update(load_yaml(ns.pop("config")))
-    values.update(ns)
+        path = ns.pop("config")
+        levels.append((str(path), load_yaml(path)))
+    levels.append(("flag", ns))
+    for where, level in levels:
+        _same_level_removal(level, "command line" if where == "flag" else where)
+        if "remove_layers" in level and level["remove_layers"] is not None:
+            values["remove_ratio"] = 0.0  # a later level's layers replace an earlier ratio
+        elif level.get("remove_ratio") not in (None, 0, 0.0):
+            values["remove_layers"] = None
+        values.update(level)
+        origin.update({k: where for k in level})
+    explicit = set(values)
+    if "data_set" not in explicit and values.get("data_path") is not None:
+        values["data_set"] = "folder"  # as in timm's train.py: a data path alone is an image folder
     try:
         cfg = RunConfig(**values)
     except TypeError as e:
         raise ShrinkError(str(e)) from None
-    return cfg.validate()
+    return cfg.validate(origin, explicit)

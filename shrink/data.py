@@ -29,15 +29,60 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the data flags shared by main_lambda.py, shrink.select and benchmark-style tools."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data-set", default="digits", choices=DATA_SETS,
-                   help="digits: scikit-learn's 8x8 digits, shipped offline (default); folder: ImageNet-style "
-                        "DATA_PATH/train and DATA_PATH/val; cifar10/cifar100: torchvision (downloads into "
-                        "DATA_PATH where the network allows); synthetic: random images (smoke tests, benchmarks)")
+    g.add_argument("--data-set", default=None, choices=DATA_SETS,
+                   help="digits: scikit-learn's 8x8 digits, shipped offline (default without --data-path); folder: "
+                        "ImageNet-style DATA_PATH/train and DATA_PATH/val (default with --data-path); "
+                        "cifar10/cifar100: torchvision (downloads into DATA_PATH where the network allows); "
+                        "synthetic: random images (smoke tests, benchmarks)")
     g.add_argument("--data-path", default=None, help="root of the data set (folder / cifar)")
     g.add_argument("--input-size", type=int, default=None,
                    help="image side in pixels (default: the model's pretrained_cfg input size)")
     g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
     return g
+
+
+def resolve_data_set(data_set: str | None, data_path: str | os.PathLike | None) -> str:
+    """The data set a user means: as given, else ``folder`` when a data path is given (as in timm's
+    train.py), else the embedded ``digits``."""
+    if data_set is not None:
+        return data_set
+    return "folder" if data_path is not None else "digits"
+
+
+def check_data_path(name: str, data_path: str | os.PathLike | None, flag: str = "--data-path") -> None:
+    """Cheap checks of where data set ``name`` lives, before any model is built or file read.
+
+    Folders need DATA_PATH/train and DATA_PATH/val with the same class sub-folders (else the labels
+    of val would silently mean other classes); CIFAR needs a folder to download into or read from.
+    """
+    if name not in DATA_SETS:
+        raise ShrinkError(f"unknown data set {name!r}; choose one of {', '.join(DATA_SETS)}")
+    if name in ("digits", "synthetic"):
+        return
+    if data_path is None or not str(data_path).strip():
+        what = "a folder with train/ and val/" if name == "folder" else "the folder to download into or read from"
+        raise ShrinkError(f"--data-set {name} needs {flag} ({what})")
+    root = Path(data_path)
+    if name != "folder":
+        if root.exists() and not root.is_dir():
+            raise ShrinkError(f"{flag} {root} is a file, not a folder")
+        return
+    if not root.is_dir():
+        raise ShrinkError(f"data path not found: {root}" if not root.exists() else f"{flag} {root} is not a folder")
+    classes = {}
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ShrinkError(f"data folder not found: {root / split} (expected DATA_PATH/train and DATA_PATH/val)")
+        try:
+            classes[split] = sorted(e.name for e in os.scandir(root / split) if e.is_dir())
+        except OSError as e:
+            raise ShrinkError(f"cannot read {root / split}: {e.strerror or e}") from None
+    if not classes["train"]:
+        raise ShrinkError(f"{root / 'train'} has no class folders (expected train/<class>/<image> files)")
+    if classes["train"] != classes["val"]:
+        only = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise ShrinkError(f"{root}: train/ and val/ have different class folders ({len(classes['train'])} vs "
+                          f"{len(classes['val'])}; e.g. {only[0]!r} is in one only), so val labels would not match")
 
 
 class DigitsDataset(Dataset):

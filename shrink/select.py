@@ -7,12 +7,13 @@ influence, TE at each greedy step, the chosen order) and writes ``selection.json
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 import sys
 from pathlib import Path
 
 import torch
 
+from .cli import OneLineArgumentParser, check_output_dir, cli_main
 from .errors import ShrinkError
 from .io import atomic_write_json
 from .selection import CRITERIA, layer_table, plot_selection, select_layers
@@ -25,14 +26,15 @@ AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": torch
 def build_parser() -> argparse.ArgumentParser:
     from .data import add_data_args
 
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m shrink.select",
         description="Choose which attention layers of a ViT to remove (transfer entropy, entropy, cosine, "
                     "block influence, random, last, manual) on a deterministic calibration subset of the "
                     "training data. Entropies are Gaussian (sum of log std per channel), in nats.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
+    p.add_argument("--model", default=None,
+                   help=f"timm model name (default: the saved one for a --checkpoint folder, else {DEFAULT_MODEL})")
     p.add_argument("--checkpoint", default=None,
                    help=f"weights file (.pth/.safetensors) or saved model directory; default for {DEFAULT_MODEL}: "
                         "the shipped dense weights")
@@ -70,22 +72,58 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise ShrinkError(f"--layers must be comma-separated integers, got {text!r}") from None
 
 
-def run(args: argparse.Namespace):
-    """Build model and calibration data from parsed ``args``, select, print and write the results."""
-    from . import create_model
-    from .data import build_dataset, calibration_subset
+OUTPUT_FILES = ("selection.json", "selection.png")
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path | None, dict]:
+    """Every cheap check before a model is built or data read: values, files, output folder, model skeleton.
+
+    Returns (layers, ratio, checkpoint, model kwargs).
+    """
+    from .checkpoint import model_skeleton
+    from .data import check_data_path, resolve_data_set
+    from .dilution import attention_block_indices, validate_layers
 
     layers = _parse_layers(args.layers)
     if args.criterion == "manual" and layers is None:
         raise ShrinkError("--criterion manual needs --layers, e.g. --layers 0,1,3")
     if args.criterion != "manual" and layers is not None:
         raise ShrinkError("--layers is only used with --criterion manual")
+    if args.ratio is not None and not (math.isfinite(args.ratio) and 0.0 <= args.ratio < 1.0):
+        raise ShrinkError(f"--ratio must be in [0, 1), got {args.ratio}")
     ratio = args.ratio if args.ratio is not None or layers is not None else 0.4
     if args.calib_images <= 1:
         raise ShrinkError(f"--calib-images must be at least 2, got {args.calib_images}")
     if args.batch_size <= 0:
         raise ShrinkError(f"--batch-size must be positive, got {args.batch_size}")
-    checkpoint = args.checkpoint
+    if not 0 <= args.seed < 2**32:
+        raise ShrinkError(f"--seed must be an integer from 0 to {2**32 - 1}, got {args.seed}")
+    if args.num_workers < 0:
+        raise ShrinkError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.input_size is not None and args.input_size <= 0:
+        raise ShrinkError(f"--input-size must be positive, got {args.input_size}")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ShrinkError(f"unknown --device {args.device!r}; use cpu or cuda") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ShrinkError("--device cuda asked for, but CUDA is not available on this machine")
+        if dev.type not in ("cpu", "cuda"):
+            raise ShrinkError(f"--device {args.device!r} is not supported; use cpu or cuda")
+    args.data_set = resolve_data_set(args.data_set, args.data_path)
+    if args.data_set in ("digits", "synthetic") and args.data_path is not None:
+        raise ShrinkError(f"--data-path is not used by --data-set {args.data_set}")
+    check_data_path(args.data_set, args.data_path)
+    check_output_dir(args.output_dir, "--output-dir", owned=OUTPUT_FILES)
+    checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
+    if checkpoint is not None and not checkpoint.exists():
+        raise ShrinkError(f"--checkpoint: not found: {checkpoint}")
+    if checkpoint is not None and args.random_init:
+        raise ShrinkError("give --checkpoint or --random-init, not both")
+    is_dir = checkpoint is not None and checkpoint.is_dir()
+    if args.model is None and not is_dir:
+        args.model = DEFAULT_MODEL
     if checkpoint is None and not args.random_init and args.model == DEFAULT_MODEL:
         checkpoint = DEFAULT_CHECKPOINT
         if not checkpoint.is_file():
@@ -93,6 +131,25 @@ def run(args: argparse.Namespace):
     if checkpoint is None and not args.random_init:
         raise ShrinkError(f"give --checkpoint for {args.model} (or --random-init for a smoke test)")
     kwargs = {"img_size": args.input_size} if args.input_size else {}
+    skeleton = model_skeleton(args.model, checkpoint=checkpoint if is_dir else None, **kwargs)
+    args.model = skeleton.shrink_arch["name"]
+    try:
+        has_attention = bool(attention_block_indices(skeleton))
+    except ShrinkError:
+        has_attention = False
+    if not has_attention:
+        raise ShrinkError(f"{args.model} has no attention layers to select from")
+    if layers is not None:
+        validate_layers(skeleton, layers)
+    return layers, ratio, checkpoint, kwargs
+
+
+def run(args: argparse.Namespace):
+    """Build model and calibration data from parsed ``args``, select, print and write the results."""
+    from . import create_model
+    from .data import build_dataset, calibration_subset
+
+    layers, ratio, checkpoint, kwargs = check_args(args)
     torch.manual_seed(args.seed)  # random-init weights are reproducible too
     model = create_model(args.model, checkpoint=None if args.random_init else checkpoint, **kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,14 +179,12 @@ def run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except ShrinkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """The CLI: one line and exit code 2 for any input error, checked before the model is built."""
+    def body(argv: list[str] | None) -> int:
+        run(build_parser().parse_args(argv))
+        return 0
+
+    return cli_main(body, argv)
 
 
 if __name__ == "__main__":
