@@ -14,7 +14,7 @@ from shrink.cli import cli_main
 
 
 def _table(summary: dict) -> str:
-    if "acc" in summary and "removed_layers" not in summary:  # --eval
+    if summary["kind"] == "eval":
         rows = [("checkpoint", summary["checkpoint"]), ("parameters", f"{summary['params']:,}"),
                 ("attention-free blocks", summary["attention_free_blocks"]), ("top-1 (%)", f"{summary['acc']:.2f}")]
         if "acc_tome" in summary:

@@ -196,11 +196,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 SCHEDULES = ("reference", "linear", "cosine", "constant")
 
 
-def lambda_reference(epoch: int, dilution_epochs: int = 299) -> float:
+def lambda_reference(epoch: int, dilution_epochs: float = 299) -> float:
     """The paper's schedule, ``max(0, 1 - epoch / dilution_epochs)``, set once per epoch.
 
     The reference hard-codes ``dilution_epochs = 299`` inside 400 epochs, so the last 101 epochs
-    train at lambda = 0.
+    train at lambda = 0. A fractional ``dilution_epochs`` is used as it is (2.5: 1, 0.6, 0.2, 0).
     """
     if dilution_epochs <= 0:
         return 0.0
@@ -230,7 +230,7 @@ def lambda_at(
 ) -> float:
     """Lambda of schedule ``kind`` at (epoch, step within epoch). ``constant`` is always 1."""
     if kind == "reference":
-        return lambda_reference(epoch, int(dilution_epochs))
+        return lambda_reference(epoch, dilution_epochs)
     if kind == "linear":
         return lambda_linear(epoch, step, steps_per_epoch, dilution_epochs)
     if kind == "cosine":
@@ -238,8 +238,3 @@ def lambda_at(
     if kind == "constant":
         return 1.0
     raise ShrinkError(f"unknown lambda schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
-
-
-def per_step(kind: str) -> bool:
-    """Whether schedule ``kind`` changes within an epoch (else it is set once per epoch)."""
-    return kind in ("linear", "cosine")

@@ -12,21 +12,39 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dilution import diluted_blocks, set_lambda, unwrap
 from .errors import ShrinkError
 
 
 class TrainingDiverged(ShrinkError):
     """The loss became NaN or infinite."""
 
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+@dataclass
+class TrainParts:
+    """What a training step needs. ``model`` / ``optimizer`` / ``raw`` may be replaced by the
+    ``before_step`` hook of :func:`train_one_epoch` (the run's switch to the attention-free model)."""
+
+    model: nn.Module           # as prepared by Accelerate (DDP / compiled wrappers)
+    raw: nn.Module             # the bare model under the wrappers
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    mixup_fn: Callable | None = None
+    clip_grad: float | None = None
+    ema: object | None = None  # timm ModelEmaV3, on accelerator.device
+    teacher: nn.Module | None = None
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
+
 
 @dataclass
 class EpochStats:
-    loss: float
-    lam_start: float | None
-    lam_end: float | None
+    loss: float         # mean train loss over the epoch's images, all processes
+    lam: float | None   # lambda of the diluted blocks at the last step (None without dilution)
     lr: float
-    steps: int
     seconds: float
 
 
@@ -38,71 +56,60 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def train_one_epoch(
-    model: nn.Module,
+    parts: TrainParts,
     loader,
-    optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     epoch: int,
-    lambda_fn: Callable[[int, int], float] | None = None,
-    raw_model: nn.Module | None = None,
-    mixup_fn=None,
-    clip_grad: float | None = None,
-    ema=None,
-    teacher: nn.Module | None = None,
-    distill_alpha: float = 0.5,
-    distill_tau: float = 1.0,
+    before_step: Callable[[int], float | None] | None = None,
     progress: bool = True,
 ) -> EpochStats:
-    """One epoch. ``lambda_fn(epoch, step)`` sets lambda of the diluted blocks before each step."""
-    model.train()
-    raw_model = raw_model if raw_model is not None else unwrap(accelerator.unwrap_model(model))
-    has_diluted = bool(diluted_blocks(raw_model))
-    lam_start = lam = None
-    total, count, steps = 0.0, 0, 0
+    """One epoch over ``loader`` (prepared by Accelerate, so batches are on ``accelerator.device``).
+
+    ``before_step(update)`` runs before the first micro-batch of every optimizer update (``update``
+    counts updates within the epoch) and returns the lambda in force; it sets lambda and may swap
+    ``parts.model`` / ``parts.optimizer`` / ``parts.raw``, which is why they are read on every step.
+    """
+    lam = None
+    total, count = 0.0, 0
+    parts.model.train()  # a model swapped in by before_step is a fresh wrapper, in train mode too
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
-        if has_diluted and lambda_fn is not None:
-            new = lambda_fn(epoch, step)
-            if new != lam:
-                set_lambda(raw_model, new)
-                lam = new
-            if lam_start is None:
-                lam_start = lam
-        hard_targets = targets
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
+        if before_step is not None and step % accelerator.gradient_accumulation_steps == 0:
+            lam = before_step(step // accelerator.gradient_accumulation_steps)
+        model, optimizer = parts.model, parts.optimizer
+        n = targets.shape[0]
+        if parts.mixup_fn is not None:
+            images, targets = parts.mixup_fn(images, targets)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(images)
-                loss = loss_fn(logits, targets)
-                if teacher is not None:
+                loss = parts.loss_fn(logits, targets)
+                if parts.teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(images)
-                    loss = (1 - distill_alpha) * loss + distill_alpha * distillation_loss(logits, t_logits, distill_tau)
+                        t_logits = parts.teacher(images)
+                    loss = (1 - parts.distill_alpha) * loss + parts.distill_alpha * distillation_loss(
+                        logits, t_logits, parts.distill_tau)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"loss is {loss_value} at epoch {epoch}, step {step}; stopping "
-                                       f"(the last good checkpoint is kept)")
+                raise TrainingDiverged(f"loss is {loss_value} at epoch {epoch}, step {step}", epoch, step)
             accelerator.backward(loss)
-            if clip_grad is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            if parts.clip_grad is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), parts.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if ema is not None and accelerator.sync_gradients:
-            ema.update(raw_model)
-        total += loss_value * hard_targets.shape[0]
-        count += hard_targets.shape[0]
-        steps += 1
-        bar.set_postfix(loss=f"{loss_value:.4f}", lam=f"{lam:.3f}" if lam is not None else "-")
+        if parts.ema is not None and accelerator.sync_gradients:
+            parts.ema.update(parts.raw)
+        total += loss_value * n
+        count += n
+        bar.set_postfix(loss=f"{loss_value:.4f}", lam="-" if lam is None else f"{lam:.3f}")
     bar.close()
     stats = torch.tensor([total, count], dtype=torch.float64, device=accelerator.device)
     stats = accelerator.reduce(stats, reduction="sum")
-    return EpochStats(loss=float(stats[0] / max(stats[1], 1)), lam_start=lam_start, lam_end=lam,
-                      lr=optimizer.param_groups[0]["lr"], steps=steps, seconds=time.perf_counter() - t0)
+    return EpochStats(loss=float(stats[0] / stats[1].clamp(min=1)), lam=lam,
+                      lr=parts.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()

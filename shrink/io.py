@@ -109,3 +109,32 @@ def recover_dir(path: str | os.PathLike) -> Path | None:
         return path
     old = path.parent / f".{path.name}.old"
     return old if old.is_dir() else None
+
+
+def clean_leftovers(folder: str | os.PathLike) -> list[str]:
+    """Finish or undo what a killed :func:`atomic_write` / :func:`atomic_dir` left in ``folder``.
+
+    ``.<name>.<random>.tmp`` files and directories (a write that never finished) are removed; a
+    ``.<name>.old`` directory is moved back to ``<name>`` when ``<name>`` is missing (the kill came
+    between the two renames of :func:`replace_dir`), and removed otherwise. Returns what was done.
+    """
+    folder = Path(folder)
+    done: list[str] = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if name.startswith(".") and name.endswith(".tmp"):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            done.append(f"removed {name}")
+        elif name.startswith(".") and name.endswith(".old") and p.is_dir():
+            target = folder / name[1:-len(".old")]
+            if target.exists():
+                shutil.rmtree(p)
+                done.append(f"removed {name}")
+            else:
+                os.replace(p, target)
+                done.append(f"restored {target.name} from {name}")
+    if done:
+        _fsync_dir(folder)
+    return done

@@ -159,7 +159,7 @@ def test_best_is_the_best_deployable_model(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = train_mod._loss_fn
+    real = train_mod.build_loss
     calls = {"n": 0}
 
     def nan_after_first_epoch(cfg, mixup_active):
@@ -171,7 +171,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
             return value * float("nan") if calls["n"] > 22 else value
         return loss
 
-    monkeypatch.setattr(train_mod, "_loss_fn", nan_after_first_epoch)
+    monkeypatch.setattr(train_mod, "build_loss", nan_after_first_epoch)
     out = tmp_path / "o"
     code = main_lambda.main(["--remove-layers", "0", "--epochs", "3", "--output-dir", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -219,6 +219,7 @@ def test_unreadable_checkpoint_cli(tmp_path, capsys):
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
+    (out / "config.yaml").write_text("model: vit_digits\n")
     (out / "summary.json").write_text("{}")
     assert main_lambda.main(["--output-dir", str(out), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -318,3 +319,45 @@ def test_tracker_without_its_package_is_a_clear_error(monkeypatch):
                         lambda name, *a: None if name.startswith(("tensorboard", "wandb")) else real(name, *a))
     with pytest.raises(shrink.ShrinkError, match="pip install tensorboard"):
         RunConfig(log_with="tensorboard").validate()
+
+
+def test_dilution_epochs_zero_reports_the_dense_accuracy(tmp_path):
+    """With lambda = 0 from the start, the dense accuracy is still the untouched model's."""
+    from shrink.data import build_dataset
+    from shrink.engine import evaluate
+
+    cfg = RunConfig(remove_layers=[0, 2, 4], epochs=1, dilution_epochs=0, output_dir=str(tmp_path / "o"),
+                    progress=False).validate()
+    s = train_mod.run(cfg)
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    dense = shrink.create_model("vit_digits", pretrained=True)
+    loader = acc.prepare(torch.utils.data.DataLoader(build_dataset("digits", "val"), batch_size=64))
+    assert s["dense_acc"] == pytest.approx(evaluate(dense.to(acc.device), loader, acc, progress=False))
+    assert s["deploy_acc_start"] != s["dense_acc"]
+    assert [r["lambda"] for r in _metrics(tmp_path / "o")] == [0.0]
+
+
+def test_reference_schedule_keeps_a_fractional_length():
+    assert [lambda_reference(e, 2.5) for e in range(4)] == pytest.approx([1.0, 0.6, 0.2, 0.0])
+    assert [shrink.lambda_at("reference", e, dilution_epochs=2.5) for e in range(4)] == pytest.approx(
+        [1.0, 0.6, 0.2, 0.0])
+
+
+def test_deit_base_configs_use_a_constant_drop_path():
+    from timm.layers import DropPath
+
+    from shrink.config import load_yaml
+    from shrink.recipe import build_model
+
+    for name in ("deit_base_40", "deit_base_50"):
+        values = load_yaml(ROOT / "configs" / f"{name}.yaml")
+        assert values["drop_path_schedule"] == "constant" and values["drop_path"] == 0.1
+    values.update(model="deit_tiny_patch16_224", pretrained=False, data_set="synthetic", data_path=None,
+                  input_size=32)
+    model = build_model(RunConfig(**values), num_classes=10)
+    rates = [b.drop_path1.drop_prob for b in model.blocks] + [b.drop_path2.drop_prob for b in model.blocks]
+    assert all(isinstance(b.drop_path1, DropPath) for b in model.blocks) and set(rates) == {0.1}
+    small = build_model(RunConfig(**{**values, "drop_path_schedule": "linear"}), num_classes=10)
+    assert small.blocks[0].drop_path1.__class__.__name__ == "Identity"  # timm's ramp starts at 0

@@ -1,0 +1,162 @@
+"""The output folder of a run: written only by the run that owns it, left as found when a run fails.
+
+A folder belongs to a run when it holds that run's ``config.yaml`` (written first, atomically) and
+nothing but the files a run writes. A new run needs a new or empty folder; ``--resume`` needs a
+folder that holds a run and settings that do not contradict it. Every check here is cheap and runs
+before any model is built.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ShrinkError
+from .io import atomic_write_text
+
+_logger = logging.getLogger(__name__)
+
+CONFIG = "config.yaml"
+RUN_ENTRIES = frozenset({CONFIG, "metrics.jsonl", "metrics.png", "summary.json", "best", "last", "state", "logs"})
+# Settings a resumed run may change; everything else must equal the saved run's.
+RESUMABLE_CHANGES = frozenset({"epochs", "eval_every", "progress", "num_workers", "log_with", "compile", "data_path",
+                               "resume", "output_dir", "eval", "checkpoint", "tome_r", "tome_start_idx",
+                               "tome_policy"})
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_ENTRIES or (name.startswith(".") and name.endswith((".tmp", ".old")))
+
+
+@dataclass
+class RunDir:
+    """What the output folder held when the run started, and what this run created."""
+
+    path: Path
+    existed: bool
+    started: bool                       # holds a run's config.yaml
+    saved_config: dict[str, Any] | None = None
+    created: list[Path] = field(default_factory=list)  # folders this run made (deepest last)
+
+
+def _check_writable(path: Path) -> None:
+    """Create and remove a temporary file in ``path`` or its nearest existing parent folder."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ShrinkError(f"--output-dir {path}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".shrink-write-test.", suffix=".tmp", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ShrinkError(f"--output-dir {path}: cannot write in {probe} ({e.strerror or e})") from None
+
+
+def inspect_output_dir(output_dir: str, resume: bool) -> RunDir:
+    """Check that this run may write into ``output_dir``; read the saved settings when resuming."""
+    if output_dir is None or not str(output_dir).strip():
+        raise ShrinkError("--output-dir is empty; name a new or empty folder")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ShrinkError(f"--output-dir {out} is a file, not a folder")
+    started, entries = False, []
+    if out.is_dir():
+        try:
+            entries = sorted(p.name for p in out.iterdir())
+        except OSError as e:
+            raise ShrinkError(f"--output-dir {out}: cannot list it ({e.strerror or e})") from None
+        foreign = [n for n in entries if not _is_run_entry(n)]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ShrinkError(f"--output-dir {out} holds files no shrink run wrote ({shown}); "
+                              f"choose a new or empty folder")
+        started = (out / CONFIG).is_file()
+        if entries and not started and not all(n.startswith(".") for n in entries):
+            raise ShrinkError(f"--output-dir {out} holds run files but no {CONFIG}; choose a new or empty folder")
+    if resume and not started:
+        raise ShrinkError(f"nothing to resume in {out}: no run was started there")
+    if not resume and started:
+        raise ShrinkError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
+    _check_writable(out)
+    saved = None
+    if started:
+        try:
+            saved = yaml.safe_load((out / CONFIG).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ShrinkError(f"cannot read {out / CONFIG}: {str(e).splitlines()[0]}") from None
+        if not isinstance(saved, dict):
+            raise ShrinkError(f"{out / CONFIG} is not a mapping of settings")
+    return RunDir(path=out, existed=out.is_dir(), started=started, saved_config=saved)
+
+
+def check_resume_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that differ from the saved run; raise if one of them may not change on resume."""
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if refused:
+        k = refused[0]
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ShrinkError(f"--resume: --{k.replace('_', '-')} is {current[k]!r} but the run in this folder used "
+                          f"{saved[k]!r}{more}; start a new run in another --output-dir instead")
+    return [k for k in changed if k not in ("resume", "output_dir")]
+
+
+def create_run_dir(rd: RunDir, config_text: str) -> None:
+    """Make the folder hold this run: config.yaml appears together with the folder (or in the empty one)."""
+    out = rd.path
+    if rd.existed:
+        atomic_write_text(out / CONFIG, config_text)
+        return
+    for stale in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
+        if stale.is_dir() and {p.name for p in stale.iterdir()} <= {CONFIG}:  # a creation killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+    parent = out.parent
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for p in reversed(missing):
+        p.mkdir()
+        rd.created.append(p)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        (tmp / CONFIG).write_text(config_text)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rd.created.append(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_run_dir(rd: RunDir) -> None:
+    """Undo :func:`create_run_dir` and everything written since: the folder is left as it was found."""
+    out = rd.path
+    if rd.existed:  # it was empty: remove what the run put in it
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    else:
+        for p in reversed(rd.created):
+            shutil.rmtree(p, ignore_errors=True) if p == out else _rmdir_quiet(p)
+    _logger.info("removed what the failed run wrote in %s", out)
+
+
+def _rmdir_quiet(p: Path) -> None:
+    try:
+        p.rmdir()
+    except OSError:
+        pass

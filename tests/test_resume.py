@@ -1,0 +1,100 @@
+"""Kill a run at the worst moments, resume it, and get the run an uninterrupted process would have made.
+
+Each kill is exact: ``tests/die_at_main.py K`` ends the process (os._exit, no clean-up) at the K-th
+rename of the toolkit's atomic writes, or when layer selection starts. On this CPU path training is
+deterministic, so the resumed metrics.jsonl must equal the uninterrupted one in every field but the
+wall-clock seconds.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import shrink
+from tests.test_train import _metrics, _run
+
+ARGS = ["--remove-layers", "1,3", "--epochs", "4", "--dilution-epochs", "2", "--model-ema", "--model-ema-decay",
+        "0.9", "--calib-images", "64", "--no-progress"]
+# Renames of that run: 1 creates the folder; 2-4 the state after the set-up; 5-11 epoch 0; 12-20 epoch 1;
+# 21-29 epoch 2 (the first at lambda = 0); 30-38 epoch 3; 39-40 summary and plot (see die_at_main.py, K = 0).
+KILLS = {
+    3: "set-up state half written (.state.tmp without trainer_state.json)",
+    10: "state swap half done (state -> .state.old, the new one not in place)",
+    12: "best/ swap half done (best -> .best.old)",
+    21: "in the switch epoch, best/ swap half done",
+    27: "in the switch epoch, trainer_state.json of the new state not in place",
+    33: "last/ swap half done after the switch",
+}
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _die_at(k: int, out: Path, extra: list[str] = ()):
+    return _run([sys.executable, "tests/die_at_main.py", str(k), *ARGS, *extra, "--output-dir", str(out)])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = _die_at(0, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "renames: 40" in res.stderr  # the kill points above assume this sequence of writes
+    return out
+
+
+def _assert_same_run(out: Path, ref: Path) -> None:
+    assert _comparable(_metrics(out)) == _comparable(_metrics(ref))
+    s, r = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
+    for key in ("removed_layers", "dense_acc", "deploy_acc_start", "deploy_acc_best", "best_epoch", "best_source",
+                "best_acc_reloaded", "params_deploy"):
+        assert s[key] == r[key], key
+    assert shrink.attention_free_indices(shrink.load(out / "best")) == [1, 3]
+    leftovers = [p.name for p in out.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+    assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", sorted(KILLS), ids=[f"rename{k}" for k in sorted(KILLS)])
+def test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run(tmp_path, uninterrupted, k):
+    out = tmp_path / "run"
+    killed = _die_at(k, out)
+    assert killed.returncode == 137, f"{KILLS[k]}: {killed.stderr[-2000:]}"
+    res = _run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    assert res.returncode == 0, f"{KILLS[k]}: {res.stderr[-3000:]}"
+    _assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_kill_during_selection_then_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["--remove-ratio", "0.25", "--epochs", "2", "--dilution-epochs", "1", "--calib-images", "64"]
+    killed = _run([sys.executable, "tests/die_at_main.py", "-1", *args, "--no-progress", "--output-dir", str(out)])
+    assert killed.returncode == 137
+    assert (out / "config.yaml").is_file() and not (out / "state").exists()
+    res = _run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["removed_layers"]) == 3 and s["criterion"] == "transfer_entropy"
+    assert [r["epoch"] for r in _metrics(out)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_resume_when_the_next_epoch_is_the_switch(tmp_path):
+    """The last state is from lambda > 0 and the next epoch is at lambda = 0 (the landed main crashed
+    here): stop after epoch 1 of a dilution over 2 epochs, then resume with the full length."""
+    out = tmp_path / "run"
+    first = _run([sys.executable, "main_lambda.py", *ARGS[:2], "--epochs", "2", "--dilution-epochs", "2",
+                  "--calib-images", "64", "--no-progress", "--output-dir", str(out)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = _run([sys.executable, "main_lambda.py", "--resume", "--epochs", "4", "--output-dir", str(out),
+                "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and [r["lambda"] for r in rows] == [1.0, 0.5, 0.0, 0.0]
+    assert "epochs: 4" in (out / "config.yaml").read_text()  # the allowed change is recorded
+
