@@ -15,8 +15,14 @@ submodules (state-dict keys unchanged) and merges ``r`` tokens between the token
 at the second block that still has attention (a diluted block counts as attention-bearing when its
 lambda is > 0 at the time of ``apply_tome``). Attention-free blocks merge (policy ``"hidden"``)
 only from that block on. ``r`` is an int (every merging block), a ``(r, inflection)`` tuple (a
-linear ramp over the merging blocks, see :func:`shrink.tome_merge.ramp`), or a list with one
-entry per block. The r of each block is stored on the block; nothing is popped during forward.
+ramp over the merging blocks, the official formula, see :func:`shrink.tome_merge.ramp`), or a list
+with one entry per block. The r of each block is stored on the block; nothing is popped during
+forward. Which tokens merge follows the official partition (A/B by position in the whole sequence,
+see :mod:`shrink.tome_merge`), so on DeiT and distilled DeiT the logits are the official code's.
+
+A block with r = 0 that no merging block precedes (all of them after ``apply_tome(model, 0)``) runs
+its original timm forward: fused attention, no metric, no size bookkeeping, so it costs nothing.
+Blocks after a merge weigh attention by size (``prop_attn``) and compute the metric only if they merge.
 
 Class, distillation and register tokens (``model.num_prefix_tokens``) never merge and stay in
 front, so token pooling is unchanged; average pooling is weighted by token size. Per-forward state
@@ -108,9 +114,10 @@ def _check_no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
 
 
 def attention_with_metric(
-    attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` forward with proportional attention; returns (output, keys mean over heads)."""
+    attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None = None, *, metric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm ``Attention`` forward with proportional attention; returns (output, keys mean over heads),
+    the second None with ``metric=False``."""
     B, N, _ = x.shape
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
@@ -129,7 +136,7 @@ def attention_with_metric(
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+    return out, (k.mean(dim=1) if metric else None)
 
 
 class _ToMeMixin:
@@ -137,13 +144,22 @@ class _ToMeMixin:
 
     tome_r: int
     tome_index: int
+    tome_sized: bool
     _tome_state: ToMeState
 
-    def _tome_init(self, original: nn.Module, r: int, index: int, state: ToMeState) -> None:
+    def _tome_init(self, original: nn.Module, r: int, index: int, state: ToMeState, sized: bool = True) -> None:
         object.__setattr__(self, "_tome_original", original)  # not a submodule: no duplicate keys
         self.tome_r = int(r)
         self.tome_index = int(index)
+        # False when no earlier block merges (or prop_attn is off): all sizes are 1 here, so a block
+        # with r = 0 runs the plain timm path (fused attention, no metric, no size bookkeeping)
+        self.tome_sized = bool(sized)
         self._tome_state = state
+
+    @property
+    def tome_plain(self) -> bool:
+        """True when this block runs exactly the original block's forward (nothing to merge or weigh)."""
+        return self.tome_r == 0 and not self.tome_sized
 
     def _begin(self, x: torch.Tensor) -> None:
         st = self._tome_state
@@ -175,16 +191,18 @@ class _ToMeMixin:
 class ToMeBlock(_ToMeMixin, Block):
     """A timm pre-norm ``Block`` that merges ``tome_r`` tokens between attention and MLP."""
 
-    def __init__(self, block: nn.Module, r: int, index: int, state: ToMeState):
+    def __init__(self, block: nn.Module, r: int, index: int, state: ToMeState, sized: bool = True):
         nn.Module.__init__(self)
         for name in _ATTN_PARTS + _MLP_PARTS:
             setattr(self, name, getattr(block, name))
-        self._tome_init(block, r, index, state)
+        self._tome_init(block, r, index, state, sized)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         _check_no_mask(attn_mask, is_causal)
         self._begin(x)
-        y, metric = attention_with_metric(self.attn, self.norm1(x), self._attn_size())
+        if self.tome_plain:
+            return Block.forward(self, x)
+        y, metric = attention_with_metric(self.attn, self.norm1(x), self._attn_size(), metric=self.tome_r > 0)
         x = x + self.drop_path1(self.ls1(y))
         if self.tome_r > 0:
             x = self._merge(x, metric)
@@ -201,18 +219,20 @@ class ToMeDilutedBlock(_ToMeMixin, DilutedBlock):
     """A DilutedBlock under ToMe: merge after the lambda-weighted attention branch (keys metric);
     at lambda 0 it is attention-free and follows the policy."""
 
-    def __init__(self, block: DilutedBlock, r: int, index: int, state: ToMeState, policy: str):
+    def __init__(self, block: DilutedBlock, r: int, index: int, state: ToMeState, policy: str, sized: bool = True):
         DilutedBlock.__init__(self, block, lam=block.lambda_value)
         self.lam = block.lam  # the same buffer (device, dtype, value)
         self.attn_active = block.attn_active
         self.tome_policy = policy
-        self._tome_init(block, r, index, state)
+        self._tome_init(block, r, index, state, sized)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         _check_no_mask(attn_mask, is_causal)
         self._begin(x)
+        if self.tome_plain:
+            return DilutedBlock.forward(self, x)
         if self.attn_active:
-            y, metric = attention_with_metric(self.attn, self.norm1(x), self._attn_size())
+            y, metric = attention_with_metric(self.attn, self.norm1(x), self._attn_size(), metric=self.tome_r > 0)
             lam = self.lam
             x = (2.0 - lam) * x + lam * self.drop_path1(self.ls1(y))
             if self.tome_r > 0:
@@ -237,10 +257,11 @@ class ToMeAttentionFreeBlock(_ToMeMixin, AttentionFreeBlock):
     """An AttentionFreeBlock under ToMe: policy "none" passes tokens through, "hidden" merges
     ``tome_r`` tokens before the MLP, matched on ``norm2(x)``."""
 
-    def __init__(self, block: AttentionFreeBlock, r: int, index: int, state: ToMeState, policy: str):
+    def __init__(self, block: AttentionFreeBlock, r: int, index: int, state: ToMeState, policy: str,
+                 sized: bool = True):
         AttentionFreeBlock.__init__(self, block.norm2, block.mlp, block.ls2, block.drop_path2, block.residual_scale)
         self.tome_policy = policy
-        self._tome_init(block, r, index, state)
+        self._tome_init(block, r, index, state, sized)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         _check_no_mask(attn_mask, is_causal)
@@ -360,12 +381,13 @@ def apply_tome(
     state = ToMeState(model, model.num_prefix_tokens, prop_attn=prop_attn, trace_source=trace_source)
     state.merging = any(v > 0 for v in schedule)
     for i, b in enumerate(blocks):
+        sized = prop_attn and any(v > 0 for v in schedule[:i])  # tokens may arrive merged
         if isinstance(b, AttentionFreeBlock):
-            new = ToMeAttentionFreeBlock(b, schedule[i], i, state, policy)
+            new = ToMeAttentionFreeBlock(b, schedule[i], i, state, policy, sized)
         elif isinstance(b, DilutedBlock):
-            new = ToMeDilutedBlock(b, schedule[i], i, state, policy)
+            new = ToMeDilutedBlock(b, schedule[i], i, state, policy, sized)
         else:
-            new = ToMeBlock(b, schedule[i], i, state)
+            new = ToMeBlock(b, schedule[i], i, state, sized)
         new.train(b.training)
         blocks[i] = new
     model._tome_state = state

@@ -1,17 +1,25 @@
 """Token merging (ToMe) as pure tensor functions, with no model code (the adapter is shrink.tome).
 
-Tokens are ``(B, N, C)``. The first ``num_protected`` tokens (class, registers, distillation) never
-merge and stay in front. The others alternate into set A (even positions, merge candidates) and
-set B (odd positions, receivers); every A token picks its most similar B token (cosine of the
-metric), and the ``r`` most similar pairs merge: the A token is averaged into its B partner,
-weighted by how many input patches each one already stands for ("size"). Output order is
-``[protected, kept A tokens in their original order, B tokens]``.
+Tokens are ``(B, N, C)``; the first ``num_protected`` (class, distillation, registers) never merge
+and stay in front. The partition is the official one (facebookresearch/ToMe): tokens alternate
+into set A (merge candidates) and set B (receivers) by their position in the *whole* sequence,
+A = even positions 0, 2, 4, ..., B = odd positions 1, 3, 5, ...; protected tokens keep their set but
+take no part (the official code masks them with -inf). With one class token, A = patches at
+positions 2, 4, ... and B = positions 1, 3, ...; with class + distillation token both sets start
+right after them. The same rule covers any number of prefix tokens (class + registers, none):
+A is the unprotected tokens at even positions, B those at odd positions. Every A token picks its
+most similar B token (cosine of the metric) and the ``r`` most similar pairs merge: the A token is
+averaged into its B partner, weighted by how many input patches each one already stands for
+("size"). Output order is ``[protected, kept A tokens in their original order, B tokens]``, which
+is the official order for one class token and for class + distillation tokens. (Without any
+prefix token the official code leaves the kept A tokens in similarity order; here they keep their
+original order, so the next block's alternation still follows the image layout.)
 
 Proportional attention adds ``log(size)`` to the logits of every key, which is exactly attention
 over a sequence in which each merged key/value is repeated ``size`` times.
 
-``tome_schedule`` turns ``r`` (int, per-block list or ``(r, inflection)`` ramp) and ``start_idx`` into
-the r of every block, from the block kinds alone.
+``tome_schedule`` turns ``r`` (int, per-block list or ``(r, inflection)`` ramp, the official
+``parse_r`` formula) and ``start_idx`` into the r of every block, from the block kinds alone.
 """
 from __future__ import annotations
 
@@ -45,14 +53,26 @@ class Matching:
 
 
 def max_merge(num_tokens: int, num_protected: int) -> int:
-    """The largest r a block can merge: half of the unprotected tokens (the size of set B)."""
+    """The largest r a block can merge: half of the unprotected tokens, rounded down (the official cap;
+    never more than the unprotected A tokens)."""
     return max(0, (num_tokens - num_protected) // 2)
+
+
+def split_ab(x: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unprotected tokens of ``x`` ``(B, N, C)`` as views (A, B): A at even positions of the whole
+    sequence, B at odd ones (so with an odd number of protected tokens B starts first)."""
+    rest = x[:, num_protected:]
+    if num_protected % 2:
+        return rest[:, 1::2], rest[:, ::2]
+    return rest[:, ::2], rest[:, 1::2]
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Matching | None:
     """Pick the ``r`` best (A, B) pairs by cosine similarity of ``metric`` ``(B, N, C)``.
 
-    ``r`` is capped at half of the unprotected tokens; returns None when nothing merges.
+    A and B as in :func:`split_ab`; ``r`` is capped at half of the unprotected tokens (as in the
+    official code, ``(N - num_protected) // 2``); returns None when nothing merges. Ties are broken
+    by position (stable sort), the lower index first.
     """
     if metric.dim() != 3:
         raise ValueError(f"metric must be (batch, tokens, channels), got shape {tuple(metric.shape)}")
@@ -63,11 +83,10 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     if r <= 0:
         return None
     with torch.no_grad():
-        m = F.normalize(metric[:, num_protected:].float(), dim=-1)
-        a, b = m[:, ::2], m[:, 1::2]
+        a, b = split_ab(F.normalize(metric.float(), dim=-1), num_protected)
         scores = a @ b.transpose(-1, -2)  # (B, n_a, n_b) cosine similarities
         best, best_b = scores.max(dim=-1)  # each A token's most similar B token
-        order = best.argsort(dim=-1, descending=True)
+        order = best.argsort(dim=-1, descending=True, stable=True)
         src_idx = order[:, :r]
         unm_idx = order[:, r:].sort(dim=-1).values
         dst_idx = best_b.gather(1, src_idx)
@@ -81,8 +100,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def merge(m: Matching, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
     """Apply a matching to ``x`` ``(B, N, C)``: merged A tokens are reduced into their B partner."""
     p = m.num_protected
-    rest = x[:, p:]
-    a, b = rest[:, ::2], rest[:, 1::2]
+    a, b = split_ab(x, p)
     dst = m.dst_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     b = b.scatter_reduce(1, dst, _take(a, m.src_idx), reduce=reduce, include_self=True)
     return torch.cat([x[:, :p], _take(a, m.unm_idx), b], dim=1)
@@ -158,21 +176,23 @@ def weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
 
 
 def ramp(r: int, inflection: float, num_layers: int) -> list[int]:
-    """The (r, inflection) schedule: linear from ``r(1 - inflection)`` to ``r(1 + inflection)``.
+    """The official (r, inflection) schedule (``tome.utils.parse_r``) over ``num_layers`` layers.
 
-    inflection 0 is constant r, -1 goes from 2r down to 0 (the "decreasing" schedule), +1 from 0
-    up to 2r; values are rounded down, so the total is at most ``r * num_layers``.
+    ``lo = int(r * (1 - inflection))``, ``hi = 2r - lo``, layer i gets
+    ``int(lo + i * (hi - lo) / (num_layers - 1))`` (truncated): inflection 0 is constant r, -1 goes
+    from 2r down to 0 (the paper's "decreasing" schedule), +1 from 0 up to 2r. One layer gets ``lo``
+    (the official formula divides by zero there).
     """
     if not -1.0 <= inflection <= 1.0 or math.isnan(inflection):
         raise ValueError(f"inflection must be in [-1, 1], got {inflection}")
     if num_layers <= 0:
         return []
-    first = r * (1.0 - inflection)
-    last = r * (1.0 + inflection)
+    lo = int(r * (1.0 - inflection))
+    hi = 2 * r - lo
     if num_layers == 1:
-        return [int(r)]
-    step = (last - first) / (num_layers - 1)
-    return [max(0, int(math.floor(first + step * i + 1e-9))) for i in range(num_layers)]
+        return [lo]
+    step = (hi - lo) / (num_layers - 1)
+    return [int(lo + step * i) for i in range(num_layers)]
 
 
 def _is_int(v: Any) -> bool:

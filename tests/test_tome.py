@@ -37,6 +37,7 @@ from shrink.tome_merge import (
     merge_source,
     merge_wavg,
     ramp,
+    split_ab,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,42 @@ def test_r0_equals_plain_and_remove_restores(name):
         assert torch.equal(model(x), ref)
 
 
+def test_blocks_that_see_no_merged_tokens_run_the_plain_path(monkeypatch):
+    model = _variant("deit3_small")
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        apply_tome(model, [0, 2, 0] + [0] * 9)
+        merging = model(x)
+        # block 0 (r=0, nothing merged yet) is plain; block 1 merges; blocks 2.. weigh by size
+        assert [b.tome_plain for b in model.blocks[:3]] == [True, False, False]
+        model.blocks[0].tome_sized = True  # force the ToMe path: same result
+        assert _max_diff(model(x), merging) <= 1e-5
+        apply_tome(model, [0, 2, 0] + [0] * 9, prop_attn=False)
+        assert [b.tome_plain for b in model.blocks[:3]] == [True, False, True]
+        apply_tome(model, 0)
+        assert all(b.tome_plain for b in model.blocks)
+
+        def no_metric(*a, **k):
+            raise AssertionError("r = 0 must not compute the ToMe attention / metric")
+
+        monkeypatch.setattr(shrink.tome, "attention_with_metric", no_metric)
+        assert torch.equal(model(x), ref)  # the timm code itself: bit-identical
+
+
+def test_torch_export_of_a_merging_model():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=IMG).eval()
+    apply_tome(model, (3, -0.5))
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(x)
+        ep = torch.export.export(model, (x,))
+        state = tome_state(model)
+        state.size, state.last_block = None, sys.maxsize  # tracing leaves fake tensors behind
+        assert _max_diff(ep.module()(x), ref) <= 1e-5
+        assert torch.equal(model(x), ref)
+
+
 def test_remove_keeps_weight_changes_and_training_mode():
     model = _variant("diluted_half")
     apply_tome(model, 3)
@@ -175,20 +212,123 @@ def test_protected_tokens_never_merge_even_when_identical_to_others():
 
 
 def test_merged_token_is_size_weighted_mean():
-    # one protected token, then A0 B0 A1 B1 (A = even positions of the rest, B = odd).
-    # A0 is a near-copy of B0 in the metric and A1 is orthogonal to both B's, so r=1 merges A0 into B0.
-    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0.01, 0], [0, 0, 1], [0, 1, 0]]])
+    # One class token at position 0, then patches at positions 1..4. The official partition counts
+    # positions over the whole sequence: A = even (2, 4), B = odd (1, 3); the class token is in A
+    # but never merges. Position 2 is a near-copy of 3 in the metric, 4 is orthogonal to 1 and 3,
+    # so r=1 merges 2 into 3.
+    metric = torch.tensor([[[0.0, 0, 1], [0, 1, 0], [1, 0.01, 0], [1, 0, 0], [0, 0, 1]]])
     x = torch.randn(1, 5, 4)
     size = torch.tensor([[[1.0], [3.0], [1.0], [2.0], [5.0]]])
     m = bipartite_soft_matching(metric, r=1, num_protected=1)
     out, new_size = merge_wavg(m, x, size)
-    # output order: [protected, kept A (A1), B0 (+A0), B1]
+    # output order: [protected, kept A (4), B: 1, 3 (+2)]
     assert out.shape == (1, 4, 4)
     torch.testing.assert_close(out[0, 0], x[0, 0])
-    torch.testing.assert_close(out[0, 1], x[0, 3])
-    torch.testing.assert_close(out[0, 2], (3 * x[0, 1] + 1 * x[0, 2]) / 4)
-    torch.testing.assert_close(out[0, 3], x[0, 4])
-    assert new_size.flatten().tolist() == [1.0, 2.0, 4.0, 5.0]
+    torch.testing.assert_close(out[0, 1], x[0, 4])
+    torch.testing.assert_close(out[0, 2], x[0, 1])
+    torch.testing.assert_close(out[0, 3], (2 * x[0, 3] + 1 * x[0, 2]) / 3)
+    assert new_size.flatten().tolist() == [1.0, 5.0, 3.0, 3.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The official partition (facebookresearch/ToMe) and its generalisation to any prefix
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_protected, a_pos, b_pos", [
+    (0, [0, 2, 4, 6, 8], [1, 3, 5, 7]),  # no prefix token
+    (1, [2, 4, 6, 8], [1, 3, 5, 7]),  # class token (position 0, in A): patches 1, 3, ... are A
+    (2, [2, 4, 6, 8], [3, 5, 7]),  # class + distillation token (position 1, in B)
+    (5, [6, 8], [5, 7]),  # class + 4 registers
+])
+def test_partition_alternates_over_the_whole_sequence(num_protected, a_pos, b_pos):
+    pos = torch.arange(9.0).view(1, 9, 1)
+    a, b = split_ab(pos, num_protected)
+    assert a.flatten().tolist() == a_pos and b.flatten().tolist() == b_pos
+
+
+def test_distilled_layout_hand_example():
+    # class (0, A) and distillation (1, B) tokens, then A = 2, 4, 6 and B = 3, 5. In the metric 6 is
+    # a copy of 3, 2 is close to 5, and 4 is orthogonal to both 3 and 5. Best edges: 6->3 (cos 1),
+    # 2->5 (cos 0.995), 4->either (cos 0). r=2 merges 6 into 3 and 2 into 5; 4 stays.
+    metric = torch.tensor([[[1.0, 1, 1], [1, 1, 1], [0.1, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]]])
+    x = torch.arange(7.0).view(1, 7, 1).expand(1, 7, 2).contiguous()
+    m = bipartite_soft_matching(metric, r=2, num_protected=2)
+    assert m.src_idx.tolist() == [[2, 0]] and m.dst_idx.tolist() == [[0, 1]]  # indices into A, B
+    out, size = merge_wavg(m, x)
+    # [class, distillation, kept A (4), B: 3 (+6), 5 (+2)]
+    assert out[0, :, 0].tolist() == [0.0, 1.0, 4.0, 4.5, 3.5]
+    assert size.flatten().tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
+
+
+def test_register_layout_hand_example():
+    # class + 2 registers (positions 0-2; position 1 is in B but masked), then B = 3, 5 and A = 4, 6.
+    # 4 is closest to 5 and 6 to 3, with 6->3 the better edge: r=1 merges only 6 into 3.
+    metric = torch.tensor([[[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [0.2, 1, 0], [0, 1, 0], [1, 0.1, 0]]])
+    x = torch.arange(7.0).view(1, 7, 1)
+    m = bipartite_soft_matching(metric, r=1, num_protected=3)
+    out, size = merge_wavg(m, x)
+    assert out.flatten().tolist() == [0.0, 1.0, 2.0, 4.0, 4.5, 5.0]  # [prefix, kept A (4), B: 3 (+6), 5]
+    assert size.flatten().tolist() == [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
+
+
+def _official_definition(metric, x, size, r, p):
+    """The official matching written out token by token (float64): A/B by position in the whole
+    sequence, protected tokens masked, each A token's best B (lower index on ties), the r best
+    edges (lower A index on ties) merged by size; order [prefix, kept A, B]."""
+    n = x.shape[1]
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    r = min(r, (n - p) // 2)
+    outs, sizes = [], []
+    for bi in range(x.shape[0]):
+        a_pos = [i for i in range(p, n) if i % 2 == 0]
+        b_pos = [j for j in range(p, n) if j % 2 == 1]
+        best = {}
+        for i in a_pos:
+            sims = [(float(unit[bi, i] @ unit[bi, j]), -j) for j in b_pos]
+            top = max(sims)
+            best[i] = (top[0], -top[1])
+        merged = sorted(a_pos, key=lambda i: (-best[i][0], i))[:r]
+        total = {j: x[bi, j] * size[bi, j] for j in b_pos}
+        weight = {j: size[bi, j].clone() for j in b_pos}
+        for i in merged:
+            j = best[i][1]
+            total[j] = total[j] + x[bi, i] * size[bi, i]
+            weight[j] = weight[j] + size[bi, i]
+        kept = [i for i in a_pos if i not in merged]
+        outs.append(torch.stack([x[bi, i] for i in range(p)] + [x[bi, i] for i in kept]
+                                + [total[j] / weight[j] for j in b_pos]))
+        sizes.append(torch.stack([size[bi, i] for i in range(p)] + [size[bi, i] for i in kept]
+                                 + [weight[j] for j in b_pos]))
+    return torch.stack(outs), torch.stack(sizes)
+
+
+@pytest.mark.parametrize("p, n, r", [(1, 17, 5), (1, 16, 100), (2, 18, 6), (2, 13, 3), (5, 21, 7), (0, 12, 4)])
+def test_matching_follows_the_official_definition(p, n, r):
+    gen = torch.Generator().manual_seed(n * 10 + p)
+    metric = torch.randn(3, n, 6, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, n, 4, generator=gen, dtype=torch.float64)
+    size = torch.randint(1, 5, (3, n, 1), generator=gen).double()
+    m = bipartite_soft_matching(metric, r, num_protected=p)
+    out, new_size = merge_wavg(m, x, size)
+    ref, ref_size = _official_definition(metric, x, size, r, p)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(new_size.double(), ref_size)
+
+
+def test_ramp_is_the_official_schedule():
+    # lo = int(r (1 - inflection)), hi = 2r - lo, layer i: int(lo + i (hi - lo) / (L - 1))
+    # r=13, inflection -0.5, 12 layers: lo = int(19.5) = 19, hi = 7, step -12/11 = -1.09:
+    # 19, 17.9, 16.8, 15.7, 14.6, 13.5, 12.5, 11.4, 10.3, 9.2, 8.1, 7
+    assert ramp(13, -0.5, 12) == [19, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7]
+    # r=3, inflection 0.5, 4 layers: lo = int(1.5) = 1, hi = 5, step 4/3: 1, 2.33, 3.67, 5
+    assert ramp(3, 0.5, 4) == [1, 2, 3, 5]
+    assert ramp(5, -1.0, 3) == [10, 5, 0]  # the "decreasing" schedule: 2r down to 0
+    assert ramp(7, 0.0, 5) == [7] * 5
+    assert ramp(3, 0.5, 1) == [1]  # one layer: lo (the official formula divides by zero there)
+    kinds = ["attn", "free", "attn", "attn", "free", "attn"]  # the ramp runs over the merging blocks
+    assert tome_schedule(kinds, (3, 0.5)) == [1, 0, 2, 3, 0, 5]
+    # with policy "hidden" all 6 blocks merge: step 4/5 = 0.8: 1, 1.8, 2.6, 3.4, 4.2, 5
+    assert tome_schedule(kinds, (3, 0.5), policy="hidden") == [1, 1, 2, 3, 4, 5]
 
 
 def test_repeated_merges_give_the_mean_of_the_source_tokens():
