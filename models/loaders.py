@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +41,9 @@ from . import bottleneck_mlp, ff_vit, ms_mlp
 __all__ = ["checkpoint_filter", "load_checkpoint", "main", "read_checkpoint"]
 
 _logger = logging.getLogger(__name__)
+# ``python -m models.loaders``: the package imports this module first, and runpy would then warn on stderr
+# that it is already imported; running it is exactly what is meant, so that one warning is silenced.
+warnings.filterwarnings("ignore", message=r"'models\.loaders' found in sys\.modules", category=RuntimeWarning)
 
 # Inert stand-ins for the configuration records training scripts pickle next to the weights.
 _STAND_INS: list[Any] = [(OrderedDict, "yacs.config.CfgNode"), argparse.Namespace]
