@@ -6,17 +6,15 @@ Nothing here touches a device: :mod:`shrink.train` hands all of it to Accelerate
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import create_model, read_config
+from .checkpoint import create_model
 from .config import RunConfig
 from .data import build_dataset, calibration_subset, with_transform
 from .dilution import attention_block_indices, get_blocks, validate_layers
@@ -39,32 +37,6 @@ def _model_kwargs(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
     if cfg.input_size is not None:
         kwargs["img_size"] = cfg.input_size
     return kwargs
-
-
-def _finetune_dir(cfg: RunConfig) -> bool:
-    return bool(cfg.finetune) and Path(cfg.finetune).is_dir()
-
-
-def check_architecture(cfg: RunConfig, num_classes: int) -> None:
-    """Cheap checks of the architecture on the meta device, before any weights are read or downloaded:
-    a removal needs attention layers, and --remove-layers must name attention-bearing blocks."""
-    if not (cfg.remove_ratio or cfg.remove_layers):
-        return
-    if _finetune_dir(cfg):
-        name, kwargs = read_config(cfg.finetune)["architecture"], {}
-    else:
-        name, kwargs = cfg.model, _model_kwargs(cfg, num_classes)
-    if not timm.is_model(name):
-        return  # create_model reports unknown names in one line
-    try:
-        with torch.device("meta"):
-            skeleton = timm.create_model(name, pretrained=False, **kwargs)
-    except Exception:  # noqa: BLE001 - the real build reports construction errors properly
-        return
-    if getattr(skeleton, "blocks", None) is None or not attention_block_indices(skeleton):
-        raise ShrinkError(f"{name} has no attention layers to remove; use --remove-ratio 0")
-    if cfg.remove_layers is not None:
-        validate_layers(skeleton, cfg.remove_layers)
 
 
 def set_constant_drop_path(model: nn.Module, rate: float) -> None:

@@ -51,7 +51,6 @@ from .recipe import (
     build_mixup,
     build_model,
     build_optimizer,
-    check_architecture,
     count_params,
     make_loader,
     resolve_layers,
@@ -101,9 +100,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     resumed = (state_dir / "trainer_state.json").is_file()
     ts = _read_trainer_state(state_dir, accelerator) if resumed else TrainerState(num_processes=accelerator.num_processes)
 
-    # --- the model and the data (cheap architecture checks first: no download for a model without attention)
+    # --- the model and the data (RunConfig.validate already checked the architecture on the meta device)
     num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
-    check_architecture(cfg, num_classes)
     model = build_model(cfg, num_classes, download=not resumed or cfg.distill)  # resume: the state has the weights
     train_ds, calib_ds, val_ds = build_datasets(cfg, model)
     if main:
