@@ -49,6 +49,7 @@ class RunConfig:
     num_workers: int = _f(2, "data-loader worker processes", group="data")
     batch_size: int = _f(64, "images per process per step", group="data")
     repeated_aug: bool = _f(False, "repeated augmentation (x3, timm's RepeatAugSampler), as in DeiT", group="data")
+    synthetic_images: int = _f(256, "images per split of --data-set synthetic (speed checks)", group="data")
     # removal
     remove_ratio: float = _f(0.0, "fraction of attention layers to remove, in [0, 1): k = round(ratio * depth) "
                                   "(0 = plain fine-tuning, no removal)", group="removal")
