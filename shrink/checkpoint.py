@@ -399,7 +399,7 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
     return bool(ok and ok[0])
 
 
-def _check_hub(name: str, skeleton: nn.Module) -> None:
+def check_hub(name: str, skeleton: nn.Module) -> None:
     """Fail fast, in one line, when pretrained weights must come from a hub that cannot be reached."""
     url = _hub_url(skeleton)
     if url is None:
@@ -449,7 +449,7 @@ def create_model(
         raise ShrinkError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
     skeleton = _timm_skeleton(name, kwargs)  # cheap checks before any download or allocation
     if pretrained:
-        _check_hub(name, skeleton)
+        check_hub(name, skeleton)
     del skeleton
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)

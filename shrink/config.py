@@ -178,6 +178,8 @@ def _check_types(cfg: RunConfig, origin: Mapping[str, str]) -> None:
                 setattr(cfg, f.name, v)
         elif base == "str":
             ok = isinstance(v, str)
+            if ok and optional and not v.strip():
+                raise ShrinkError(f"{_name(f.name, origin)} is empty; leave it out or write none")
         elif base == "list[int]":
             if isinstance(v, int) and not isinstance(v, bool):  # YAML 'remove_layers: 3'
                 v = [v]
@@ -289,6 +291,14 @@ def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] 
     # --- the model, on the meta device: name, arguments, input size, layers (no memory, no download) ---
     if not cfg.eval:
         _check_model(cfg, n, explicit)
+    else:
+        from .checkpoint import model_skeleton
+
+        saved = model_skeleton(None, checkpoint=cfg.checkpoint)  # config.json checked before any work
+        size = getattr(getattr(saved, "patch_embed", None), "img_size", None)
+        if cfg.input_size is not None and size is not None and tuple(size) != (cfg.input_size, cfg.input_size):
+            raise ShrinkError(f"{n('input_size')} {cfg.input_size}: {cfg.checkpoint} was saved for input size "
+                              f"{size[0]}; leave --input-size out")
 
 
 def _check_aa(aa: str, name: str) -> None:
@@ -356,6 +366,10 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
                 validate_layers(model, cfg.remove_layers)
             except ShrinkError as e:
                 raise ShrinkError(f"{n('remove_layers')}: {e}") from None
+    if cfg.pretrained and cfg.finetune is None:  # after the cheap checks: can the weights be had at all?
+        from .checkpoint import check_hub
+
+        check_hub(cfg.model, model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +386,9 @@ def _int_list(text: str) -> list[int]:
 
 def _optional(cast):
     def parse(text: str):
-        return None if str(text).lower() in ("none", "null", "") else cast(text)
+        if not str(text).strip():  # an unset shell variable ('--data-path $IMAGENET') is a mistake, not "none"
+            raise argparse.ArgumentTypeError("empty value (leave the flag out, or write none)")
+        return None if str(text).lower() in ("none", "null") else cast(text)
     parse.__name__ = getattr(cast, "__name__", "value")
     return parse
 

@@ -269,6 +269,10 @@ CASES: list[Case] = [
     Case("ml-log-with-unknown", "main_lambda", _ml("--log-with", "carrier-pigeon"), "--log-with"),
     Case("ml-output-dir-empty", "main_lambda", _ml("--output-dir", ""), "--output-dir"),
     Case("ml-output-dir-blank", "main_lambda", _ml("--output-dir", "  "), "--output-dir"),
+    Case("ml-data-path-unset-variable", "main_lambda", _ml("--data-path", ""), "empty"),
+    Case("ml-finetune-device-file", "main_lambda", _ml("--finetune", "/dev/zero"), "regular file"),
+    Case("ml-eval-other-input-size", "main_lambda", _ml("--eval", "--checkpoint", "{t}/saved", "--input-size", "16"),
+         "input size", setup=_saved()),
     # ---- main_lambda.py: --config values get the same checks as flags ----
     Case("yaml-mixed-precision-int", "main_lambda", _ml("--config", "{t}/c.yaml"), "mixed_precision",
          setup=_yaml("mixed_precision: 3\n")),
@@ -312,7 +316,7 @@ CASES: list[Case] = [
     Case("ml-eval-damaged-config", "main_lambda", _ml("--eval", "--checkpoint", "{t}/saved"), "model_kwargs",
          setup=_saved(model_kwargs=[1, 2])),
     Case("ml-pretrained-hub-unreachable", "main_lambda", _ml("--model", "deit_tiny_patch16_224", "--input-size", "32"),
-         "cannot reach", env=_hub_env, fresh=True, max_seconds=60, lead=True),
+         "cannot reach", env=_hub_env, fresh=True, max_seconds=60),
     Case("ml-negative-lr-fresh", "main_lambda", _ml("--lr", "-1"), "--lr", fresh=True),
     # ---- main_lambda.py: the output folder and --resume (shrink/train.py, the lead's part) ----
     Case("ml-finetune-nan-weights", "main_lambda", _ml("--finetune", "{t}/nan.pth"), "NaN", setup=_nan_pth,
@@ -347,6 +351,8 @@ CASES: list[Case] = [
     Case("bench-bad-layers", "benchmark", _a("--model", "vit_digits", "--remove-layers", "0,x"), "integers"),
     Case("bench-damaged-checkpoint", "benchmark", _a("--model", "vit_digits", "--checkpoint", "{t}/saved"),
          "embed_dim", setup=_saved(model_kwargs={"embed_dim": 10**9})),
+    Case("bench-hostile-checkpoint", "benchmark", _a("--model", "vit_digits", "--checkpoint", "{t}/evil.pth"),
+         "refused", setup=_evil()),
     Case("bench-json-under-a-file-fresh", "benchmark", _a("--model", "vit_digits", "--json", "{t}/f/r.json"),
          "--json", setup=_file("f"), fresh=True),
     # ---- python -m shrink.select ----
@@ -372,6 +378,8 @@ CASES: list[Case] = [
          setup=lambda t, root: (fx.nan_pth(t, root), (t / "f").write_text("x"))),
     Case("loaders-zero-classes", "loaders", _a("vit_digits", "{t}/nan.pth", "{t}/o", "--num-classes", "0"),
          "--num-classes", setup=_nan_pth),
+    Case("loaders-no-such-entry", "loaders", _a("vit_digits", "{t}/nan.pth", "{t}/o", "--entry", "model_ema"),
+         "no entry", setup=_nan_pth),
     Case("loaders-checkpoint-is-a-folder", "loaders", _a("vit_digits", "{t}", "{t}/o"), "regular file"),
     Case("loaders-missing-checkpoint-fresh", "loaders", _a("vit_digits", "{t}/none.pth", "{t}/o"), "not found",
          fresh=True),
@@ -386,6 +394,10 @@ CASES: list[Case] = [
          _a("--image", "{t}/i.png", "--out", "{t}/m.png", "--checkpoint", "{t}/saved"), "NaN",
          setup=lambda t, root: (fx.edit_weights(fx.saved_model(t, root), fx.nan_weights),
                                 fx.image_folder(t), (t / "data/train/a/0.png").rename(t / "i.png"))),
+    Case("vis-hostile-checkpoint", "tome_vis",
+         _a("--image", "{t}/i.png", "--out", "{t}/m.png", "--model", "vit_digits", "--checkpoint", "{t}/evil.pth"),
+         "refused", setup=lambda t, root: (fx.evil_pickle(t / "evil.pth", t / MARKER), fx.image_folder(t),
+                                           (t / "data/train/a/0.png").rename(t / "i.png"))),
     Case("vis-negative-r", "tome_vis", _a("--image", "{t}/i.png", "--out", "{t}/m.png", "--r", "-1"), "--r"),
     Case("vis-out-under-a-file-fresh", "tome_vis", _a("--image", "{t}/i.png", "--out", "{t}/f/m.png"), "file",
          setup=lambda t, root: (fx.image_folder(t), (t / "data/train/a/0.png").rename(t / "i.png"),
@@ -466,6 +478,12 @@ LIB_CASES: list[tuple[str, Callable[[Path, Path], None], Callable[[Path], object
      _load, "NaN"),
     ("config-too-large", lambda t, root: (fx.saved_model(t, root) / "config.json").write_text(" " * (2 << 20)),
      _load, "larger"),
+    ("config-not-an-object", lambda t, root: (fx.saved_model(t, root) / "config.json").write_text("[1]"), _load,
+     "JSON object"),
+    ("config-deeply-nested-kwarg", _saved(model_kwargs={"embed_layer": [[[[[[1]]]]]]}), _load, "nested"),
+    ("weights-is-a-folder", lambda t, root: (lambda d: ((d / "model.safetensors").unlink(),
+                                                        (d / "model.safetensors").mkdir()))(fx.saved_model(t, root)),
+     _load, "regular file"),
     ("weights-int", _saved_weights(fx.int_weights), _load, "floating"),
     ("weights-bool", _saved_weights(fx.bool_weights), _load, "floating"),
     ("weights-nan", _saved_weights(fx.nan_weights), _load, "NaN"),
@@ -563,3 +581,25 @@ def test_good_input_passes(tmp_path):
     cfg = config_from_args(["--config", str(tmp_path / "c.yaml"), "--remove-ratio", "0.25"])  # the flag wins
     assert (cfg.remove_ratio, cfg.remove_layers, cfg.data_set) == (0.25, None, "digits")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_runner_exit_codes(capsys, monkeypatch):
+    """The runner: ShrinkError and OSError are one line and 2, Ctrl-C is 130, a bug keeps its traceback."""
+    import shrink.cli
+    from shrink.cli import cli_main
+
+    monkeypatch.setattr(shrink.cli, "setup_output", lambda verbose=None: None)  # keep pytest's logging as it is
+
+    def raise_(e):
+        def body(argv):
+            raise e
+        return body
+
+    assert cli_main(raise_(ShrinkError("bad\nvalue"))) == 2
+    assert capsys.readouterr().err == "error: bad value\n"
+    assert cli_main(raise_(PermissionError(13, "Permission denied", "/ro/x.json"))) == 2
+    assert capsys.readouterr().err == "error: /ro/x.json: Permission denied\n"
+    assert cli_main(raise_(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(ZeroDivisionError):
+        cli_main(raise_(ZeroDivisionError("a bug")))
