@@ -186,7 +186,7 @@ def load_weights(
 _FACTORY_KWARGS = frozenset({
     "model_name", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
     "scriptable", "exportable", "no_jit", "features_only", "feature_cfg", "feature_cls", "out_indices",
-    "pretrained_strict", "output_stride"})
+    "pretrained_strict"})
 # upper bounds for the usual size arguments; any other integer argument is bounded by _MAX_INT
 _KWARG_LIMITS = {"depth": 1024, "num_heads": 4096, "embed_dim": 65536, "img_size": 16384, "patch_size": 1024,
                  "num_classes": 1 << 20, "in_chans": 1024, "mlp_ratio": 64, "class_token": 1, "reg_tokens": 1024}
@@ -301,9 +301,18 @@ def _first(e: BaseException) -> str:
 
 
 def _timm_skeleton(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``name`` built on the meta device (no memory), with its size and input size checked."""
     try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **kwargs)
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e).lower():
+                raise
+            # an architecture whose constructor reads tensor values: build it for real (rare, slower)
+            _logger.debug("%s cannot be built on the meta device (%s); building it on the CPU", name, _first(e))
+            with torch.device("cpu"):
+                model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ShrinkError(f"cannot build {name} with {kwargs}: {_first(e)}") from None
     except (ValueError, AssertionError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as e:

@@ -366,7 +366,7 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
                 validate_layers(model, cfg.remove_layers)
             except ShrinkError as e:
                 raise ShrinkError(f"{n('remove_layers')}: {e}") from None
-    if cfg.pretrained and cfg.finetune is None:  # after the cheap checks: can the weights be had at all?
+    if cfg.pretrained and cfg.finetune is None and not cfg.resume:  # after the cheap checks: can the weights be had?
         from .checkpoint import check_hub
 
         check_hub(cfg.model, model)
