@@ -104,15 +104,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
     model = build_model(cfg, num_classes, download=not resumed or cfg.distill)  # resume: the state has the weights
     train_ds, calib_ds, val_ds = build_datasets(cfg, model)
-    if main:
-        config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        if not rd.started:
-            create_run_dir(rd, config_text)
-        elif changes:  # allowed changes (more epochs, ...) are recorded
-            atomic_write_text(out / "config.yaml", config_text)
-            _logger.info("resuming with changed settings: %s", ", ".join(changes))
+    if main and not rd.started:
+        create_run_dir(rd, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
-        return _train(cfg, accelerator, out, ts, resumed, model, num_classes, train_ds, calib_ds, val_ds)
+        return _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, train_ds, calib_ds, val_ds)
     except BaseException as e:
         # a new run that completed no epoch owns nothing worth keeping: leave the folder as it was found
         discard = main and not rd.started and ts.epoch < 0
@@ -124,7 +119,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise
 
 
-def _train(cfg, accelerator, out, ts, resumed, model, num_classes, train_ds, calib_ds, val_ds) -> dict[str, Any]:
+def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, train_ds, calib_ds, val_ds) -> dict[str, Any]:
     main = accelerator.is_main_process
     if not resumed:
         ts.params_dense = count_params(model)
@@ -158,7 +153,10 @@ def _train(cfg, accelerator, out, ts, resumed, model, num_classes, train_ds, cal
 
     if resumed:
         _restore(accelerator, out / "state", ts, parts.ema)
-    else:
+    if main and changes:  # the state loaded: record the allowed changes (more epochs, ...) of this resume
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _logger.info("resuming with changed settings: %s", ", ".join(changes))
+    if not resumed:
         ts.dense_acc = _eval(parts.raw, val_loader, accelerator, cfg, "dense", deploy=False)
         if ts.layers:
             ts.deploy_acc_start = _eval(parts.raw, val_loader, accelerator, cfg, "deploy@start", deploy=True)

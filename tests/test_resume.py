@@ -8,6 +8,7 @@ wall-clock seconds.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -98,3 +99,37 @@ def test_resume_when_the_next_epoch_is_the_switch(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and [r["lambda"] for r in rows] == [1.0, 0.5, 0.0, 0.0]
     assert "epochs: 4" in (out / "config.yaml").read_text()  # the allowed change is recorded
 
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    res = _run([sys.executable, "main_lambda.py", "--remove-layers", "1", "--epochs", "1", "--dilution-epochs", "1",
+                "--no-progress", "--output-dir", str(out)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, damage, match", [
+    ("random_states_0.pkl", b"\x80\x04junk", "random_states_0.pkl"),   # Accelerate alone would skip it silently
+    ("random_states_0.pkl", None, "random_states_0.pkl"),              # missing
+    ("model.safetensors", b"\x00garbage", "cannot resume"),
+    ("optimizer.bin", b"PK\x03\x04", "cannot resume"),
+    ("trainer_state.json", b'{"epoch": "one"}', "damaged"),
+])
+def test_a_damaged_state_stops_the_resume_in_one_line(tmp_path, one_epoch_run, victim, damage, match):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out)
+    path = out / "state" / victim
+    if damage is None:
+        path.unlink()
+    else:
+        path.write_bytes(damage)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    res = _run([sys.executable, "main_lambda.py", "--resume", "--epochs", "2", "--output-dir", str(out),
+                "--no-progress"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and match in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before  # nothing touched
