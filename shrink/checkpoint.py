@@ -224,6 +224,18 @@ def _check_json_value(key: str, v: Any, where: str, depth: int = 0) -> None:
         raise ShrinkError(f"{where}: model_kwargs.{key} has a value of type {type(v).__name__}")
 
 
+def _estimate_params(kwargs: dict[str, Any]) -> int:
+    """A transformer's parameter count from its size arguments, (4 + 2 * mlp_ratio) * dim^2 per block:
+    cheap enough to refuse absurd configs before even the meta-device build (which takes time per block)."""
+    def num(v: Any, reduce) -> float:
+        vals = [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        return float(reduce(vals)) if vals else 0.0
+
+    dim, depth = num(kwargs.get("embed_dim"), max), num(kwargs.get("depth"), sum)
+    ratio = num(kwargs.get("mlp_ratio", 4.0), max) or 4.0
+    return int((4 + 2 * ratio) * dim * dim * max(depth, 1.0)) if dim else 0
+
+
 def _index_list(v: Any, key: str, where: str) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
         raise ShrinkError(f"{where}: {key} must be a list of block indices, got {v!r}"[:300])
@@ -254,6 +266,10 @@ def validate_config(config: Any, where: str = CONFIG_FILE) -> dict[str, Any]:
         if k in _FACTORY_KWARGS or k.startswith("_"):
             raise ShrinkError(f"{where}: model_kwargs.{k} is not a model argument (refused)")
         _check_json_value(k, v, where)
+    estimate = _estimate_params(kwargs)
+    if estimate > MAX_PARAMS:
+        raise ShrinkError(f"{where}: model_kwargs describe about {estimate:,} parameters; refusing to build "
+                          f"(limit {MAX_PARAMS:,})")
     free = _index_list(config.get("attention_free_blocks", []), "attention_free_blocks", where)
     if not isinstance(config.get("folded", False), bool):
         raise ShrinkError(f"{where}: 'folded' must be true or false")
