@@ -146,7 +146,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "cutmix": (0, None, True, True), "color_jitter": (0, None, True, True), "reprob": (0, 1, True, True),
     "model_ema_decay": (0, 1, False, False), "distill_alpha": (0, 1, True, True), "distill_tau": (0, None, False, True),
     "seed": (0, MAX_SEED, True, True), "eval_every": (1, _BIG, True, True), "tome_r": (0, _BIG, True, True),
-    "tome_start_idx": (0, _BIG, True, True),
+    "tome_start_idx": (0, _BIG, True, True), "synthetic_images": (1, 100 * _BIG, True, True),
 }
 
 
@@ -229,6 +229,9 @@ def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] 
     n = lambda key: _name(key, origin)  # noqa: E731
     for key in _RANGES:
         _check_range(cfg, key, origin)
+    for f in dataclasses.fields(cfg):  # every field declared with choices (YAML skips argparse's check)
+        if "choices" in f.metadata:
+            _choice(cfg, f.name, f.metadata["choices"], origin)
     _choice(cfg, "data_set", DATA_SETS, origin)
     _choice(cfg, "lambda_schedule", SCHEDULES, origin)
     _choice(cfg, "mixed_precision", ("no", "fp16", "bf16"), origin)

@@ -287,6 +287,8 @@ CASES: list[Case] = [
     Case("yaml-epochs-float", "main_lambda", _ml("--config", "{t}/c.yaml"), "epochs", setup=_yaml("epochs: 2.5\n")),
     Case("yaml-unknown-schedule", "main_lambda", _ml("--config", "{t}/c.yaml"), "lambda_schedule",
          setup=_yaml("lambda_schedule: exponential\n")),
+    Case("yaml-unknown-drop-path-schedule", "main_lambda", _ml("--config", "{t}/c.yaml"), "drop_path_schedule",
+         setup=_yaml("drop_path_schedule: zigzag\n")),
     Case("yaml-unknown-key", "main_lambda", _ml("--config", "{t}/c.yaml"), "unknown setting",
          setup=_yaml("learning_rate: 0.1\n")),
     Case("yaml-not-a-mapping", "main_lambda", _ml("--config", "{t}/c.yaml"), "mapping", setup=_yaml("- 1\n- 2\n")),
