@@ -9,7 +9,8 @@
 #   2. the DeiT-T and DeiT-S recipes for two short epochs on synthetic data: bf16, EMA, repeated
 #      augmentation, Mixup/CutMix, distillation, lambda 1 -> 0 (epoch 0 diluted, epoch 1 attention-free),
 #      eager and --compile; seconds per epoch of each phase;
-#   3. the same DeiT-S run on 2 GPUs (accelerate launch --multi_gpu) where there are two;
+#   3. the same DeiT-S run on 2 GPUs (accelerate launch --multi_gpu) where there are two, and through
+#      FSDP2 (configs/accelerate/fsdp.yaml, without EMA) on every GPU there is;
 #   4. the layer-selection time of DeiT-B on 1024 synthetic images (transfer entropy, bf16);
 #   5. benchmark.py: DeiT-T/S/B dense / the reference's removal sets / + ToMe, batch 256, bf16,
 #      eager and torch.compile (scripts/bench.sh).
@@ -94,6 +95,16 @@ recipe deit_small 1 deit_small_patch16_224 0,2,4
 recipe deit_small_compile 1 deit_small_patch16_224 0,2,4 --compile
 if [[ "$NGPU" -ge 2 ]]; then recipe deit_small_2gpu 2 deit_small_patch16_224 0,2,4;
 else echo "- 2-GPU run: skipped (1 GPU)" >> "$REPORT"; fi
+
+# 3b. FSDP2 through Accelerate (configs/accelerate/fsdp.yaml) on the GPUs there are: no EMA under FSDP
+rm -rf "$OUT/deit_small_fsdp"
+"$PYTHON" -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes "$NGPU" \
+  main_lambda.py --model deit_small_patch16_224 --remove-layers 0,2,4 \
+  $(printf '%s ' "${RECIPE[@]}" | sed 's/--model-ema //') --output-dir "$OUT/deit_small_fsdp" \
+  > "$OUT/deit_small_fsdp.log" 2>&1
+rc=$?
+[[ $rc == 0 && ! -f "$OUT/deit_small_fsdp/best/model.safetensors" ]] && rc=3
+status "FSDP2 via configs/accelerate/fsdp.yaml, $NGPU GPU(s), DeiT-S, valid best/" $rc "$OUT/deit_small_fsdp.log"
 
 # 4. selection time, DeiT-B, transfer entropy on synthetic images
 start=$(date +%s.%N)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,6 +56,7 @@ from .recipe import (
     resolve_layers,
 )
 from .rundir import check_resume_settings, create_run_dir, inspect_output_dir, remove_run_dir
+from .sharding import export_for_training, whole_model
 
 _logger = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if cfg.model_ema and accelerator.distributed_type == DistributedType.FSDP:
+        raise ShrinkError("--model-ema is not supported with FSDP (the EMA would be a copy of a sharded model); "
+                          "leave it out")
     set_seed(cfg.seed)  # the same on every process: model init, selection, data order
     if cfg.resume and main:
         for what in clean_leftovers(out) + clean_leftovers(out / "state"):
@@ -143,6 +147,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
 
+
         parts.ema = ModelEmaV3(parts.raw, decay=cfg.model_ema_decay)  # a copy of the model already on the device
     if teacher is not None:
         parts.teacher = teacher.to(accelerator.device)
@@ -170,18 +175,19 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
     accelerator.wait_for_everyone()
 
     def switch_to_attention_free(epoch: int) -> None:
-        """lambda is 0 from now on: export in place, carry the optimizer state, prepare again."""
+        """lambda is 0 from now on: the attention leaves the model (and the EMA), training goes on."""
         nonlocal scheduler
-        old = getattr(parts.optimizer, "optimizer", parts.optimizer)
-        moments = {p: old.state[p] for g in old.param_groups for p in g["params"] if p in old.state}
-        export(parts.raw, inplace=True)
+
+        def prepare(model: nn.Module):
+            nonlocal scheduler
+            optimizer, scheduler = build_optimizer(cfg, model, lr)
+            scheduler.step(epoch)
+            prepared, optimizer, _ = _prepare(accelerator, cfg, model, optimizer)
+            return prepared, optimizer
+
+        parts.model, parts.raw, parts.optimizer = export_for_training(parts.raw, parts.optimizer, prepare)
         if parts.ema is not None:
             export(parts.ema.module, inplace=True)
-        optimizer, scheduler = build_optimizer(cfg, parts.raw, lr)
-        for p in (p for g in optimizer.param_groups for p in g["params"] if p in moments):
-            optimizer.state[p] = moments[p]
-        scheduler.step(epoch)
-        parts.model, parts.optimizer, _ = _prepare(accelerator, cfg, parts.raw, optimizer)
         ts.attention_free = True
         _logger.info("lambda reached 0 at epoch %d: attention removed from blocks %s", epoch,
                      attention_free_indices(parts.raw))
@@ -207,8 +213,9 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             _evaluate_epoch(cfg, accelerator, parts, val_loader, ts, epoch, row, out)
         row["seconds"] = round(stats.seconds, 3)
+        whole = whole_model(parts.raw)  # under FSDP a collective: every process takes part
         if main:
-            save(export(parts.raw), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers})
+            save(export(whole), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers})
             atomic_append_line(out / "metrics.jsonl", json.dumps(row))
         if cfg.log_with:
             accelerator.log({k: v for k, v in row.items() if v is not None}, step=epoch)
@@ -254,9 +261,10 @@ def _evaluate_epoch(cfg, accelerator, parts: TrainParts, val_loader, ts: Trainer
     source, acc, best_model = max(candidates, key=lambda c: c[1])
     if acc > ts.best_acc:
         ts.best_acc, ts.best_epoch, ts.best_source = acc, epoch, source
+        whole = whole_model(best_model)  # under FSDP a collective: every process takes part
         if accelerator.is_main_process:
-            save(export(best_model), out / "best", extra={"epoch": epoch, "acc_deploy": acc, "source": source,
-                                                          "removed_layers": ts.layers})
+            save(export(whole), out / "best", extra={"epoch": epoch, "acc_deploy": acc, "source": source,
+                                                     "removed_layers": ts.layers})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""What changes when a model is sharded with FSDP2 (``fully_shard``), and nothing else.
+
+``fully_shard`` keeps every block's class (an ``FSDPDilutedBlock`` is a ``DilutedBlock``), so
+dilution, ``set_lambda``, ``deploy_mode`` and evaluation work on sharded models unchanged. Two
+things cannot work on shards: exporting in place (parameters leave the model, so the shards must be
+made again) and saving a model (it must be whole). :func:`whole_model` gathers a sharded model into
+a plain one (a collective: every process calls it); :func:`export_for_training` is the lambda = 0
+switch for plain, DDP and sharded models alike, carrying the optimizer state of the remaining
+parameters over by name.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import FORMAT, build_from_config, describe_architecture
+from .dilution import unwrap
+from .export import export
+
+_logger = logging.getLogger(__name__)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when any submodule of ``model`` is sharded by FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def whole_model(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is not sharded; else a plain copy with every weight whole, on the CPU.
+
+    Under FSDP this is a collective: every process must call it. The copy has the structure that
+    ``describe_architecture`` records (diluted blocks with their lambda, attention-free blocks).
+    """
+    model = unwrap(model)
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload=True would give the full weights to rank 0 only; every process needs them here
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    with torch.device("meta"):
+        plain = build_from_config({"format": FORMAT, **describe_architecture(model)})
+    plain.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in list(plain.parameters()) + list(plain.buffers())):  # a non-persistent buffer
+        plain = build_from_config({"format": FORMAT, **describe_architecture(model)})
+        plain.load_state_dict(state)
+    plain.train(model.training)
+    return plain
+
+
+def export_for_training(
+    raw: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    prepare: Callable[[nn.Module], tuple[nn.Module, torch.optim.Optimizer]],
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """Lambda reached 0 for good: remove the attention of the diluted blocks and train on.
+
+    ``raw`` is the bare model (under DDP / compile wrappers, possibly sharded), ``optimizer`` its
+    optimizer (or Accelerate's wrapper of it). A plain model is exported in place; a sharded one is
+    gathered, exported and handed back whole. ``prepare(model)`` must return the model ready to
+    train (wrapped, sharded again) and a new optimizer over its parameters. The optimizer state of
+    every remaining parameter (AdamW's moments, its step) is carried over by parameter name, which
+    holds for sharded parameters too: their shards are laid out as before. Returns
+    ``(prepared model, bare model, optimizer)``.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    names = {p: n for n, p in raw.named_parameters()}
+    moments = {names[p]: inner.state[p] for g in inner.param_groups for p in g["params"]
+               if p in inner.state and p in names}
+    model = whole_model(raw)
+    export(model, inplace=True)
+    prepared, new_optimizer = prepare(model)
+    bare = unwrap(prepared)
+    new_inner = getattr(new_optimizer, "optimizer", new_optimizer)
+    carried = 0
+    for name, p in bare.named_parameters():
+        if name in moments:
+            new_inner.state[p] = moments[name]
+            carried += 1
+    _logger.info("attention removed; optimizer state carried over for %d parameters", carried)
+    return prepared, bare, new_optimizer
