@@ -19,6 +19,7 @@ from shrink.bench import (
     parse_compare,
     parse_layers,
     parse_models,
+    parse_runtimes,
     run,
 )
 from shrink.cli import OneLineArgumentParser, check_distinct, check_output_file, cli_main
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: dense, + pruned with a removal, + ToMe with --tome-r)")
     m = p.add_argument_group("measurement")
     m.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    m.add_argument("--runtime", default="torch",
+                   help="torch (default), onnxruntime (alias ort), or both: torch,onnxruntime; onnxruntime "
+                        "exports each configuration to ONNX (needs pip install -e '.[deploy]'; fp32 only; "
+                        "CUDA execution provider with --device cuda, via onnxruntime-gpu). Speed-ups are "
+                        "against dense in the same runtime. See docs/deploy.md")
     m.add_argument("--batch-size", type=int, default=32, help="inference (and training) batch, default 32; halved on out of memory")
     m.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="inference weights and inputs in this dtype (default fp32); training uses autocast")
@@ -113,7 +119,8 @@ def _main(argv: list[str] | None = None) -> int:
             models=specs, device=args.device, batch_size=args.batch_size, precision=args.precision,
             compile=args.compile, channels_last=args.channels_last, img_size=args.img_size, warmup=args.warmup,
             iters=args.iters, repeats=args.repeats, latency=not args.no_latency, train=args.train,
-            threads=args.threads, interleave=args.interleave, json_path=args.json, csv_path=args.csv, plot_path=args.plot,
+            threads=args.threads, interleave=args.interleave, runtimes=parse_runtimes(args.runtime),
+            json_path=args.json, csv_path=args.csv, plot_path=args.plot,
             progress=not args.no_progress,
             command=shlex.join(["python", "benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
         )

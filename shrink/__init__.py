@@ -4,6 +4,7 @@ Pick the least informative attention layers, fade them out with a lambda schedul
 fine-tuning, and export the model with those attention layers physically gone.
 """
 from .checkpoint import create_model, load, load_weights, read_state_dict, save
+from .deploy import export_onnx, export_program, load_onnx_session, load_program, save_program
 from .dilution import (
     DilutedBlock,
     deploy_mode,
@@ -33,13 +34,18 @@ __all__ = [
     "dilute",
     "diluted_blocks",
     "export",
+    "export_onnx",
+    "export_program",
     "fold_residual_scale",
     "get_lambda",
     "lambda_at",
     "load",
+    "load_onnx_session",
+    "load_program",
     "load_weights",
     "read_state_dict",
     "save",
+    "save_program",
     "select_layers",
     "set_lambda",
 ]

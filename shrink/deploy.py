@@ -765,8 +765,8 @@ def _validate_args(args: argparse.Namespace) -> Path:
     if args.output:
         out = Path(args.output)
     elif ckpt is not None:
-        out = ckpt.with_name(ckpt.name.rstrip("/") + "." + args.format) if ckpt.is_dir() \
-            else ckpt.with_suffix("." + args.format)
+        c = ckpt.resolve()
+        out = c.with_name(c.name + "." + args.format) if c.is_dir() else c.with_suffix("." + args.format)
     else:
         raise ShrinkError("--model without --checkpoint needs --output")
     if out.suffix != "." + args.format:

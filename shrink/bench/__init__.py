@@ -24,6 +24,7 @@ from .measure import (
     time_calls,
 )
 from .measure import _PeakMemory as _PeakMemory  # used by tests/test_bench.py
+from .ort import RUNTIMES, build_session, parse_runtimes, prepare_session
 from .report import CSV_COLUMNS, SCHEMA, format_csv, format_markdown, plot_png, write_outputs
 from .runner import benchmark_one, run
 from .spec import (
@@ -45,12 +46,14 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_ITERS",
     "PRECISIONS",
+    "RUNTIMES",
     "SCHEMA",
     "VARIANTS",
     "BenchConfig",
     "ModelSpec",
     "TimedModel",
     "benchmark_one",
+    "build_session",
     "build_variant",
     "count_macs",
     "count_parameters",
@@ -64,9 +67,11 @@ __all__ = [
     "parse_layers",
     "parse_model_line",
     "parse_models",
+    "parse_runtimes",
     "plan",
     "plot_png",
     "prepare_inference",
+    "prepare_session",
     "read_selection",
     "resolve_removal",
     "run",

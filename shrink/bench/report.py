@@ -29,19 +29,27 @@ def _row(r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
             "params": r["params"]["total"], "gmacs": r["gmacs"], "batch_size": r["inference"]["batch_size"],
             "images_per_s": r["inference"]["images_per_s"], "images_per_s_min": r["inference"]["images_per_s_min"],
             "images_per_s_max": r["inference"]["images_per_s_max"], "speedup_vs_dense": r["speedup_vs_dense"],
-            "latency_ms": (r["latency_ms"] or {}).get("median"), "peak_memory_mb": r["memory"]["peak_mb"],
-            "memory_growth_mb": r["memory"]["growth_mb"],
+            "latency_ms": (r["latency_ms"] or {}).get("median"), "peak_memory_mb": (r["memory"] or {}).get("peak_mb"),
+            "memory_growth_mb": (r["memory"] or {}).get("growth_mb"),
             "train_images_per_s": (r["train"] or {}).get("images_per_s"),
             "device": s["device"], "precision": s["precision"], "compile": s["compile"]}
 
 
+def _has_runtimes(report: dict[str, Any]) -> bool:
+    return any("runtime" in r for r in report["results"])
+
+
 def format_csv(report: dict[str, Any]) -> str:
-    """One row per configuration, columns :data:`CSV_COLUMNS`."""
+    """One row per configuration, columns :data:`CSV_COLUMNS` (+ ``runtime`` in runs with onnxruntime)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    runtimes = _has_runtimes(report)
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS + (("runtime",) if runtimes else ()), lineterminator="\n")
     w.writeheader()
     for r in report["results"]:
-        w.writerow(_row(r, report["settings"]))
+        row = _row(r, report["settings"])
+        if runtimes:
+            row["runtime"] = r.get("runtime", "torch")
+        w.writerow(row)
     return buf.getvalue()
 
 
@@ -49,8 +57,10 @@ def format_markdown(report: dict[str, Any]) -> str:
     """The results as a markdown table, with the settings and notes underneath."""
     s = report["settings"]
     mem = "peak mem (MB)" if s["device"].startswith("cuda") else "mem growth (MB)"
-    head = ["model", "configuration", "params (M)", "GMACs", f"img/s (batch {s['batch_size']})",
-            "speedup", "latency b1 (ms)", mem] + (["train img/s"] if s["train"] else [])
+    runtimes = _has_runtimes(report)
+    head = ["model", "configuration"] + (["runtime"] if runtimes else []) + [
+        "params (M)", "GMACs", f"img/s (batch {s['batch_size']})", "speedup", "latency b1 (ms)", mem] + (
+        ["train img/s"] if s["train"] else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for r in report["results"]:
@@ -59,12 +69,14 @@ def format_markdown(report: dict[str, Any]) -> str:
         if inf["oom_halvings"]:
             ips += f" @b{inf['batch_size']}"
         lat = r["latency_ms"]
-        m = r["memory"]["peak_mb"] if s["device"].startswith("cuda") else r["memory"]["growth_mb"]
-        cells = [r["model"], r["label"], f"{r['params']['total'] / 1e6:.2f}", f"{r['gmacs']:.4g}", ips,
-                 "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x",
-                 "-" if lat is None else f"{lat['median']:.2f}", f"{m:.0f}"]
+        m = None if r["memory"] is None else (
+            r["memory"]["peak_mb"] if s["device"].startswith("cuda") else r["memory"]["growth_mb"])
+        cells = [r["model"], r["label"]] + ([r.get("runtime", "torch")] if runtimes else []) + [
+            f"{r['params']['total'] / 1e6:.2f}", f"{r['gmacs']:.4g}", ips,
+            "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x",
+            "-" if lat is None else f"{lat['median']:.2f}", "-" if m is None else f"{m:.0f}"]
         if s["train"]:
-            cells.append(f"{r['train']['images_per_s']:.1f}")
+            cells.append("-" if r["train"] is None else f"{r['train']['images_per_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"{r['model']} {r['label']}: {n}" for n in r["notes"]]
     env = report["environment"]
@@ -72,6 +84,11 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{s['device']} ({where}), {s['precision']}, compile={s['compile']}, "
               f"warm-up {s['warmup']}, {s['iters']} timed iterations x {s['repeats']} repeats: "
               f"img/s is the median (min-max) of the repeats."]
+    if runtimes:
+        lines += ["speedup: against dense in the same runtime; onnxruntime rows: the model exported with "
+                  "shrink.deploy.to_onnx (dynamic batch), all graph optimisations, "
+                  + ", ".join(sorted({p for r in report["results"] if "onnx" in r for p in r["onnx"]["providers"][:1]}))
+                  + (f", {s['device']} only (compile / channels-last / training apply to torch rows)")]
     lines += [f"note: {n}" for n in notes]
     lines += [f"skipped: {k['model']} {k['variant']}: {k['reason']}" for k in report["skipped"]]
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from .measure import (
     measure_training,
     prepare_inference,
 )
+from .ort import build_session, check_runtimes, prepare_session
 from .report import SCHEMA, write_outputs
 from .spec import (
     BenchConfig,
@@ -98,6 +99,10 @@ def _settings(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
          "repeats": r if cfg.repeats is None else cfg.repeats, "compile": cfg.compile,
          "channels_last": cfg.channels_last, "img_size": cfg.img_size, "latency": cfg.latency,
          "train": cfg.train, "interleave": cfg.interleave}
+    runtimes = list(cfg.runtimes or ["torch"])
+    if runtimes != ["torch"]:  # the key exists only in runs that include another runtime (schema unchanged)
+        s["runtimes"] = runtimes
+        check_runtimes(runtimes, device, cfg.precision)
     for key, low in (("batch_size", 1), ("warmup", 0), ("iters", 1), ("repeats", 1)):
         if s[key] < low:
             raise ShrinkError(f"--{key.replace('_', '-')} must be >= {low}, got {s[key]}")
@@ -134,12 +139,29 @@ def _prepare_timers(run_model: nn.Module, size: Sequence[int], settings: dict[st
     return timers
 
 
+def _prepare_ort_timers(model: nn.Module, size: Sequence[int], settings: dict[str, Any], device: torch.device,
+                       threads: int | None) -> tuple[dict[str, TimedModel], dict[str, Any]]:
+    """ONNX export of ``model`` (a copy), its session, and its throughput / latency timers."""
+    session, info = build_session(model, size, device, threads)
+    timers = {"inference": prepare_session(session, size, settings["batch_size"], device, settings["warmup"])}
+    if settings["latency"]:
+        timers["latency"] = prepare_session(session, size, 1, device, settings["warmup"], track_memory=False)
+    return timers, info
+
+
+def _timers(runtime: str, model: nn.Module, size: Sequence[int], settings: dict[str, Any], device: torch.device,
+            threads: int | None) -> tuple[dict[str, TimedModel], dict[str, Any] | None]:
+    if runtime == "onnxruntime":
+        return _prepare_ort_timers(model, size, settings, device, threads)
+    return _prepare_timers(_runnable(model, settings, device), size, settings, device), None
+
+
 def _finish(model: nn.Module, size: Sequence[int], timers: dict[str, TimedModel], settings: dict[str, Any],
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, runtime: str = "torch") -> dict[str, Any]:
     out: dict[str, Any] = {"inference": timers["inference"].result(), "memory": timers["inference"].setup["memory"]}
     out["latency_ms"] = _summary([v * 1e3 for v in timers["latency"].per_call]) if "latency" in timers else None
     out["train"] = None
-    if settings["train"]:
+    if settings["train"] and runtime == "torch":
         n = (settings["warmup"], settings["iters"], settings["repeats"])
         out["train"] = measure_training(model, size, settings["batch_size"], device, settings["precision"], *n,
                                         compile=settings["compile"], channels_last=settings["channels_last"])
@@ -158,11 +180,19 @@ def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.devi
     return out
 
 
-def _entry(p: _Planned, model: nn.Module, img_size: int | None) -> dict[str, Any]:
-    return {"model": p.spec.name, "variant": p.variant, "label": _label(p, model), "checkpoint": p.spec.checkpoint,
-            "removed_layers": p.layers if p.variant.startswith("pruned") else None,
-            "attention_free_blocks": _free_blocks(model),
-            "tome": _tome_entry(model, p.spec, img_size) if p.variant.endswith("+tome") else None}
+def _entry(p: _Planned, model: nn.Module, img_size: int | None, runtime: str | None = None) -> dict[str, Any]:
+    out = {"model": p.spec.name, "variant": p.variant, "label": _label(p, model), "checkpoint": p.spec.checkpoint,
+           "removed_layers": p.layers if p.variant.startswith("pruned") else None,
+           "attention_free_blocks": _free_blocks(model),
+           "tome": _tome_entry(model, p.spec, img_size) if p.variant.endswith("+tome") else None}
+    if runtime is not None:  # only in runs with several runtimes / onnxruntime
+        out["runtime"] = runtime
+    return out
+
+
+def _runtime_plan(settings: dict[str, Any]) -> list[str | None]:
+    """The runtimes to measure; None stands for the plain torch run (no runtime key in the report)."""
+    return list(settings["runtimes"]) if "runtimes" in settings else [None]
 
 
 def _models(planned: list[_Planned], img_size: int | None, device: torch.device):
@@ -198,23 +228,42 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(planned) * (2 if cfg.interleave else 1), desc="benchmark", unit="step",
                disable=not cfg.progress, file=sys.stderr)
+    runtimes = _runtime_plan(settings)
     if not cfg.interleave:
         for p, model in _models(planned, cfg.img_size, device):
-            entry = _entry(p, model, cfg.img_size)
-            bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
-            entry.update(benchmark_one(model, settings, device))
-            results.append(entry)
+            if runtimes == [None]:
+                entry = _entry(p, model, cfg.img_size)
+                bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
+                entry.update(benchmark_one(model, settings, device))
+                results.append(entry)
+            else:
+                static = _static(model, settings)
+                for rt in sorted(runtimes, key=lambda r: r == "torch"):  # onnxruntime first: torch moves the model
+                    entry = {**_entry(p, model, cfg.img_size, rt), **static}
+                    bar.set_postfix_str(f"{p.spec.name} {entry['label']} {rt}")
+                    timers, info = _timers(rt, model, entry["input_size"], settings, device, cfg.threads)
+                    for t in timers.values():
+                        t.time(settings["iters"], settings["repeats"], sync)
+                    entry.update(_finish(model, entry["input_size"], timers, settings, device, rt))
+                    if info is not None:
+                        entry["onnx"] = info
+                    results.append(entry)
+                    del timers
             del model
             _free(device)
             bar.update()
+        results = _runtime_order(results, runtimes)
     else:
         staged = []
         for p, model in _models(planned, cfg.img_size, device):
-            entry = _entry(p, model, cfg.img_size)
-            bar.set_postfix_str(f"set up {p.spec.name} {entry['label']}")
-            entry.update(_static(model, settings))
-            timers = _prepare_timers(_runnable(model, settings, device), entry["input_size"], settings, device)
-            staged.append((entry, model, timers))
+            static = _static(model, settings)
+            for rt in sorted(runtimes, key=lambda r: r == "torch"):
+                entry = {**_entry(p, model, cfg.img_size, rt), **static}
+                bar.set_postfix_str(f"set up {p.spec.name} {entry['label']}{'' if rt is None else ' ' + rt}")
+                timers, info = _timers(rt or "torch", model, entry["input_size"], settings, device, cfg.threads)
+                if info is not None:
+                    entry["onnx"] = info
+                staged.append((entry, model, timers))
             bar.update()
         for rep in range(settings["repeats"]):
             order = list(range(len(staged)))
@@ -224,10 +273,14 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                     t.time(settings["iters"], 1, sync)
         for entry, model, timers in staged:
             bar.set_postfix_str(f"finish {entry['model']} {entry['label']}")
-            entry.update(_finish(model, entry["input_size"], timers, settings, device))
+            onnx_info = entry.pop("onnx", None)
+            entry.update(_finish(model, entry["input_size"], timers, settings, device, entry.get("runtime", "torch")))
+            if onnx_info is not None:
+                entry["onnx"] = onnx_info
             results.append(entry)
-            bar.update()
+        bar.update(len(planned))
         del staged
+        results = _runtime_order(results, runtimes)
     bar.close()
     _free(device)
     _add_speedups(results)
@@ -245,12 +298,19 @@ def _tome_entry(model: nn.Module, spec: ModelSpec, img_size: int | None) -> dict
             "tokens_per_block": tome.tome_token_counts(model, input_size(model, img_size))}
 
 
+def _runtime_order(results: list[dict[str, Any]], runtimes: list[str | None]) -> list[dict[str, Any]]:
+    """Entries grouped by runtime in the order asked for (torch rows, then onnxruntime rows, ...)."""
+    if runtimes == [None]:
+        return results
+    return sorted(results, key=lambda r: runtimes.index(r.get("runtime")))  # stable within a runtime
+
+
 def _add_speedups(results: list[dict[str, Any]]) -> None:
-    """images/s over the first dense configuration of the same model and input size in this run."""
+    """images/s over the first dense configuration of the same model, input size and runtime in this run."""
     dense: dict[tuple, float] = {}
     for r in results:
         if r["variant"] == "dense" and not r["attention_free_blocks"]:  # not a loaded shrunk model
-            dense.setdefault((r["model"], tuple(r["input_size"])), r["inference"]["images_per_s"])
+            dense.setdefault((r["model"], tuple(r["input_size"]), r.get("runtime")), r["inference"]["images_per_s"])
     for r in results:
-        d = dense.get((r["model"], tuple(r["input_size"])))
+        d = dense.get((r["model"], tuple(r["input_size"]), r.get("runtime")))
         r["speedup_vs_dense"] = r["inference"]["images_per_s"] / d if d else None

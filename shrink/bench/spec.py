@@ -55,6 +55,7 @@ class BenchConfig:
     train: bool = False
     threads: int | None = None
     interleave: bool = False  # time the configurations round-robin (for machines with other load)
+    runtimes: list[str] | None = None  # None: torch only; e.g. ["torch", "onnxruntime"] (shrink.bench.ort)
     json_path: str | None = None
     csv_path: str | None = None
     plot_path: str | None = None
