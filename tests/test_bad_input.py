@@ -36,7 +36,6 @@ from . import _bad_input_fixtures as fx
 from ._bad_input_fixtures import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
-LEAD = pytest.mark.xfail(reason="train.py part (lead)", strict=False)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 COMMANDS = {
@@ -153,7 +152,6 @@ class Case:
     setup: Callable[[Path, Path], None] | None = None  # (t, shared folder)
     env: Callable[[Path], dict[str, str]] = field(default=lambda t: {})
     fresh: bool = False
-    lead: bool = False
     skip: str | None = None
     max_seconds: float | None = None
 
@@ -310,7 +308,7 @@ CASES: list[Case] = [
     Case("ml-cifar-without-path", "main_lambda", _ml("--data-set", "cifar10"), "--data-path"),
     # ---- main_lambda.py: weights to start from ----
     Case("ml-finetune-hostile-pickle", "main_lambda", _ml("--finetune", "{t}/evil.pth"), "refused",
-         setup=_evil(), lead=True),
+         setup=_evil()),
     Case("ml-finetune-other-architecture", "main_lambda",
          _ml("--finetune", "{t}/saved", "--model", "deit_tiny_patch16_224"), "vit_digits",
          setup=_saved()),
@@ -320,24 +318,20 @@ CASES: list[Case] = [
     Case("ml-pretrained-hub-unreachable", "main_lambda", _ml("--model", "deit_tiny_patch16_224", "--input-size", "32"),
          "cannot reach", env=_hub_env, fresh=True, max_seconds=60),
     Case("ml-negative-lr-fresh", "main_lambda", _ml("--lr", "-1"), "--lr", fresh=True),
-    # ---- main_lambda.py: the output folder and --resume (shrink/train.py, the lead's part) ----
-    Case("ml-finetune-nan-weights", "main_lambda", _ml("--finetune", "{t}/nan.pth"), "NaN", setup=_nan_pth,
-         lead=True),
-    Case("ml-output-dir-is-a-file", "main_lambda", _ml("--output-dir", "{t}/f"), "out", setup=_file("f"),
-         lead=True),
+    # ---- main_lambda.py: the output folder and --resume ----
+    Case("ml-finetune-nan-weights", "main_lambda", _ml("--finetune", "{t}/nan.pth"), "NaN", setup=_nan_pth),
+    Case("ml-output-dir-is-a-file", "main_lambda", _ml("--output-dir", "{t}/f"), "out", setup=_file("f")),
     Case("ml-output-dir-foreign-files", "main_lambda", _ml("--output-dir", "{t}/o"), "o",
-         setup=_dir_with("o", "thesis.tex"), lead=True),
-    Case("ml-output-dir-under-a-file", "main_lambda", _ml("--output-dir", "{t}/f/run"), "f", setup=_file("f"),
-         lead=True),
-    Case("ml-output-dir-read-only", "main_lambda", _ml("--output-dir", "{t}/ro/run"), "ro", setup=_readonly,
-         lead=True, skip="running as root: chmod does not stop writes" if IS_ROOT else None),
+         setup=_dir_with("o", "thesis.tex")),
+    Case("ml-output-dir-under-a-file", "main_lambda", _ml("--output-dir", "{t}/f/run"), "f", setup=_file("f")),
+    Case("ml-output-dir-read-only", "main_lambda", _ml("--output-dir", "{t}/ro/run"), "ro", setup=_readonly, skip="running as root: chmod does not stop writes" if IS_ROOT else None),
     Case("ml-resume-other-layers", "main_lambda", _ml("--resume", "--output-dir", "{t}/run", "--remove-layers", "3"),
-         "remove", setup=_run(remove_layers=[0, 1]), lead=True),
+         "remove", setup=_run(remove_layers=[0, 1])),
     Case("ml-resume-other-model", "main_lambda",
          _ml("--resume", "--output-dir", "{t}/run", "--model", "deit_tiny_patch16_224", "--no-pretrained"), "model",
-         setup=_run(remove_layers=[0, 1]), lead=True),
+         setup=_run(remove_layers=[0, 1])),
     Case("ml-resume-damaged-state", "main_lambda", _ml("--resume", "--output-dir", "{t}/run"), "state",
-         setup=_damaged_state, lead=True),
+         setup=_damaged_state),
     # ---- benchmark.py ----
     Case("bench-json-under-a-file", "benchmark", _a("--model", "vit_digits", "--json", "{t}/f/r.json"), "--json",
          setup=_file("f")),
@@ -419,7 +413,7 @@ CASES: list[Case] = [
 
 
 def _param(c: Case):
-    marks = [LEAD] if c.lead else []
+    marks = []
     if c.skip:
         marks.append(pytest.mark.skip(reason=c.skip))
     return pytest.param(c, id=c.id, marks=marks)
