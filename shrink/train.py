@@ -108,6 +108,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
     model = build_model(cfg, num_classes, download=not resumed or cfg.distill)  # resume: the state has the weights
     train_ds, calib_ds, val_ds = build_datasets(cfg, model)
+    if len(train_ds) < cfg.batch_size * accelerator.num_processes:
+        raise ShrinkError(f"the train split ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size} "
+                          f"per process ({accelerator.num_processes} process(es))")
     if main and not rd.started:
         create_run_dir(rd, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
@@ -147,14 +150,10 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
 
-
         parts.ema = ModelEmaV3(parts.raw, decay=cfg.model_ema_decay)  # a copy of the model already on the device
     if teacher is not None:
         parts.teacher = teacher.to(accelerator.device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)  # optimizer updates per epoch, per process
-    if steps_per_epoch == 0:
-        raise ShrinkError(f"the train split ({len(train_ds)} images) is smaller than one batch of "
-                          f"{cfg.batch_size} per process")
 
     if resumed:
         _restore(accelerator, out / "state", ts, parts.ema)

@@ -243,6 +243,7 @@ def _hub_env(t: Path) -> dict[str, str]:
 CASES: list[Case] = [
     # ---- main_lambda.py: flags ----
     Case("ml-negative-lr", "main_lambda", _ml("--lr", "-1"), "--lr"),
+    Case("ml-batch-larger-than-the-data", "main_lambda", _ml("--batch-size", "2000"), "smaller than one batch"),
     Case("ml-zero-epochs", "main_lambda", _ml("--epochs", "0"), "--epochs"),
     Case("ml-nan-lr", "main_lambda", _ml("--lr", "nan"), "--lr"),
     Case("ml-input-size-not-multiple-of-patch", "main_lambda", _ml("--input-size", "9"), "patch size"),
