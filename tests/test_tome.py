@@ -664,3 +664,14 @@ def test_merge_png_for_a_greyscale_model(tmp_path):
     Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "rgb.png")
     out = save_merge_png(model, tmp_path / "rgb.png", tmp_path / "m.png")
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_official_comparison_script_needs_the_official_code(tmp_path, capsys):
+    """scripts/tome_vs_official.py never ships the official code: without it, one line and exit 2."""
+    spec = importlib.util.spec_from_file_location("tome_vs_official", REPO / "scripts" / "tome_vs_official.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for argv in (["--official-path", str(tmp_path), "logits"], ["speed"]):
+        assert mod.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
