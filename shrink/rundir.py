@@ -110,7 +110,9 @@ def check_resume_settings(saved: dict[str, Any], current: dict[str, Any]) -> lis
 def create_run_dir(rd: RunDir, config_text: str) -> None:
     """Make the folder hold this run: config.yaml appears together with the folder (or in the empty one)."""
     out = rd.path
-    if rd.existed:
+    if rd.existed:  # empty but for what killed writes of an unstarted run left: nobody owns that
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         atomic_write_text(out / CONFIG, config_text)
         return
     for stale in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
