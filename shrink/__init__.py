@@ -4,7 +4,6 @@ Pick the least informative attention layers, fade them out with a lambda schedul
 fine-tuning, and export the model with those attention layers physically gone.
 """
 from .checkpoint import create_model, load, load_weights, read_state_dict, save
-from .deploy import export_onnx, export_program, load_onnx_session, load_program, save_program
 from .dilution import (
     DilutedBlock,
     deploy_mode,
@@ -20,6 +19,17 @@ from .selection import select_layers
 from .tome import apply_tome, remove_tome, tome_token_counts
 
 __version__ = "0.1.0"
+
+# shrink.deploy is imported on first use, so that `python -m shrink.deploy` runs it only once
+_DEPLOY_NAMES = ("export_onnx", "export_program", "load_onnx_session", "load_program", "save_program")
+
+
+def __getattr__(name: str):
+    if name in _DEPLOY_NAMES:
+        from . import deploy
+
+        return getattr(deploy, name)
+    raise AttributeError(f"module 'shrink' has no attribute {name!r}")
 
 __all__ = [
     "AttentionFreeBlock",

@@ -308,6 +308,10 @@ def test_import_shrink_does_not_import_onnx():
     code = "import sys, shrink; import shrink.deploy; print(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript')))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+    # python -m shrink.deploy: one error line, no runpy warning about a module imported twice
+    r = subprocess.run([sys.executable, "-m", "shrink.deploy", "--checkpoint", "/nonexistent/best"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: checkpoint not found: /nonexistent/best\n"
 
 
 def test_pt2_with_pickled_payload_is_refused(tmp_path):
