@@ -50,3 +50,12 @@ def vit(request):
 @pytest.fixture
 def images():
     return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared 2-core machine, two spinning threads per process are 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

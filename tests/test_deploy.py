@@ -30,12 +30,7 @@ ort = pytest.importorskip("onnxruntime", reason="the deploy extra is not install
 pytest.importorskip("onnxscript", reason="the deploy extra is not installed")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _deit_tiny() -> torch.nn.Module:

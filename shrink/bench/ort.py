@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ShrinkError
 from .measure import TimedModel, _PeakMemory, _with_oom_halving, time_calls
+from .spec import parse_choices
 
 _logger = logging.getLogger(__name__)
 
@@ -26,16 +27,7 @@ RUNTIMES = ("torch", "onnxruntime")
 
 def parse_runtimes(text: str) -> list[str]:
     """``"torch,onnxruntime"`` -> validated runtime names (``ort`` is short for onnxruntime)."""
-    out = []
-    for v in (t.strip() for t in text.split(",") if t.strip()):
-        v = "onnxruntime" if v in ("ort", "onnx") else v
-        if v not in RUNTIMES:
-            raise ShrinkError(f"unknown runtime {v!r} in --runtime; choose from {', '.join(RUNTIMES)}")
-        if v not in out:
-            out.append(v)
-    if not out:
-        raise ShrinkError("--runtime is empty")
-    return out
+    return parse_choices(text, RUNTIMES, "--runtime", "runtime", {"ort": "onnxruntime", "onnx": "onnxruntime"})
 
 
 def check_runtimes(runtimes: Sequence[str], device: torch.device, precision: str) -> None:

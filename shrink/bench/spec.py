@@ -75,18 +75,24 @@ def parse_layers(text: str, what: str = "layers") -> list[int]:
         raise ShrinkError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
-def parse_compare(text: str) -> list[str]:
-    """``"dense,pruned"`` -> validated configuration names (``tome`` means ``dense+tome``)."""
+def parse_choices(text: str, choices: Sequence[str], flag: str, what: str,
+                  aliases: dict[str, str] | None = None) -> list[str]:
+    """``"a,b"`` -> the names, each one of ``choices`` (after ``aliases``), without repeats, at least one."""
     out = []
     for v in (t.strip() for t in text.split(",") if t.strip()):
-        v = "dense+tome" if v == "tome" else v
-        if v not in VARIANTS:
-            raise ShrinkError(f"unknown configuration {v!r} in --compare; choose from {', '.join(VARIANTS)}")
+        v = (aliases or {}).get(v, v)
+        if v not in choices:
+            raise ShrinkError(f"unknown {what} {v!r} in {flag}; choose from {', '.join(choices)}")
         if v not in out:
             out.append(v)
     if not out:
-        raise ShrinkError("--compare is empty")
+        raise ShrinkError(f"{flag} is empty")
     return out
+
+
+def parse_compare(text: str) -> list[str]:
+    """``"dense,pruned"`` -> validated configuration names (``tome`` means ``dense+tome``)."""
+    return parse_choices(text, VARIANTS, "--compare", "configuration", {"tome": "dense+tome"})
 
 
 def parse_model_line(line: str, defaults: ModelSpec) -> ModelSpec:
