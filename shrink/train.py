@@ -147,6 +147,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
                        distill_alpha=cfg.distill_alpha, distill_tau=cfg.distill_tau)
     parts.model, parts.optimizer, (train_loader, val_loader) = _prepare(
         accelerator, cfg, model, optimizer, make_loader(train_ds, cfg, train=True), make_loader(val_ds, cfg, train=False))
+    parts.raw = unwrap(accelerator.unwrap_model(parts.model))  # the module that was prepared (sharded under FSDP)
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
 
