@@ -81,20 +81,21 @@ def cli_main(
     else is a bug and keeps its traceback.
     """
     setup_output(verbose)
+    # under a multi-process launch every process meets the same user error: one of them says it
+    say = os.environ.get("RANK", "0") == "0"
     try:
         return body(argv)
     except ShrinkError as e:
-        print(f"{prefix}{one_line(e)}", file=sys.stderr)
-        return 2
+        message, code = f"{prefix}{one_line(e)}", 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        message, code = "interrupted", 130
     except OSError as e:
-        print(f"{prefix}{_os_error_line(e)}", file=sys.stderr)
-        return 2
+        message, code = f"{prefix}{_os_error_line(e)}", 2
     except MemoryError:
-        print(f"{prefix}out of memory (try a smaller --batch-size or model)", file=sys.stderr)
-        return 2
+        message, code = f"{prefix}out of memory (try a smaller --batch-size or model)", 2
+    if say:
+        print(message, file=sys.stderr)
+    return code
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import shrink
-from tests.test_train import _metrics, _run
+from tests.test_train import _accelerate, _metrics, _run
 
 ARGS = ["--remove-layers", "1,3", "--epochs", "4", "--dilution-epochs", "2", "--model-ema", "--model-ema-decay",
         "0.9", "--calib-images", "64", "--no-progress"]
@@ -133,3 +133,17 @@ def test_a_damaged_state_stops_the_resume_in_one_line(tmp_path, one_epoch_run, v
     assert res.returncode == 2 and len(lines) == 1 and match in lines[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before  # nothing touched
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes_is_refused_once(tmp_path, one_epoch_run):
+    out = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    res = _run([*_accelerate(2), "main_lambda.py", "--resume", "--epochs", "2", "--output-dir", str(out),
+                "--no-progress"])
+    assert res.returncode != 0
+    said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert said == ["error: cannot resume: the run was saved by 1 process(es) and this one has 2; launch it "
+                    "with --num_processes 1"]  # once, not once per process
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
