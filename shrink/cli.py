@@ -16,8 +16,12 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ShrinkError
+
+if TYPE_CHECKING:
+    import torch
 
 _NOISY_LOGGERS = ("timm", "huggingface_hub", "accelerate", "torch", "PIL", "matplotlib", "fvcore", "urllib3",
                   "filelock", "iopath")
@@ -65,6 +69,21 @@ def _os_error_line(e: OSError) -> str:
     what = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or str(e) or type(e).__name__
     names = [str(n) for n in (e.filename, e.filename2) if n is not None]
     return f"{' -> '.join(names)}: {what}" if names else one_line(what)
+
+
+def parse_device(name: str, flag: str = "--device") -> torch.device:
+    """``cpu`` or ``cuda[:N]``, refused in one line when unknown or when CUDA is not there."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ShrinkError(f"unknown {flag} {name!r}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ShrinkError(f"{flag} {name!r} is not supported; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ShrinkError(f"{flag} cuda asked for, but CUDA is not available on this machine; use {flag} cpu")
+    return device
 
 
 def cli_main(

@@ -342,7 +342,7 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
     """Build the model's skeleton on the meta device: unknown names, bad arguments, input sizes the patch
     size does not divide, removals on models without attention and out-of-range layers all fail here."""
     from .checkpoint import model_skeleton
-    from .dilution import attention_block_indices, validate_layers
+    from .dilution import has_attention_layers, validate_layers
 
     kwargs: dict[str, Any] = {}
     if cfg.num_classes is not None:
@@ -358,11 +358,7 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
     if is_dir and name is None:  # the saved architecture is the model: recorded in config.yaml as such
         cfg.model = model.shrink_arch["name"]
     if cfg.remove_layers is not None or cfg.remove_ratio > 0:
-        try:
-            has_attention = bool(attention_block_indices(model))
-        except ShrinkError:
-            has_attention = False
-        if not has_attention:
+        if not has_attention_layers(model):
             raise ShrinkError(f"{cfg.model} is not a ViT: it has no attention layers to remove; use --remove-ratio 0")
         if cfg.remove_layers is not None:
             try:

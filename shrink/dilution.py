@@ -41,6 +41,14 @@ def attention_block_indices(model: nn.Module) -> list[int]:
     return [i for i, b in enumerate(get_blocks(model)) if _is_prenorm_block(b)]
 
 
+def has_attention_layers(model: nn.Module) -> bool:
+    """Whether ``model`` is a ViT-style model with at least one attention sublayer to remove."""
+    try:
+        return bool(attention_block_indices(model))
+    except ShrinkError:  # no transformer blocks at all
+        return False
+
+
 def validate_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
     """Check a layer list against a model: ints, in range, no repeats, attention-bearing."""
     blocks = get_blocks(model)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import create_model
 from .config import RunConfig
 from .data import build_dataset, calibration_subset, with_transform
-from .dilution import attention_block_indices, get_blocks, validate_layers
+from .dilution import get_blocks, has_attention_layers, validate_layers
 from .errors import ShrinkError
 
 _logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def resolve_layers(cfg: RunConfig, model: nn.Module, calib_ds: Dataset, accelera
         return {"criterion": "manual", "layers": validate_layers(model, cfg.remove_layers)}
     if cfg.remove_ratio == 0:
         return {"criterion": None, "layers": []}
-    if getattr(model, "blocks", None) is None or not attention_block_indices(model):
+    if not has_attention_layers(model):
         raise ShrinkError(f"{cfg.model} has no attention layers to remove; use --remove-ratio 0")
     from .selection import select_layers
 

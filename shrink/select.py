@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import OneLineArgumentParser, check_output_dir, cli_main
+from .cli import OneLineArgumentParser, check_output_dir, cli_main, parse_device
 from .errors import ShrinkError
 from .io import atomic_write_json
 from .selection import CRITERIA, layer_table, plot_selection, select_layers
@@ -82,7 +82,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
     """
     from .checkpoint import model_skeleton
     from .data import check_data_path, resolve_data_set
-    from .dilution import attention_block_indices, validate_layers
+    from .dilution import has_attention_layers, validate_layers
 
     layers = _parse_layers(args.layers)
     if args.criterion == "manual" and layers is None:
@@ -103,14 +103,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
     if args.input_size is not None and args.input_size <= 0:
         raise ShrinkError(f"--input-size must be positive, got {args.input_size}")
     if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            raise ShrinkError(f"unknown --device {args.device!r}; use cpu or cuda") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ShrinkError("--device cuda asked for, but CUDA is not available on this machine")
-        if dev.type not in ("cpu", "cuda"):
-            raise ShrinkError(f"--device {args.device!r} is not supported; use cpu or cuda")
+        parse_device(args.device)
     args.data_set = resolve_data_set(args.data_set, args.data_path)
     if args.data_set in ("digits", "synthetic") and args.data_path is not None:
         raise ShrinkError(f"--data-path is not used by --data-set {args.data_set}")
@@ -133,11 +126,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
     kwargs = {"img_size": args.input_size} if args.input_size else {}
     skeleton = model_skeleton(args.model, checkpoint=checkpoint if is_dir else None, **kwargs)
     args.model = skeleton.shrink_arch["name"]
-    try:
-        has_attention = bool(attention_block_indices(skeleton))
-    except ShrinkError:
-        has_attention = False
-    if not has_attention:
+    if not has_attention_layers(skeleton):
         raise ShrinkError(f"{args.model} has no attention layers to select from")
     if layers is not None:
         validate_layers(skeleton, layers)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli import parse_device
 from ..errors import ShrinkError
 from .measure import (
     DEFAULT_ITERS,
@@ -55,18 +56,6 @@ def _label(p: _Planned, model: nn.Module) -> str:
         policy = "" if p.spec.tome_policy == "none" else f" policy={p.spec.tome_policy}"
         parts.append(f"ToMe r={p.spec.tome_r} start={p.spec.tome_start_idx}{policy}")
     return " + ".join(parts)
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ShrinkError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ShrinkError("--device cuda asked for, but CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ShrinkError(f"device {name!r} is not supported; use cpu or cuda")
-    return device
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -215,7 +204,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     """
     from tqdm.auto import tqdm
 
-    device = _device(cfg.device)
+    device = parse_device(cfg.device)
     settings = _settings(cfg, device)
     if cfg.threads is not None:
         if cfg.threads < 1:
