@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ShrinkError
-from .io import atomic_write_text
+from .io import _umask, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 
@@ -135,12 +135,6 @@ def create_run_dir(rd: RunDir, config_text: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     rd.created.append(out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def remove_run_dir(rd: RunDir) -> None:
