@@ -1,7 +1,9 @@
 """What the project's MLP families share: normalisation constants, cfg defaults, the build call.
 
-None of these models has downloadable weights here: ``pretrained=True`` raises a one-line
-``ShrinkError`` that points at :mod:`models.loaders` (local files, no network).
+None of these models has downloadable weights: ``pretrained=True`` raises timm's own error (no
+source for the weights). Local files of the original repositories load with
+``shrink.load_checkpoint`` (or ``timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=path))`` for files already in this module's key names).
 """
 from __future__ import annotations
 
@@ -14,11 +16,9 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import nn
 
-from shrink.errors import ShrinkError
-
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_DEFAULT_MEAN",
-    "IMAGENET_DEFAULT_STD", "build", "cfg", "init_linear", "no_pretrained", "rename_keys",
+    "IMAGENET_DEFAULT_STD", "build", "cfg", "init_linear", "rename_keys",
 ]
 
 # Per-channel statistics of the training images (torchvision's CIFAR, pixels scaled to [0, 1]).
@@ -39,15 +39,6 @@ def cfg(**kwargs: Any) -> dict[str, Any]:
     return out
 
 
-def no_pretrained(variant: str, pretrained: bool) -> None:
-    """Refuse ``pretrained=True`` clearly: the project never downloads weights."""
-    if pretrained:
-        raise ShrinkError(
-            f"{variant} has no downloadable weights in this project: build it with pretrained=False and load a "
-            f"local file with models.loaders.load_checkpoint(model, path) or shrink.create_model(name, checkpoint=path)"
-        )
-
-
 def build(
     model_cls: Callable[..., nn.Module],
     variant: str,
@@ -57,8 +48,7 @@ def build(
     **kwargs: Any,
 ) -> nn.Module:
     """``build_model_with_cfg`` for a weight-less variant; the cfg's input size follows ``img_size``."""
-    no_pretrained(variant, pretrained)
-    model = build_model_with_cfg(model_cls, variant, False, pretrained_filter_fn=filter_fn, **kwargs)
+    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
     img_size = kwargs.get("img_size")
     if img_size is not None:
         in_chans = kwargs.get("in_chans", model.pretrained_cfg["input_size"][0])

@@ -14,21 +14,17 @@ Key names here are timm's (``stem``, ``blocks.i.norm``, ``blocks.i.mlp.fc1``, ``
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
-import timm
 import torch
 from timm.layers import DropPath, Mlp, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from shrink.errors import ShrinkError
-
 from ._helpers import build, cfg, rename_keys
 
-__all__ = ["BottleneckBlock", "BottleneckMLP", "checkpoint_filter_fn", "get_model", "parse_architecture"]
+__all__ = ["BottleneckBlock", "BottleneckMLP", "checkpoint_filter_fn", "parse_architecture"]
 
 _NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": nn.Identity}
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -68,7 +64,7 @@ class BottleneckMLP(nn.Module):
     ) -> None:
         super().__init__()
         if norm not in _NORMS or act not in _ACTS:
-            raise ShrinkError(f"BottleneckMLP: norm must be one of {sorted(_NORMS)} and act one of {sorted(_ACTS)}")
+            raise ValueError(f"BottleneckMLP: norm must be one of {sorted(_NORMS)} and act one of {sorted(_ACTS)}")
         self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.in_dim = in_chans * self.img_size[0] * self.img_size[1]
@@ -94,13 +90,13 @@ class BottleneckMLP(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             if tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
-                raise ShrinkError(
+                raise ValueError(
                     f"BottleneckMLP expects {self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, got "
                     f"{'x'.join(map(str, x.shape[1:]))}: resize the input or build the model with that img_size"
                 )
             x = x.flatten(1)
         elif x.dim() != 2 or x.shape[1] != self.in_dim:
-            raise ShrinkError(f"BottleneckMLP expects images or flat vectors of {self.in_dim} values, got {tuple(x.shape)}")
+            raise ValueError(f"BottleneckMLP expects images or flat vectors of {self.in_dim} values, got {tuple(x.shape)}")
         return self.blocks(self.stem_drop(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -176,51 +172,10 @@ def bottleneck_mlp_nano(pretrained: bool = False, **kwargs: Any) -> BottleneckML
 
 _ARCH = re.compile(r"^B_(\d+)-Wi_(\d+)(?:-Ex_(\d+))?$")
 
-# The original's named checkpoints (its utils/download.py); they are files to fetch by hand here.
-_NAMED_CHECKPOINTS = {
-    "in21k": "imagenet21", "in21k_cifar10": "cifar10", "in21k_cifar100": "cifar100", "in21k_imagenet": "imagenet",
-}
-
 
 def parse_architecture(architecture: str) -> tuple[int, int, int]:
     """``'B_12-Wi_1024'`` (optionally ``'-Ex_4'``) -> (blocks, width, expansion factor)."""
     m = _ARCH.match(architecture.strip())
     if not m:
-        raise ShrinkError(f"architecture {architecture!r} is not of the form 'B_<blocks>-Wi_<width>[-Ex_<factor>]'")
+        raise ValueError(f"architecture {architecture!r} is not of the form 'B_<blocks>-Wi_<width>[-Ex_<factor>]'")
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 4)
-
-
-def get_model(
-    architecture: str = "B_12-Wi_1024",
-    resolution: int = 64,
-    num_classes: int = 11230,
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    trusted: bool = False,
-    **kwargs: Any,
-) -> BottleneckMLP:
-    """The original ``get_model`` call shape; ``checkpoint`` is a local weights file (never a download).
-
-    Registered variants (``B_12-Wi_1024`` -> ``bottleneck_mlp_b12_wi1024``) are built by name; other
-    block / width / expansion combinations pass ``depth`` / ``embed_dim`` / ``mlp_ratio`` to the class.
-    """
-    depth, width, expansion = parse_architecture(architecture)
-    if checkpoint is not None and str(checkpoint) in _NAMED_CHECKPOINTS and not os.path.exists(checkpoint):
-        b, w = architecture.split("-")
-        name = f"{b.replace('_', '-')}_{w.replace('_', '-')}_res_{resolution}_{_NAMED_CHECKPOINTS[str(checkpoint)]}"
-        raise ShrinkError(
-            f"checkpoint {checkpoint!r} names a download of the original repository (a file like '{name}_epochs_*'); "
-            f"this project never downloads: fetch the file yourself and pass its path"
-        )
-    variant = f"bottleneck_mlp_b{depth}_wi{width}"
-    args: dict[str, Any] = dict(img_size=resolution, num_classes=num_classes, **kwargs)
-    if expansion != 4 or not timm.is_model(variant):
-        variant = "bottleneck_mlp_b12_wi1024"  # the class is the same; depth / width / ratio are arguments
-        args.update(depth=depth, embed_dim=width, mlp_ratio=float(expansion))
-    model = timm.create_model(variant, **args)
-    model.shrink_arch = {"name": variant, "kwargs": args}  # lets shrink.save / shrink.load rebuild it
-    if checkpoint is not None:
-        from .loaders import load_checkpoint
-
-        load_checkpoint(model, checkpoint, trusted=trusted)
-    return model

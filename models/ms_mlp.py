@@ -26,8 +26,6 @@ from timm.layers import DropPath, LayerScale, Mlp
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from shrink.errors import ShrinkError
-
 from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg, init_linear, rename_keys
 
 __all__ = ["MSMLP", "MixShiftBlock", "ShiftMix", "checkpoint_filter_fn"]
@@ -42,7 +40,7 @@ def chunk_sizes(dim: int, groups: int) -> list[int]:
     size = math.ceil(dim / groups)
     sizes = [min(size, dim - i * size) for i in range(math.ceil(dim / size))]
     if len(sizes) != groups:
-        raise ShrinkError(f"MS-MLP: {dim} channels do not split into {groups} groups the way torch.chunk does ({sizes})")
+        raise ValueError(f"MS-MLP: {dim} channels do not split into {groups} groups the way torch.chunk does ({sizes})")
     return sizes
 
 
@@ -52,7 +50,7 @@ class ShiftMix(nn.Module):
     def __init__(self, dim: int, shift_dist: Sequence[int] = _SHIFT_DIST, mix_size: Sequence[int] = _MIX_SIZE[0]) -> None:
         super().__init__()
         if len(mix_size) != len(shift_dist):
-            raise ShrinkError(f"MS-MLP: {len(shift_dist)} shift distances but {len(mix_size)} mixing sizes")
+            raise ValueError(f"MS-MLP: {len(shift_dist)} shift distances but {len(mix_size)} mixing sizes")
         self.shift_dist = tuple(int(s) for s in shift_dist)
         self.chunks = chunk_sizes(dim, len(self.shift_dist))
 
@@ -138,7 +136,7 @@ class MSMLP(nn.Module):
     ) -> None:
         super().__init__()
         if len(mix_size) != len(depths):
-            raise ShrinkError(f"MS-MLP: {len(depths)} stages but {len(mix_size)} rows of mixing sizes")
+            raise ValueError(f"MS-MLP: {len(depths)} stages but {len(mix_size)} rows of mixing sizes")
         self.img_size = img_size
         self.num_classes = num_classes
         self.global_pool = global_pool

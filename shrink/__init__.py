@@ -3,7 +3,9 @@
 Pick the least informative attention layers, fade them out with a lambda schedule while
 fine-tuning, and export the model with those attention layers physically gone.
 """
-from .checkpoint import create_model, load, load_weights, read_state_dict, save
+# The model families first: importing shrink registers them with timm (shrink.models imports only torch and timm).
+from . import models  # noqa: F401  isort: skip
+from .checkpoint import get_bottleneck_mlp, load_checkpoint, read_checkpoint
 from .dilution import (
     DilutedBlock,
     deploy_mode,
@@ -15,6 +17,7 @@ from .dilution import (
 )
 from .errors import ShrinkError
 from .export import AttentionFreeBlock, attention_free_indices, export, fold_residual_scale
+from .factory import create_model, load, save
 from .selection import select_layers
 from .tome import apply_tome, remove_tome, tome_token_counts
 
@@ -46,14 +49,15 @@ __all__ = [
     "export",
     "export_onnx",
     "export_program",
+    "get_bottleneck_mlp",
     "fold_residual_scale",
     "get_lambda",
     "lambda_at",
     "load",
     "load_onnx_session",
     "load_program",
-    "load_weights",
-    "read_state_dict",
+    "load_checkpoint",
+    "read_checkpoint",
     "save",
     "save_program",
     "select_layers",

@@ -1,56 +1,122 @@
-"""Weights in and out: DeiT ``.pth`` / ``.safetensors`` / timm hub names in; shrunk models out and back.
+"""Weights files in: the one reader of checkpoints, ours and foreign.
 
-Nothing here unpickles arbitrary objects: ``.pth`` files are read with ``weights_only=True`` and
-everything the toolkit writes is safetensors + JSON.
+Formats (all read without running code; ``.pth`` pickles with ``torch.load(weights_only=True)``):
+
+- ``.safetensors`` (timm, this project's ``model.safetensors``);
+- DeiT / timm ``.pth``: a bare state dict or one under ``model`` / ``state_dict`` / ``model_state`` /
+  ``module`` / ``net``, with ``module.`` (DDP), ``_orig_mod.`` (torch.compile) or ``model.`` prefixes;
+- MS-MLP's Swin-style files (a yacs ``CfgNode`` beside the weights) and FF-only ViT's DeiT-style
+  files (an ``argparse.Namespace``): those records are rebuilt as inert stand-ins (a plain
+  ``OrderedDict`` / a ``Namespace``), so no class of the original code is imported;
+- Scaling MLPs' bare state dicts.
+
+A file that holds any other object is refused unless the caller opts in with ``trusted=True``
+(CLI: ``--trust-checkpoint``), a full ``torch.load`` for files from a source you trust.
+
+Each family's key remap stays where timm keeps it, as ``checkpoint_filter_fn`` in the model's
+file (:mod:`shrink.models`); :func:`load_checkpoint` applies it. This module imports no other
+part of ``shrink`` but :mod:`shrink.errors` and :mod:`shrink.wrappers`: model definitions below it, everything else above.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import logging
-import math
 import os
 import pickle
-import socket
-import threading
-from collections.abc import Mapping
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .dilution import DilutedBlock, dilute, get_blocks
-from .errors import ShrinkError
-from .export import AttentionFreeBlock, attention_free_indices, export, is_folded
-from .io import atomic_dir
+from .errors import ShrinkError, first_line
+from .models import bottleneck_mlp
+from .wrappers import unwrap
+
+__all__ = ["checkpoint_filter", "get_bottleneck_mlp", "key_report", "load_checkpoint", "read_checkpoint"]
 
 _logger = logging.getLogger(__name__)
 
-FORMAT = "shrink.model/1"
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-_WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+# Inert stand-ins for the configuration records training scripts pickle next to the weights.
+_STAND_INS: list[Any] = [(OrderedDict, "yacs.config.CfgNode"), argparse.Namespace]
+_WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "net")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
 _HEAD_PREFIXES = ("head.", "head_dist.")
+# timm families whose checkpoint_filter_fn maps a foreign format (ResMLP's official keys); the
+# project's own families (shrink.models.*) are all looked up
+_TIMM_FILTERED = ("timm.models.mlp_mixer",)
 
 
-def _register_project_models() -> None:
-    """Import ``models`` so the project's architectures are registered with timm."""
+def _torch_load(path: Path, trusted: bool) -> Any:
     try:
-        import models  # noqa: F401
-    except ImportError:  # the library works without the repo's models/ package
-        pass
+        with torch.serialization.safe_globals(_STAND_INS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trusted:
+            glob = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), None)
+            if glob is None:
+                raise ShrinkError(f"cannot read {path}: not a torch checkpoint of tensors") from None
+            raise ShrinkError(
+                f"refused to load {path}: it pickles objects other than tensors and config records, and loading it "
+                f"could run code ({glob}); if you trust its source, pass trusted=True (CLI: --trust-checkpoint)"
+            ) from None
+        _logger.warning("loading %s with a full unpickler (trusted=True): %s", path, first_line(e))
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on damaged files
+        raise ShrinkError(f"cannot read {path}: {first_line(e)}") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a trusted file can fail in any way its pickle chooses
+        raise ShrinkError(f"cannot read {path}: {first_line(e)}") from None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weights file (``.safetensors`` or a torch ``.pth``) into a flat state dict.
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
-    ``.pth`` files are loaded with ``weights_only=True``: a pickle that would run code is refused.
-    DeiT-style wrappers (``{'model': ...}``) and DDP's ``module.`` prefixes are removed.
+
+def _unwrap(obj: Any, path: Path, entry: str | None) -> dict[str, torch.Tensor]:
+    if entry is not None:
+        if not isinstance(obj, Mapping) or entry not in obj:
+            keys = ", ".join(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ShrinkError(f"{path} has no entry {entry!r} (it has: {keys})"[:400])
+        obj = obj[entry]
+    for _ in range(3):
+        if _is_state_dict(obj):
+            return dict(obj)
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)),
+                     None)
+        if inner is None:
+            break
+        obj = inner
+    raise ShrinkError(f"cannot read {path}: no state dict of tensors found (expected a dict, or one under 'model')")
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, trusted: bool = False, entry: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The flat state dict of a weights file (``.safetensors``, bare or wrapped ``.pth``, any suffix).
+
+    ``entry`` picks a top-level entry explicitly (e.g. ``'model_ema'``); by default the weights
+    are found under ``model`` / ``state_dict`` / ... or at the top level. Wrapper prefixes
+    (``module.``, ``_orig_mod.``, ``model.``) are removed. ``trusted=True`` is the explicit opt-in
+    to a full unpickler for files that need one; see the module docstring.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,45 +125,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ShrinkError(f"cannot read {path}: not a valid safetensors file ({e})") from None
-    else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # weights_only refuses any global it does not know: that is a file that would run code
-            glob = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), None)
-            if glob is None:
-                raise ShrinkError(f"cannot read {path}: not a torch checkpoint of tensors") from None
-            raise ShrinkError(f"refused to load {path}: it holds objects other than tensors and loading it "
-                              f"could run code ({glob})") from None
-        except Exception as e:  # noqa: BLE001 - torch.load raises many types on damaged files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ShrinkError(f"cannot read {path}: {first}") from None
-        sd = _unwrap_state_dict(obj, path)
-    return _strip_prefix(sd)
+            raise ShrinkError(f"cannot read {path}: not a valid safetensors file ({first_line(e)})") from None
+        return _strip_prefixes(sd)
+    return _strip_prefixes(_unwrap(_torch_load(path, trusted), path, entry))
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-        if isinstance(obj, Mapping):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-            if inner is not None:
-                obj = inner
-                continue
-        break
-    raise ShrinkError(f"cannot read {path}: no state dict of tensors found (expected a dict, or one under 'model')")
+def checkpoint_filter(model: nn.Module) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
+    """The key remap of ``model``'s family: its module's ``checkpoint_filter_fn``, timm's convention.
+
+    Looked up for the project's families and for timm's MLP-Mixer module (ResMLP's official keys);
+    the identity for every other model (DeiT / ViT checkpoints load under their own names).
+    """
+    module_name = type(unwrap(model)).__module__
+    if module_name.startswith(f"{__package__}.models.") or module_name in _TIMM_FILTERED:
+        fn = getattr(sys.modules.get(module_name), "checkpoint_filter_fn", None)
+        if fn is not None:
+            return fn
+    return lambda sd, model=None: sd
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _key_report(missing: list[str], unexpected: list[str], mismatched: list[str], limit: int = 8) -> str:
+def key_report(missing: list[str], unexpected: list[str], mismatched: list[str], limit: int = 8) -> str:
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         if keys:
@@ -136,22 +183,27 @@ def _check_values(sd: Mapping[str, Any], own: Mapping[str, torch.Tensor], source
             raise ShrinkError(f"{source}: {k} holds NaN or Inf values; refusing weights that would compute nonsense")
 
 
-def load_weights(
+def load_checkpoint(
     model: nn.Module,
-    weights: str | os.PathLike | Mapping[str, torch.Tensor],
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
     *,
+    trusted: bool = False,
+    entry: str | None = None,
     strict: bool = True,
     reset_head: bool = True,
 ) -> dict[str, list[str]]:
-    """Load weights into ``model`` with strict key matching and a readable report.
+    """Load a weights file (or a state dict) into ``model``: read, remap the family's keys, check, load.
 
-    Position embeddings are resampled when the resolution differs (timm's filter). When the class
-    count differs and ``reset_head``, the classifier keeps its fresh initialisation and the report
-    lists it under ``reinitialised``. Any other missing, unexpected or mis-shaped key raises.
+    Strict key matching with a readable report. Position embeddings are resampled when the
+    resolution differs (timm's resampler). When the class count differs and ``reset_head``, the
+    classifier keeps its fresh initialisation and the report lists it under ``reinitialised``. Any
+    other missing, unexpected or mis-shaped key, and any non-finite weight, raises ``ShrinkError``.
     """
-    source = str(weights) if isinstance(weights, (str, os.PathLike)) else "checkpoint"
-    sd = dict(read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else weights)
-    sd = _strip_prefix(sd)
+    if isinstance(checkpoint, Mapping):
+        source, sd = "checkpoint", _strip_prefixes(dict(checkpoint))
+    else:
+        source, sd = str(checkpoint), read_checkpoint(checkpoint, trusted=trusted, entry=entry)
+    sd = dict(checkpoint_filter(model)(sd, unwrap(model)))
     own = model.state_dict()
     _check_values(sd, own, source)
     _resample_pos_embed(sd, model)
@@ -171,486 +223,52 @@ def load_weights(
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected or mismatched):
         raise ShrinkError(
-            f"checkpoint does not match {type(model).__name__}: {_key_report(missing, unexpected, mismatched)}"
+            f"checkpoint does not match {type(model).__name__}: {key_report(missing, unexpected, mismatched)}"
         )
     if reinit:
         _logger.info("classifier re-initialised (class count differs): %s", ", ".join(reinit))
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched, "reinitialised": reinit}
 
 
-# ----------------------------------------------------------------------------------------------
-# Building models: names, arguments and sizes checked on the meta device first
-# ----------------------------------------------------------------------------------------------
 
-# timm.create_model's own arguments: a config.json must not set them (checkpoint_path would unpickle a file)
-_FACTORY_KWARGS = frozenset({
-    "model_name", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
-    "scriptable", "exportable", "no_jit", "features_only", "feature_cfg", "feature_cls", "out_indices",
-    "pretrained_strict"})
-# upper bounds for the usual size arguments; any other integer argument is bounded by _MAX_INT
-_KWARG_LIMITS = {"depth": 1024, "num_heads": 4096, "embed_dim": 65536, "img_size": 16384, "patch_size": 1024,
-                 "num_classes": 1 << 20, "in_chans": 1024, "mlp_ratio": 64, "class_token": 1, "reg_tokens": 1024}
-_MAX_INT = 1 << 20
-MAX_PARAMS = 20_000_000_000  # 80 GB of fp32 weights: beyond any model this toolkit is for
-_MAX_CONFIG_BYTES = 1 << 20
+# The original's named checkpoints (its utils/download.py); they are files to fetch by hand here.
+_NAMED_CHECKPOINTS = {
+    "in21k": "imagenet21", "in21k_cifar10": "cifar10", "in21k_cifar100": "cifar100", "in21k_imagenet": "imagenet",
+}
 
 
-def _check_json_value(key: str, v: Any, where: str, depth: int = 0) -> None:
-    if depth > 4:
-        raise ShrinkError(f"{where}: model_kwargs.{key} is nested too deeply")
-    if isinstance(v, bool) or v is None:
-        return
-    if isinstance(v, int):
-        limit = _KWARG_LIMITS.get(key, _MAX_INT)
-        if not -_MAX_INT <= v <= limit:
-            raise ShrinkError(f"{where}: model_kwargs.{key} = {v} is out of range (at most {limit})")
-    elif isinstance(v, float):
-        if not math.isfinite(v) or abs(v) > _KWARG_LIMITS.get(key, _MAX_INT):
-            raise ShrinkError(f"{where}: model_kwargs.{key} = {v} is out of range")
-    elif isinstance(v, str):
-        if len(v) > 256:
-            raise ShrinkError(f"{where}: model_kwargs.{key} is a string of {len(v)} characters")
-    elif isinstance(v, list):
-        if len(v) > 64:
-            raise ShrinkError(f"{where}: model_kwargs.{key} is a list of {len(v)} items")
-        for item in v:
-            _check_json_value(key, item, where, depth + 1)
-    elif isinstance(v, dict):
-        if len(v) > 64:
-            raise ShrinkError(f"{where}: model_kwargs.{key} has {len(v)} entries")
-        for k2, item in v.items():
-            _check_json_value(f"{key}.{k2}", item, where, depth + 1)
-    else:
-        raise ShrinkError(f"{where}: model_kwargs.{key} has a value of type {type(v).__name__}")
-
-
-def _estimate_params(kwargs: dict[str, Any]) -> int:
-    """A transformer's parameter count from its size arguments, (4 + 2 * mlp_ratio) * dim^2 per block:
-    cheap enough to refuse absurd configs before even the meta-device build (which takes time per block)."""
-    def num(v: Any, reduce) -> float:
-        vals = [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float)) and not isinstance(x, bool)]
-        return float(reduce(vals)) if vals else 0.0
-
-    dim, depth = num(kwargs.get("embed_dim"), max), num(kwargs.get("depth"), sum)
-    ratio = num(kwargs.get("mlp_ratio", 4.0), max) or 4.0
-    return int((4 + 2 * ratio) * dim * dim * max(depth, 1.0)) if dim else 0
-
-
-def _index_list(v: Any, key: str, where: str) -> list[int]:
-    if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ShrinkError(f"{where}: {key} must be a list of block indices, got {v!r}"[:300])
-    if any(i < 0 or i > _KWARG_LIMITS["depth"] for i in v) or len(set(v)) != len(v):
-        raise ShrinkError(f"{where}: {key} holds a negative, huge or repeated index: {v}"[:300])
-    return v
-
-
-def validate_config(config: Any, where: str = CONFIG_FILE) -> dict[str, Any]:
-    """Check a saved model's config.json before anything is built: keys, types, sizes, registered name.
-
-    Returns the config; raises ShrinkError with one line naming the bad entry.
-    """
-    if not isinstance(config, dict):
-        raise ShrinkError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    if config.get("format") != FORMAT:
-        raise ShrinkError(f"{where}: unknown format {str(config.get('format'))[:60]!r} (expected {FORMAT!r})")
-    name = config.get("architecture")
-    if not isinstance(name, str) or not name:
-        raise ShrinkError(f"{where}: 'architecture' must be a timm model name, got {str(name)[:60]!r}")
-    _register_project_models()
-    if not timm.is_model(name):
-        raise ShrinkError(f"{where}: unknown model {name[:80]!r} (not registered with timm)")
-    kwargs = config.get("model_kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ShrinkError(f"{where}: 'model_kwargs' must be an object, got {type(kwargs).__name__}")
-    for k, v in kwargs.items():
-        if k in _FACTORY_KWARGS or k.startswith("_"):
-            raise ShrinkError(f"{where}: model_kwargs.{k} is not a model argument (refused)")
-        _check_json_value(k, v, where)
-    estimate = _estimate_params(kwargs)
-    if estimate > MAX_PARAMS:
-        raise ShrinkError(f"{where}: model_kwargs describe about {estimate:,} parameters; refusing to build "
-                          f"(limit {MAX_PARAMS:,})")
-    free = _index_list(config.get("attention_free_blocks", []), "attention_free_blocks", where)
-    if not isinstance(config.get("folded", False), bool):
-        raise ShrinkError(f"{where}: 'folded' must be true or false")
-    diluted = config.get("diluted_blocks", {})
-    if not isinstance(diluted, dict):
-        raise ShrinkError(f"{where}: 'diluted_blocks' must be an object of block index -> lambda")
-    idx = []
-    for k, v in diluted.items():
-        if not k.isdigit():
-            raise ShrinkError(f"{where}: diluted_blocks key {k[:20]!r} is not a block index")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0.0 <= v <= 1.0):
-            raise ShrinkError(f"{where}: diluted_blocks[{k}] must be a lambda in [0, 1], got {v!r}")
-        idx.append(int(k))
-    _index_list(idx, "diluted_blocks", where)
-    if set(idx) & set(free):
-        raise ShrinkError(f"{where}: blocks {sorted(set(idx) & set(free))} are both attention-free and diluted")
-    for key, kind in (("data_config", dict), ("extra", dict)):
-        if key in config and not isinstance(config[key], kind):
-            raise ShrinkError(f"{where}: '{key}' must be a JSON object")
-    return config
-
-
-def check_input_size(model: nn.Module, name: str | None = None) -> None:
-    """Refuse an image size the patch size does not divide (timm would drop the border or fail later)."""
-    pe = getattr(model, "patch_embed", None)
-    img, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
-    if img is None or patch is None or getattr(pe, "dynamic_img_pad", False):
-        return
-    img, patch = tuple(img), tuple(patch)
-    if any(i < p or i % p for i, p in zip(img, patch, strict=False)):
-        shown = img[0] if len(set(img)) == 1 else "x".join(map(str, img))
-        raise ShrinkError(f"input size {shown} is not a multiple of the patch size {patch[0]} of "
-                          f"{name or type(model).__name__}; choose e.g. {max(patch[0], img[0] // patch[0] * patch[0])}")
-
-
-def _check_size(model: nn.Module, name: str) -> None:
-    n = sum(p.numel() for p in model.parameters())
-    if n > MAX_PARAMS:
-        raise ShrinkError(f"{name} would have {n:,} parameters; refusing to build it (limit {MAX_PARAMS:,})")
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _timm_skeleton(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """``name`` built on the meta device (no memory), with its size and input size checked."""
-    try:
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(name, pretrained=False, **kwargs)
-        except (RuntimeError, NotImplementedError) as e:
-            if "meta" not in str(e).lower():
-                raise
-            # an architecture whose constructor reads tensor values: build it for real (rare, slower)
-            _logger.debug("%s cannot be built on the meta device (%s); building it on the CPU", name, _first(e))
-            with torch.device("cpu"):
-                model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise ShrinkError(f"cannot build {name} with {kwargs}: {_first(e)}") from None
-    except (ValueError, AssertionError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as e:
-        raise ShrinkError(f"cannot build {name} with {kwargs}: {type(e).__name__}: {_first(e)}") from None
-    _check_size(model, name)
-    check_input_size(model, name)
-    return model
-
-
-def model_skeleton(name: str | None, *, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
-    """The model :func:`create_model` would build, on the meta device: no memory, no download, no weights.
-
-    For checking names, arguments, input sizes and layer indices before any heavy work.
-    """
-    _register_project_models()
-    if checkpoint is not None and Path(checkpoint).is_dir():
-        config, _ = _saved_with_overrides(checkpoint, name, kwargs)
-        with torch.device("meta"):
-            return build_from_config(config)
-    if not isinstance(name, str) or not timm.is_model(name):
-        raise ShrinkError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
-    model = _timm_skeleton(name, kwargs)
-    model.shrink_arch = {"name": name, "kwargs": _jsonable(kwargs)}
-    return model
-
-
-def _saved_with_overrides(path: str | os.PathLike, name: str | None,
-                          kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A saved model's config with ``kwargs`` overriding its model_kwargs, and the overrides that changed it."""
-    config = read_config(path)
-    arch = config["architecture"]
-    if name is not None and name != arch:
-        raise ShrinkError(f"{path} holds a {arch}, not a {name}; give --model {arch} or leave --model out")
-    saved = dict(config.get("model_kwargs", {}))
-    overrides = {k: v for k, v in _jsonable(kwargs).items() if saved.get(k, _MISSING) != v}
-    if not overrides:
-        return config, {}
-    merged = {**config, "model_kwargs": {**saved, **overrides}}
-    return validate_config(merged, f"{path}/{CONFIG_FILE} with {overrides}"), overrides
-
-
-_MISSING = object()
-
-
-def _hub_url(model: nn.Module) -> str | None:
-    """Where timm would download ``model``'s pretrained weights from; None when no download is needed
-    (a local file, or already in the hub cache); '' when timm knows no weights for it."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("file"):
-        return None
-    hf = cfg.get("hf_hub_id")
-    if hf:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import ENDPOINT
-
-        repo, _, revision = hf.partition("@")
-        for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            try:
-                hit = try_to_load_from_cache(repo, fname, revision=revision or None)
-            except Exception:  # noqa: BLE001 - a damaged cache is a miss
-                hit = None
-            if isinstance(hit, str):
-                return None
-        return f"{ENDPOINT.rstrip('/')}/{repo}"
-    url = cfg.get("url")
-    if url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        return None if cached.is_file() else url
-    return ""
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Can a TCP connection to ``url``'s host (or the HTTPS proxy) be opened within ``timeout`` seconds?"""
-    parsed = urlparse(url)
-    host, port = parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443)
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    no_proxy = [d.strip().lstrip(".") for d in (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",")]
-    if proxy and not any(d and host.endswith(d) for d in no_proxy):
-        pp = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = pp.hostname or host, pp.port or 80
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.append(True)
-        except (OSError, UnicodeError):
-            ok.append(False)
-
-    t = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok and ok[0])
-
-
-def check_hub(name: str, skeleton: nn.Module) -> None:
-    """Fail fast, in one line, when pretrained weights must come from a hub that cannot be reached."""
-    url = _hub_url(skeleton)
-    if url is None:
-        return
-    if not url:
-        raise ShrinkError(f"timm has no pretrained weights for {name}; use --no-pretrained or --finetune FILE")
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
-    if HF_HUB_OFFLINE and (getattr(skeleton, "pretrained_cfg", None) or {}).get("hf_hub_id"):
-        raise ShrinkError(f"the pretrained weights of {name} are not in the local cache and HF_HUB_OFFLINE is set; "
-                          f"pass a local file with --finetune, or --no-pretrained")
-    if not _reachable(url):
-        raise ShrinkError(f"cannot reach {urlparse(url).hostname} to download the pretrained weights of {name} "
-                          f"(no network?); pass a local file with --finetune, or --no-pretrained")
-
-
-def create_model(
-    name: str | None,
-    *,
-    pretrained: bool = False,
+def get_bottleneck_mlp(
+    architecture: str = "B_12-Wi_1024",
+    resolution: int = 64,
+    num_classes: int = 11230,
     checkpoint: str | os.PathLike | None = None,
+    *,
+    trusted: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
-    """``timm.create_model`` that remembers how it was built (for ``save``/``load``).
+    """Scaling MLPs' ``get_model`` call shape; ``checkpoint`` is a local weights file (never a download).
 
-    ``checkpoint`` loads a local weights file strictly (DeiT ``.pth``, ``.safetensors``, or a
-    directory written by :func:`save`); ``pretrained`` uses timm's hub download, which fails fast in
-    one line when the hub cannot be reached. For a saved directory, ``name`` may be None (the saved
-    architecture) or must equal it, and ``kwargs`` override the saved ones: ``num_classes``
-    re-initialises the head, ``img_size`` resamples ``pos_embed``, ``drop_path_rate`` applies.
-    Names, arguments and input sizes are checked on the meta device before anything is allocated.
+    Registered variants (``B_12-Wi_1024`` -> ``bottleneck_mlp_b12_wi1024``) are built by name; other
+    block / width / expansion combinations pass ``depth`` / ``embed_dim`` / ``mlp_ratio`` to the class.
     """
-    _register_project_models()
-    if checkpoint is not None and Path(checkpoint).is_dir():
-        config, overrides = _saved_with_overrides(checkpoint, name, kwargs)
-        if not overrides:
-            return load(checkpoint)
-        with torch.device("meta"):
-            skeleton = build_from_config(config)
-        _check_size(skeleton, config["architecture"])
-        model = build_from_config(config)
-        load_weights(model, Path(checkpoint) / MODEL_FILE, reset_head=True)
-        return model.eval()
-    if name is None:
-        raise ShrinkError("create_model needs a model name (or checkpoint= a folder written by shrink.save)")
-    if not isinstance(name, str) or not timm.is_model(name):
-        raise ShrinkError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
-    skeleton = _timm_skeleton(name, kwargs)  # cheap checks before any download or allocation
-    if pretrained:
-        check_hub(name, skeleton)
-    del skeleton
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise ShrinkError(f"cannot build {name} with {kwargs}: {e}") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        if pretrained:
-            raise ShrinkError(
-                f"could not get pretrained weights for {name} (no network or hub access?): {_first(e)}; "
-                f"pass a local file with --finetune/checkpoint instead"
-            ) from None
-        raise
-    model.shrink_arch = {"name": name, "kwargs": _jsonable(kwargs)}
+        depth, width, expansion = bottleneck_mlp.parse_architecture(architecture)
+    except ValueError as e:
+        raise ShrinkError(str(e)) from None
+    if checkpoint is not None and str(checkpoint) in _NAMED_CHECKPOINTS and not os.path.exists(checkpoint):
+        b, w = architecture.split("-")
+        name = f"{b.replace('_', '-')}_{w.replace('_', '-')}_res_{resolution}_{_NAMED_CHECKPOINTS[str(checkpoint)]}"
+        raise ShrinkError(
+            f"checkpoint {checkpoint!r} names a download of the original repository (a file like '{name}_epochs_*'); "
+            f"this project never downloads: fetch the file yourself and pass its path"
+        )
+    variant = f"bottleneck_mlp_b{depth}_wi{width}"
+    args: dict[str, Any] = dict(img_size=resolution, num_classes=num_classes, **kwargs)
+    if expansion != 4 or not timm.is_model(variant):
+        variant = "bottleneck_mlp_b12_wi1024"  # the class is the same; depth / width / ratio are arguments
+        args.update(depth=depth, embed_dim=width, mlp_ratio=float(expansion))
+    model = timm.create_model(variant, **args)
+    model.shrink_arch = {"name": variant, "kwargs": args}  # lets shrink.save / shrink.load rebuild it
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_checkpoint(model, checkpoint, trusted=trusted)
     return model
-
-
-def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, tuple):
-            v = list(v)
-        try:
-            json.dumps(v)
-        except TypeError:
-            raise ShrinkError(f"model argument {k}={v!r} cannot be stored in config.json") from None
-        out[k] = v
-    return out
-
-
-def describe_architecture(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild ``model``: its timm name, constructor kwargs and block structure."""
-    arch = getattr(model, "shrink_arch", None)
-    if arch is None:
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        if name is None:
-            raise ShrinkError("cannot tell which timm architecture this model is; build it with shrink.create_model")
-        kwargs: dict[str, Any] = {}
-        if hasattr(model, "num_classes"):
-            kwargs["num_classes"] = int(model.num_classes)
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            kwargs["img_size"] = list(img_size)
-        arch = {"name": name, "kwargs": kwargs}
-    blocks = getattr(model, "blocks", None)
-    desc = {"architecture": arch["name"], "model_kwargs": dict(arch["kwargs"])}
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        desc["attention_free_blocks"] = attention_free_indices(model)
-        desc["folded"] = is_folded(model) if desc["attention_free_blocks"] else False
-        desc["diluted_blocks"] = {str(i): b.lambda_value for i, b in enumerate(blocks) if isinstance(b, DilutedBlock)}
-    return desc
-
-
-def _data_config(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "num_classes")
-    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in keys if k in cfg}
-
-
-def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to directory ``path`` (``model.safetensors`` + ``config.json``), atomically."""
-    model = getattr(model, "_orig_mod", model)
-    config = {"format": FORMAT, **describe_architecture(model), "data_config": _data_config(model),
-              "num_params": sum(p.numel() for p in model.parameters())}
-    if extra:
-        config["extra"] = extra
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-    def fill(tmp: Path) -> None:
-        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-    return atomic_dir(path, fill)
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a saved model directory, checked against the schema (:func:`validate_config`)."""
-    cfg_path = Path(path) / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise ShrinkError(f"not a saved shrink model: {cfg_path} is missing")
-    if cfg_path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise ShrinkError(f"{cfg_path} is larger than {_MAX_CONFIG_BYTES} bytes; not a shrink config")
-
-    def no_constant(c: str) -> Any:
-        raise ValueError(f"{c} is not allowed")
-
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"), parse_constant=no_constant)
-    except (json.JSONDecodeError, ValueError, UnicodeDecodeError) as e:
-        raise ShrinkError(f"cannot read {cfg_path}: {_first(e)}") from None
-    except RecursionError:
-        raise ShrinkError(f"cannot read {cfg_path}: nested too deeply") from None
-    return validate_config(config, str(cfg_path))
-
-
-def build_from_config(config: dict[str, Any]) -> nn.Module:
-    """An (untrained) model with the structure a config.json describes (checked first)."""
-    validate_config(config)
-    name = config["architecture"]
-    kwargs = dict(config.get("model_kwargs", {}))
-    meta = torch.empty(0).device.type == "meta"
-    if meta:
-        model = _timm_skeleton(name, kwargs)
-    else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    model.shrink_arch = {"name": name, "kwargs": kwargs}
-    free = list(config.get("attention_free_blocks", []))
-    diluted = {int(i): float(v) for i, v in config.get("diluted_blocks", {}).items()}
-    if free or diluted:
-        depth = len(get_blocks(model))
-        bad = [i for i in [*free, *diluted] if i >= depth]
-        if bad:
-            raise ShrinkError(f"{CONFIG_FILE}: block index {bad[0]} is out of range for {name} with {depth} blocks")
-    if free:
-        dilute(model, free, lam=0.0)
-        if meta:  # export reads each lambda with .item(), which a meta tensor cannot answer
-            for b in get_blocks(model):
-                if isinstance(b, DilutedBlock):
-                    b.lam = torch.zeros((), device="cpu")
-        export(model, inplace=True)
-        if config.get("folded"):
-            for b in get_blocks(model):
-                if isinstance(b, AttentionFreeBlock):
-                    b.residual_scale = 1.0
-    for i, lam in diluted.items():
-        dilute(model, [i], lam=lam)
-    return model
-
-
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-def _safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Names, dtypes and shapes of a safetensors file, read from its header only (nothing allocated)."""
-    if not path.is_file():
-        raise ShrinkError(f"{path} is missing or not a regular file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ShrinkError(f"cannot read {path}: not a valid safetensors file ({_first(e)})") from None
-
-
-def _check_header(header: dict[str, tuple[str, list[int]]], model: nn.Module, path: Path) -> None:
-    """The file holds exactly the model's tensors, with its shapes and a floating dtype where it has one."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in header and not k.endswith(".lam")]
-    unexpected = [k for k in header if k not in own]
-    mismatched = [k for k in header if k in own and list(own[k].shape) != header[k][1]]
-    if missing or unexpected or mismatched:
-        raise ShrinkError(f"{path} does not match the model its config.json describes: "
-                          f"{_key_report(missing, unexpected, mismatched)}")
-    for k, (dtype, _) in header.items():
-        if own[k].is_floating_point() and dtype not in _FLOAT_DTYPES:
-            raise ShrinkError(f"{path}: {k} has dtype {dtype}, expected floating point weights")
-
-
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild a model saved with :func:`save` and load its weights strictly (no code is run).
-
-    Everything is checked before memory is spent: the config against its schema, then the weight
-    file's header (names, shapes, dtypes) against the model built on the meta device; then the
-    weights are loaded and must be finite.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise ShrinkError(f"model directory not found: {path}")
-    config = read_config(path)
-    header = _safetensors_header(path / MODEL_FILE)
-    with torch.device("meta"):
-        skeleton = build_from_config(config)
-    _check_header(header, skeleton, path / MODEL_FILE)
-    del skeleton
-    model = build_from_config(config)
-    load_weights(model, path / MODEL_FILE, reset_head=False)
-    if device is not None:
-        model.to(device)
-    return model.eval()

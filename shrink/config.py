@@ -295,7 +295,7 @@ def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] 
     if not cfg.eval:
         _check_model(cfg, n, explicit)
     else:
-        from .checkpoint import model_skeleton
+        from .factory import model_skeleton
 
         saved = model_skeleton(None, checkpoint=cfg.checkpoint)  # config.json checked before any work
         size = getattr(getattr(saved, "patch_embed", None), "img_size", None)
@@ -341,8 +341,8 @@ def _check_data(cfg: RunConfig, n, explicit: set[str] | None) -> None:
 def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
     """Build the model's skeleton on the meta device: unknown names, bad arguments, input sizes the patch
     size does not divide, removals on models without attention and out-of-range layers all fail here."""
-    from .checkpoint import model_skeleton
     from .dilution import has_attention_layers, validate_layers
+    from .factory import model_skeleton
 
     kwargs: dict[str, Any] = {}
     if cfg.num_classes is not None:
@@ -366,7 +366,7 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
             except ShrinkError as e:
                 raise ShrinkError(f"{n('remove_layers')}: {e}") from None
     if cfg.pretrained and cfg.finetune is None and not cfg.resume:  # after the cheap checks: can the weights be had?
-        from .checkpoint import check_hub
+        from .factory import check_hub
 
         check_hub(cfg.model, model)
 

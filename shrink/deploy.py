@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dilution import DilutedBlock, get_blocks, unwrap
+from .dilution import DilutedBlock, get_blocks
 from .errors import ShrinkError
 from .export import attention_free_indices, export, fold_residual_scale, is_folded
 from .io import atomic_write
+from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def deploy_metadata(
     from timm.data import resolve_data_config
 
     from . import tome
-    from .checkpoint import describe_architecture
+    from .factory import describe_architecture
 
     m = unwrap(model)
     c, h, w = (int(v) for v in input_size)
@@ -787,8 +788,8 @@ def _validate_args(args: argparse.Namespace) -> Path:
 
 def _load_model(args: argparse.Namespace) -> nn.Module:
     from .bench.spec import parse_layers
-    from .checkpoint import create_model, load
     from .dilution import dilute, validate_layers
+    from .factory import create_model, load
 
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is not None and ckpt.is_dir():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ShrinkError
+from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -184,17 +185,6 @@ def deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for i, b in blocks.items():
             b.set_lambda(saved[i])
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under torch.compile and DDP / FSDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "blocks"):
-            model = model.module  # DDP / FSDP wrappers
-        else:
-            return model
 
 
 # --------------------------------------------------------------------------------------------------

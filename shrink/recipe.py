@@ -14,11 +14,11 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import create_model
 from .config import RunConfig
 from .data import build_dataset, calibration_subset, with_transform
 from .dilution import get_blocks, has_attention_layers, validate_layers
 from .errors import ShrinkError
+from .factory import create_model
 
 _logger = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ import torch
 from .cli import OneLineArgumentParser, check_output_dir, cli_main, parse_device
 from .errors import ShrinkError
 from .io import atomic_write_json
+from .models.vit_digits import DENSE_WEIGHTS
 from .selection import CRITERIA, layer_table, plot_selection, select_layers
 
 DEFAULT_MODEL = "vit_digits"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "vit_digits_dense.safetensors"
+DEFAULT_CHECKPOINT = DENSE_WEIGHTS  # the embedded demo's dense weights, shipped with shrink.models
 AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 
 
@@ -80,9 +81,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
 
     Returns (layers, ratio, checkpoint, model kwargs).
     """
-    from .checkpoint import model_skeleton
     from .data import check_data_path, resolve_data_set
     from .dilution import has_attention_layers, validate_layers
+    from .factory import model_skeleton
 
     layers = _parse_layers(args.layers)
     if args.criterion == "manual" and layers is None:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, build_from_config, describe_architecture
-from .dilution import unwrap
 from .export import export
+from .factory import FORMAT, build_from_config, describe_architecture
+from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .dilution import DilutedBlock, get_blocks, unwrap
+from .dilution import DilutedBlock, get_blocks
 from .errors import ShrinkError
 from .export import AttentionFreeBlock
 from .tome_merge import (
@@ -61,6 +61,7 @@ from .tome_merge import (
     tome_schedule,
     weighted_mean,
 )
+from .wrappers import unwrap
 
 __all__ = [
     "POLICIES",

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .dilution import unwrap
 from .errors import ShrinkError
 from .io import atomic_write
 from .tome import is_tome, tome_state
+from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import load, read_config, save
 from .config import RunConfig
 from .data import build_dataset, count_classes
-from .dilution import deploy_mode, dilute, lambda_at, set_lambda, unwrap
+from .dilution import deploy_mode, dilute, lambda_at, set_lambda
 from .engine import TrainingDiverged, TrainParts, evaluate, train_one_epoch
 from .errors import ShrinkError
 from .export import attention_free_indices, export
+from .factory import load, read_config, save
 from .io import (
     atomic_append_line,
     atomic_write,
@@ -57,6 +57,7 @@ from .recipe import (
 )
 from .rundir import check_resume_settings, create_run_dir, inspect_output_dir, remove_run_dir
 from .sharding import export_for_training, whole_model
+from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import models  # noqa: F401  (registers the project's models with timm)
+import shrink  # noqa: F401  (registers the project's models with timm)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -42,7 +42,7 @@ COMMANDS = {
     "main_lambda": [str(ROOT / "main_lambda.py")],
     "benchmark": [str(ROOT / "benchmark.py")],
     "select": ["-m", "shrink.select"],
-    "loaders": ["-m", "models.loaders"],
+    "loaders": ["-m", "shrink.convert"],
     "tome_vis": [str(ROOT / "scripts" / "tome_visualize.py")],
 }
 
@@ -61,7 +61,7 @@ def _entry(name: str) -> Callable[[list[str]], int]:
 
         return main
     if name == "loaders":
-        from models.loaders import main
+        from shrink.convert import main
 
         return main
     spec = importlib.util.spec_from_file_location("tome_visualize", ROOT / "scripts" / "tome_visualize.py")
@@ -375,7 +375,7 @@ CASES: list[Case] = [
     Case("select-bad-device", "select", _a("--device", "cuda:x", "--output-dir", "{t}/o"), "device"),
     Case("select-unknown-criterion", "select", _a("--criterion", "vibes", "--output-dir", "{t}/o"), "--criterion"),
     Case("select-ratio-fresh", "select", _a("--ratio", "1.5", "--output-dir", "{t}/o"), "--ratio", fresh=True),
-    # ---- python -m models.loaders ----
+    # ---- python -m shrink.convert ----
     Case("loaders-output-exists", "loaders", _a("vit_digits", "{t}/w.pth", "{t}/o"), "exists",
          setup=lambda t, root: (fx.nan_pth(t, root).rename(t / "w.pth"), (t / "o").mkdir())),
     Case("loaders-hostile-pickle", "loaders", _a("vit_digits", "{t}/evil.pth", "{t}/o"), "refused", setup=_evil()),

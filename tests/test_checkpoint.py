@@ -64,7 +64,7 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _Evil()}, path)
     with pytest.raises(shrink.ShrinkError, match="refused"):
-        shrink.read_state_dict(path)
+        shrink.read_checkpoint(path)
     assert not (tmp_path / "EVIL_MARKER").exists()
 
 
@@ -72,13 +72,13 @@ def test_unreadable_and_missing_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(shrink.ShrinkError, match="cannot read"):
-        shrink.read_state_dict(junk)
+        shrink.read_checkpoint(junk)
     bad_st = tmp_path / "junk.safetensors"
     bad_st.write_bytes(b"\x00" * 20)
     with pytest.raises(shrink.ShrinkError, match="cannot read"):
-        shrink.read_state_dict(bad_st)
+        shrink.read_checkpoint(bad_st)
     with pytest.raises(shrink.ShrinkError, match="not found"):
-        shrink.read_state_dict(tmp_path / "nope.pth")
+        shrink.read_checkpoint(tmp_path / "nope.pth")
 
 
 def test_pos_embed_resampled_and_head_reinitialised(tmp_path):
@@ -89,7 +89,7 @@ def test_pos_embed_resampled_and_head_reinitialised(tmp_path):
     assert torch.equal(dst.pos_embed[:, 0], src.pos_embed[:, 0])  # class token position kept
     assert dst.head.weight.shape == (10, 192)
     assert torch.equal(dst.blocks[3].mlp.fc1.weight, src.blocks[3].mlp.fc1.weight)
-    report = shrink.load_weights(dst, path)
+    report = shrink.load_checkpoint(dst, path)
     assert set(report["reinitialised"]) == {"head.weight", "head.bias"}
 
 
@@ -155,7 +155,7 @@ def test_pretrained_without_network_fails_clearly(monkeypatch):
 def test_embedded_model_pretrained_is_local():
     m = shrink.create_model("vit_digits", pretrained=True)
     assert len(m.blocks) == 12
-    sd = shrink.read_state_dict(m.pretrained_cfg["file"])
+    sd = shrink.read_checkpoint(m.pretrained_cfg["file"])
     assert torch.equal(m.head.weight, sd["head.weight"])
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import create_model, load_weights, read_state_dict
+from ..checkpoint import load_checkpoint
 from ..dilution import attention_block_indices, dilute, get_blocks, validate_layers
 from ..errors import ShrinkError
 from ..export import attention_free_indices, export
+from ..factory import create_model
 
 _logger = logging.getLogger(__name__)
 
@@ -287,13 +288,7 @@ def _build_base(spec: ModelSpec, img_size: int | None) -> nn.Module:
     kwargs = {"img_size": img_size} if img_size is not None else {}
     model = create_model(spec.name, **kwargs)
     if spec.checkpoint is not None:
-        try:
-            sd = read_state_dict(spec.checkpoint)
-        except ShrinkError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a corrupt file can fail anywhere inside torch.load
-            raise ShrinkError(f"cannot read {spec.checkpoint}: {type(e).__name__}: {e}") from None
-        load_weights(model, sd)
+        load_checkpoint(model, spec.checkpoint)
     return model.eval()
 
 
