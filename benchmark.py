@@ -17,12 +17,11 @@ from shrink.bench import (
     ModelSpec,
     format_markdown,
     parse_compare,
-    parse_layers,
     parse_models,
     parse_runtimes,
     run,
 )
-from shrink.cli import OneLineArgumentParser, check_distinct, check_output_file, cli_main
+from shrink.cli import OneLineArgumentParser, check_distinct, check_output_file, cli_main, parse_layers
 from shrink.errors import ShrinkError
 
 

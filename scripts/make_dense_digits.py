@@ -10,27 +10,31 @@ minutes on a 2-core CPU:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from shrink.cli import OneLineArgumentParser, check_output_file, cli_main
 from shrink.config import RunConfig
 from shrink.io import atomic_write
+from shrink.models.vit_digits import DENSE_WEIGHTS
 from shrink.train import run
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(_main, argv)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None) -> int:
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "models" / "weights" / "vit_digits_dense.safetensors"))
-    args = p.parse_args()
+    p.add_argument("--out", default=str(DENSE_WEIGHTS))
+    args = p.parse_args(argv)
+    check_output_file(args.out, "--out", suffixes=(".safetensors",))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(model="vit_digits", pretrained=False, remove_ratio=0.0, epochs=args.epochs, lr=args.lr,
                         warmup_epochs=5, mixup=0.0, cutmix=0.0, smoothing=0.1, seed=args.seed,
@@ -44,5 +48,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
     sys.exit(main())

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shrink.cli import OneLineArgumentParser, cli_main  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # name -> extra flags for `python -m shrink.select`
@@ -79,8 +80,12 @@ def skip_accuracy(layers: list[int], cache: dict) -> float:
     return 100.0 * int((pred == y).sum()) / len(y)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out/selection_experiment", help="output folder")
     p.add_argument("--ratio", type=float, default=0.4, help="removal ratio (0.4 of 12 blocks = 5 layers)")
@@ -93,7 +98,7 @@ def main() -> int:
     p.add_argument("--train-args", default="", help="extra arguments for main_lambda.py, one quoted string; write it as --train-args=\"--epochs 10\"")
     p.add_argument("--fresh", action="store_true", help="redo runs whose results already exist")
     p.add_argument("--select-only", action="store_true", help="run the selections only (no training)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     runs = dict(REQUIRED, **(EXTRAS if args.extras else {}))

@@ -40,11 +40,11 @@ if str(REPO) not in sys.path:
 
 import timm  # noqa: E402
 
+from shrink.cli import OneLineArgumentParser, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
+from shrink.precision import DTYPES  # noqa: E402
 from shrink.tome import apply_tome, tome_token_counts  # noqa: E402
 from shrink.tome_merge import ramp  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_official(path: str | Path | None):
@@ -72,12 +72,15 @@ def load_official(path: str | Path | None):
 def parse_r_list(text: str) -> list[int]:
     """'0,8,13' or '1-13' (or a mix) -> list of ints."""
     out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            out.append(int(part))
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise ShrinkError(f"expected integers or ranges like 0,8,13 or 1-13, got {text!r}") from None
     return out
 
 
@@ -289,7 +292,7 @@ def _timing_args(p: argparse.ArgumentParser, batch: int, iters: int, repeats: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = OneLineArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official-path", help="folder that holds the official tome/ package (logits, speed)")
     ap.add_argument("--seed", type=int, default=0)
@@ -308,15 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     at.add_argument("--heads", type=int, default=6)
     at.add_argument("--head-dim", type=int, default=64)
     _timing_args(at, batch=16, iters=5, repeats=9)
-    args = ap.parse_args(argv)
-    try:
+
+    def body(argv: Sequence[str] | None) -> int:
+        args = ap.parse_args(argv)
         if args.cmd == "attention":
             return cmd_attention(args)
         tome = load_official(args.official_path)
         return cmd_logits(tome, args) if args.cmd == "logits" else cmd_speed(tome, args)
-    except ShrinkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return cli_main(body, argv)
 
 
 if __name__ == "__main__":

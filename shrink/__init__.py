@@ -23,7 +23,7 @@ from .tome import apply_tome, remove_tome, tome_token_counts
 
 __version__ = "0.1.0"
 
-# shrink.deploy is imported on first use, so that `python -m shrink.deploy` runs it only once
+# shrink.deploy is imported on first use: it is only needed for exports
 _DEPLOY_NAMES = ("export_onnx", "export_program", "load_onnx_session", "load_program", "save_program")
 
 

@@ -71,6 +71,14 @@ def _os_error_line(e: OSError) -> str:
     return f"{' -> '.join(names)}: {what}" if names else one_line(what)
 
 
+def parse_layers(text: str, what: str = "layers") -> list[int]:
+    """``"0,2,4"`` (or ``"[0, 2, 4]"``) -> ``[0, 2, 4]``; the one parser of block-index lists."""
+    try:
+        return [int(t) for t in str(text).replace(" ", "").strip("[]").split(",") if t != ""]
+    except ValueError:
+        raise ShrinkError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
 def parse_device(name: str, flag: str = "--device") -> torch.device:
     """``cpu`` or ``cuda[:N]``, refused in one line when unknown or when CUDA is not there."""
     import torch

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .cli import OneLineArgumentParser
+from .cli import OneLineArgumentParser, parse_layers
 from .data import DATA_SETS
 from .dilution import SCHEDULES
 from .errors import ShrinkError
@@ -376,10 +376,9 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _int_list(text: str) -> list[int]:
-    parts = [p for p in str(text).replace(" ", "").split(",") if p != ""]
     try:
-        return [int(p) for p in parts]
-    except ValueError:
+        return parse_layers(str(text), "value")
+    except ShrinkError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 

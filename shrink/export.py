@@ -67,13 +67,11 @@ def export(model: nn.Module, *, fold: bool = False, inplace: bool = False) -> nn
     """
     out = model if inplace else copy.deepcopy(model)
     blocks = get_blocks(out)
-    converted = []
     for i, b in enumerate(blocks):
         if isinstance(b, DilutedBlock):
             if b.lambda_value != 0.0:
                 _logger.info("block %d has lambda=%g; exporting its lambda=0 (deployable) form", i, b.lambda_value)
             blocks[i] = AttentionFreeBlock.from_block(b)
-            converted.append(i)
     if fold:
         fold_residual_scale(out)
     _logger.info("exported attention-free blocks %s (fold=%s)", attention_free_indices(out), fold)

@@ -33,7 +33,7 @@ from .wrappers import unwrap
 
 __all__ = [
     "FORMAT", "MODEL_FILE", "CONFIG_FILE", "MAX_PARAMS", "build_from_config", "check_hub", "check_input_size",
-    "create_model", "describe_architecture", "load", "model_skeleton", "read_config", "save", "validate_config",
+    "create_model", "describe_architecture", "input_size", "load", "model_skeleton", "read_config", "save", "validate_config",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -379,6 +379,19 @@ def describe_architecture(model: nn.Module) -> dict[str, Any]:
         desc["folded"] = is_folded(model) if desc["attention_free_blocks"] else False
         desc["diluted_blocks"] = {str(i): b.lambda_value for i, b in enumerate(blocks) if isinstance(b, DilutedBlock)}
     return desc
+
+
+def input_size(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) the model expects: ``img_size`` if given, else its build size, else its pretrained_cfg."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
+    if img_size is not None:
+        return c, img_size, img_size
+    for owner in (getattr(model, "patch_embed", None), getattr(model, "stem", None)):
+        size = getattr(owner, "img_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            return c, int(size[0]), int(size[1])
+    return c, h, w
 
 
 def _data_config(model: nn.Module) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from .data import build_dataset, calibration_subset, with_transform
 from .dilution import get_blocks, has_attention_layers, validate_layers
 from .errors import ShrinkError
 from .factory import create_model
+from .precision import dtype_of
 
 _logger = logging.getLogger(__name__)
 
 IN_MEMORY = ("digits", "synthetic")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
 def count_params(model: nn.Module) -> int:
@@ -115,7 +115,7 @@ def resolve_layers(cfg: RunConfig, model: nn.Module, calib_ds: Dataset, accelera
         loader = DataLoader(calibration_subset(calib_ds, cfg.calib_images, seed=cfg.seed),
                             batch_size=max(cfg.batch_size, 64), shuffle=False)
         sel = select_layers(model, loader, ratio=cfg.remove_ratio, criterion=cfg.criterion, seed=cfg.seed,
-                            device=accelerator.device, amp_dtype=AMP_DTYPES[cfg.mixed_precision],
+                            device=accelerator.device, amp_dtype=dtype_of(cfg.mixed_precision),
                             progress=cfg.progress)
         result = [sel.to_json()]
     result = broadcast_object_list(result)

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .cli import OneLineArgumentParser, check_output_dir, cli_main, parse_device
+from .cli import OneLineArgumentParser, check_output_dir, cli_main, parse_device, parse_layers
 from .errors import ShrinkError
 from .io import atomic_write_json
 from .models.vit_digits import DENSE_WEIGHTS
+from .precision import dtype_of
 from .selection import CRITERIA, layer_table, plot_selection, select_layers
 
 DEFAULT_MODEL = "vit_digits"
 DEFAULT_CHECKPOINT = DENSE_WEIGHTS  # the embedded demo's dense weights, shipped with shrink.models
-AMP = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,22 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration images drawn from the training split (same default and seed as main_lambda.py)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--amp", default="auto", choices=list(AMP),
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast dtype; auto = bf16 on CUDA, full precision on CPU")
     p.add_argument("--output-dir", default="out/select", help="where selection.json and selection.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_data_args(p)
     return p
-
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise ShrinkError(f"--layers must be comma-separated integers, got {text!r}") from None
 
 
 OUTPUT_FILES = ("selection.json", "selection.png")
@@ -85,7 +77,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
     from .dilution import has_attention_layers, validate_layers
     from .factory import model_skeleton
 
-    layers = _parse_layers(args.layers)
+    layers = None if args.layers is None else parse_layers(args.layers, "--layers")
     if args.criterion == "manual" and layers is None:
         raise ShrinkError("--criterion manual needs --layers, e.g. --layers 0,1,3")
     if args.criterion != "manual" and layers is not None:
@@ -151,7 +143,7 @@ def run(args: argparse.Namespace):
     loader = torch.utils.data.DataLoader(calib, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     result = select_layers(model, loader, ratio=ratio, criterion=args.criterion, seed=args.seed,
-                           greedy=not args.one_shot, device=device, amp_dtype=AMP[args.amp],
+                           greedy=not args.one_shot, device=device, amp_dtype=None if args.amp == "auto" else dtype_of(args.amp),
                            progress=not args.quiet, layers=layers, te_abs=args.te_abs)
     print(layer_table(result))
     out = Path(args.output_dir)

@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import shrink
 from shrink import deploy
+from shrink.deploy.__main__ import main as deploy_main
 from shrink.errors import ShrinkError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def test_digits_model_cli_onnx_and_pt2(tmp_path, capsys):
     best = _digits_pruned(tmp_path)
     loaded = shrink.load(best)
     x = _x(5, (1, 8, 8))
-    assert deploy.main(["--checkpoint", str(best), "--tome-r", "2", "--tome-start-idx", "1", "--batch-size", "4"]) == 0
+    assert deploy_main(["--checkpoint", str(best), "--tome-r", "2", "--tome-start-idx", "1", "--batch-size", "4"]) == 0
     assert "wrote" in capsys.readouterr().out
     onnx_path = tmp_path / "best.onnx"
     meta = deploy.read_metadata(onnx_path)
@@ -217,7 +218,7 @@ def test_digits_model_cli_onnx_and_pt2(tmp_path, capsys):
     assert (_ort(onnx_path, x) - _eager(tome_model, x)).abs().max().item() <= ATOL
     deploy.check_attention_free(onnx_path, REMOVE)
 
-    assert deploy.main(["--checkpoint", str(best), "--format", "pt2", "--fold", "-q"]) == 0
+    assert deploy_main(["--checkpoint", str(best), "--format", "pt2", "--fold", "-q"]) == 0
     ep, meta = deploy.load_program(tmp_path / "best.pt2")
     assert meta["folded"] is True
     folded = deploy.prepare_model(loaded, fold=True)
@@ -247,7 +248,7 @@ def test_main_lambda_best_exports(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 def _cli_error(args: list[str], capsys) -> str:
-    assert deploy.main(args) == 2
+    assert deploy_main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     return err

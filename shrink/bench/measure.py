@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShrinkError
+from ..precision import DTYPES
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = DTYPES  # the benchmark's --precision names
 DEFAULT_ITERS = {"cpu": (2, 5, 3), "cuda": (10, 40, 3)}  # (warm-up, timed iterations, repeats)
 _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
@@ -298,14 +299,6 @@ def measure_inference(model: nn.Module, size: Sequence[int], batch_size: int, de
     t = prepare_inference(model, size, batch_size, device, dtype, warmup, channels_last, track_memory)
     t.time(iters, repeats, _sync_fn(device))
     return {**t.result(), "memory": t.setup["memory"]}
-
-
-def measure_latency(model: nn.Module, size: Sequence[int], device: torch.device, dtype: torch.dtype,
-                    warmup: int, iters: int, repeats: int, channels_last: bool = False) -> dict[str, Any]:
-    """Milliseconds per forward pass at batch 1 (median, min, max of the repeats)."""
-    t = prepare_inference(model, size, 1, device, dtype, warmup, channels_last, track_memory=False)
-    t.time(iters, repeats, _sync_fn(device))
-    return _summary([v * 1e3 for v in t.per_call])
 
 
 def measure_training(model: nn.Module, size: Sequence[int], batch_size: int, device: torch.device,

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..cli import parse_device
 from ..errors import ShrinkError
+from ..factory import input_size
 from .measure import (
     DEFAULT_ITERS,
     PRECISIONS,
@@ -38,7 +39,6 @@ from .spec import (
     _Planned,
     _tome_module,
     build_variant,
-    input_size,
     plan,
 )
 

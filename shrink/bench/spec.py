@@ -12,10 +12,11 @@ from pathlib import Path
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..cli import parse_layers
 from ..dilution import attention_block_indices, dilute, get_blocks, validate_layers
 from ..errors import ShrinkError
 from ..export import attention_free_indices, export
-from ..factory import create_model
+from ..factory import create_model, input_size
 
 _logger = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------------
 # Model lists, removal sets, variants
 # ------------------------------------------------------------------------------------------------
-
-def parse_layers(text: str, what: str = "layers") -> list[int]:
-    """``"0,2,4"`` (or ``"[0, 2, 4]"``) -> ``[0, 2, 4]``."""
-    try:
-        return [int(t) for t in text.replace(" ", "").strip("[]").split(",") if t != ""]
-    except ValueError:
-        raise ShrinkError(f"{what}: expected comma-separated integers, got {text!r}") from None
-
 
 def parse_choices(text: str, choices: Sequence[str], flag: str, what: str,
                   aliases: dict[str, str] | None = None) -> list[str]:
@@ -230,19 +223,6 @@ def build_variant(base: nn.Module, variant: str, layers: Sequence[int] | None = 
 def _arch_name(model: nn.Module) -> str:
     arch = getattr(model, "shrink_arch", None) or {}
     return arch.get("name") or (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-
-
-def input_size(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the model expects: ``img_size`` if given, else its build size, else its pretrained_cfg."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = tuple(cfg.get("input_size", (3, 224, 224)))
-    if img_size is not None:
-        return c, img_size, img_size
-    for owner in (getattr(model, "patch_embed", None), getattr(model, "stem", None)):
-        size = getattr(owner, "img_size", None)
-        if isinstance(size, (tuple, list)) and len(size) == 2:
-            return c, int(size[0]), int(size[1])
-    return c, h, w
 
 
 # ------------------------------------------------------------------------------------------------
