@@ -41,7 +41,7 @@ class RunConfig:
                                            "default; the reference for DeiT-T/S) | constant (drop_path in every "
                                            "block; the reference for DeiT-B)", group="model",
                                  choices=("linear", "constant"))
-    # data (see shrink.data.add_data_args for the meaning)
+    # data (shrink.data: resolve_data_set, check_data_path)
     data_set: str = _f("digits", "digits | cifar10 | cifar100 | folder | synthetic", group="data", choices=DATA_SETS)
     data_path: str | None = _f(None, "root of the data set: DATA_PATH/train and DATA_PATH/val for 'folder'; the "
                                      "download folder for CIFAR", group="data")

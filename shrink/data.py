@@ -5,7 +5,6 @@ Transforms for real images come from timm (``create_transform``), so the DeiT re
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -24,21 +23,6 @@ DATA_SETS = ("digits", "cifar10", "cifar100", "folder", "synthetic")
 DIGITS_MEAN = (0.5,)
 DIGITS_STD = (0.5,)
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the data flags shared by main_lambda.py, shrink.select and benchmark-style tools."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data-set", default=None, choices=DATA_SETS,
-                   help="digits: scikit-learn's 8x8 digits, shipped offline (default without --data-path); folder: "
-                        "ImageNet-style DATA_PATH/train and DATA_PATH/val (default with --data-path); "
-                        "cifar10/cifar100: torchvision (downloads into DATA_PATH where the network allows); "
-                        "synthetic: random images (smoke tests, benchmarks)")
-    g.add_argument("--data-path", default=None, help="root of the data set (folder / cifar)")
-    g.add_argument("--input-size", type=int, default=None,
-                   help="image side in pixels (default: the model's pretrained_cfg input size)")
-    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
-    return g
 
 
 def resolve_data_set(data_set: str | None, data_path: str | os.PathLike | None) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .cli import OneLineArgumentParser, check_output_dir, cli_main, parse_device, parse_layers
+from .data import DATA_SETS
 from .errors import ShrinkError
 from .io import atomic_write_json
 from .models.vit_digits import DENSE_WEIGHTS
@@ -25,9 +26,22 @@ DEFAULT_CHECKPOINT = DENSE_WEIGHTS  # the embedded demo's dense weights, shipped
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .data import add_data_args
+def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The data flags (main_lambda.py takes the same ones from RunConfig's fields)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-set", default=None, choices=DATA_SETS,
+                   help="digits: scikit-learn's 8x8 digits, shipped offline (default without --data-path); folder: "
+                        "ImageNet-style DATA_PATH/train and DATA_PATH/val (default with --data-path); "
+                        "cifar10/cifar100: torchvision (downloads into DATA_PATH where the network allows); "
+                        "synthetic: random images (smoke tests, benchmarks)")
+    g.add_argument("--data-path", default=None, help="root of the data set (folder / cifar)")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="image side in pixels (default: the model's pretrained_cfg input size)")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+    return g
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="python -m shrink.select",
         description="Choose which attention layers of a ViT to remove (transfer entropy, entropy, cosine, "
@@ -128,8 +142,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
 
 def run(args: argparse.Namespace):
     """Build model and calibration data from parsed ``args``, select, print and write the results."""
-    from . import create_model
     from .data import build_dataset, calibration_subset
+    from .factory import create_model
 
     layers, ratio, checkpoint, kwargs = check_args(args)
     torch.manual_seed(args.seed)  # random-init weights are reproducible too

@@ -1,0 +1,170 @@
+"""The house rules of docs/architecture.md, checked on the source: imports flow one way, the model
+files import only torch and timm, only the CLI layer parses flags or prints, and installing or
+importing shrink puts no top-level ``models`` package anywhere."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The layers, bottom to top (docs/architecture.md): each may import only from the layers below it.
+MODEL_LAYER = "shrink.models"
+CHECKPOINT_ALLOWED = {"shrink.errors", "shrink.wrappers"}  # plus shrink.models.*
+CORE = {"shrink.dilution", "shrink.export", "shrink.tome", "shrink.tome_merge", "shrink.criteria", "shrink.selection"}
+ABOVE_CORE = {"shrink.factory", "shrink.train", "shrink.engine", "shrink.recipe", "shrink.rundir", "shrink.report",
+              "shrink.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.config",
+              "shrink.cli", "shrink.select", "shrink.convert"}
+ENTRY_POINTS = {"shrink.select", "shrink.convert", "shrink.deploy.__main__", "main_lambda", "benchmark"}
+# where argument parsing and printing live: the runner, the run's flags, and the `python -m` entry points
+CLI_LAYER = {"shrink.cli", "shrink.config", "shrink.select", "shrink.convert", "shrink.deploy.__main__"}
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    mods = {}
+    files = [*(ROOT / "shrink").rglob("*.py"), *(ROOT / "models").glob("*.py"), ROOT / "main_lambda.py",
+             ROOT / "benchmark.py"]
+    for p in files:
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        if parts[0] == "models":  # installed as shrink.models (pyproject's package-dir)
+            parts = ["shrink", *parts]
+        is_pkg = parts[-1] == "__init__"
+        mods[".".join(parts[:-1] if is_pkg else parts)] = (p, is_pkg)
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(name: str) -> tuple[set[str], set[str]]:
+    """(project modules, other top-level packages) that ``name`` imports anywhere in its source."""
+    path, is_pkg = MODULES[name]
+    package = name if is_pkg else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                mod = node.module or ""
+            subs = {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES}
+            found |= subs
+            if len(subs) < len(node.names):  # names taken from the module itself
+                found.add(mod)
+    ours = {m for m in found if m.split(".")[0] in ("shrink", "models", "main_lambda", "benchmark")}
+    return {m for m in ours if m != name}, {m.split(".")[0] for m in found - ours}
+
+
+GRAPH = {m: _imports(m)[0] for m in MODULES}
+
+
+def _in(module: str, group: set[str]) -> bool:
+    return any(module == g or module.startswith(g + ".") for g in group)
+
+
+def test_the_graph_covers_the_tree():
+    assert {"shrink", "shrink.checkpoint", "shrink.factory", "shrink.models.ms_mlp", "main_lambda"} <= set(GRAPH)
+    assert "shrink.errors" in GRAPH["shrink.checkpoint"] and "shrink.models.bottleneck_mlp" in GRAPH["shrink.checkpoint"]
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith(MODEL_LAYER)))
+def test_model_files_import_only_torch_timm_and_each_other(name):
+    ours, others = _imports(name)
+    assert all(m.startswith(MODEL_LAYER) for m in ours), f"{name} imports {sorted(ours)}"
+    third_party = others - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party <= {"torch", "timm"}, f"{name} imports {sorted(third_party)}"
+
+
+def test_checkpoint_io_sits_right_above_the_model_files():
+    extra = {m for m in GRAPH["shrink.checkpoint"] if not m.startswith(MODEL_LAYER)} - CHECKPOINT_ALLOWED
+    assert not extra, f"shrink.checkpoint imports {sorted(extra)}"
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+def test_the_method_does_not_import_what_is_built_on_it(name):
+    up = {m for m in GRAPH[name] if _in(m, ABOVE_CORE) or m == "shrink"}
+    assert not up, f"{name} imports {sorted(up)}"
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if not _in(m, ENTRY_POINTS)))
+def test_no_library_module_imports_an_entry_point(name):
+    bad = {m for m in GRAPH[name] if _in(m, ENTRY_POINTS)}
+    assert not bad, f"{name} imports the entry point(s) {sorted(bad)}"
+
+
+def test_no_module_imports_the_package_it_is_part_of():
+    """``from shrink import x`` inside shrink runs shrink/__init__ halfway: submodules are imported directly."""
+    bad = {m for m, deps in GRAPH.items() if m.startswith("shrink.") and "shrink" in deps}
+    assert not bad, f"{sorted(bad)} import the shrink package itself"
+
+
+def test_imports_have_no_cycle():
+    graph = {m: {d for d in deps if d in GRAPH and d != "shrink"} for m, deps in GRAPH.items() if m != "shrink"}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d.startswith(m + "."):  # a package importing its own submodules is not a cycle
+                continue
+            if state.get(d) == 1:
+                cycle = path[path.index(d):] + [d] if d in path else [m, d]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if state.get(d) is None:
+                visit(d, [*path, d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_test_can_fail_on_a_cycle(monkeypatch):
+    """The cycle check is not vacuous: a planted back-edge is found."""
+    planted = dict(GRAPH)
+    planted["shrink.errors"] = {"shrink.checkpoint"}
+    monkeypatch.setitem(globals(), "GRAPH", planted)
+    with pytest.raises(pytest.fail.Exception, match="import cycle"):
+        test_imports_have_no_cycle()
+
+
+def _calls(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            names.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "")
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not _in(m, CLI_LAYER)))
+def test_only_the_cli_layer_parses_flags_or_prints(name):
+    calls = _calls(MODULES[name][0])
+    assert "print" not in calls, f"{name} prints; return values or log instead"
+    parsing = calls & {"ArgumentParser", "OneLineArgumentParser", "add_argument", "add_argument_group"}
+    assert not parsing, f"{name} parses command-line flags ({sorted(parsing)})"
+
+
+def test_importing_shrink_registers_the_families_and_no_top_level_models():
+    code = ("import sys, timm, shrink; "
+            "print(sorted(m for m in sys.modules if m == 'models' or m.startswith('models.'))); "
+            "print(timm.is_model('msmlp_nano'), timm.is_model('bottleneck_mlp_nano'), shrink.models.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True True shrink.models"
+
+
+def test_the_package_installs_no_top_level_models():
+    from importlib.metadata import distribution
+
+    dist = distribution("shrink")
+    top = (dist.read_text("top_level.txt") or "").split()
+    assert "models" not in top and "shrink" in top
+    assert (ROOT / "pyproject.toml").read_text().count('package-dir = { "shrink.models" = "models" }') == 1
