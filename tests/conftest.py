@@ -1,5 +1,13 @@
-"""Shared fixtures: small random-initialised timm ViT variants (no network)."""
+"""Shared fixtures and helpers: small random-initialised timm ViT variants (no network), image folders,
+subprocess runs of the entry points (own process group, one thread) and their metrics."""
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,6 +17,8 @@ from timm.models.vision_transformer import VisionTransformer
 import shrink  # noqa: F401  (registers the project's models with timm)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMG = 64  # a small resolution keeps the four DeiT variants fast on CPU
 
@@ -59,3 +69,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def run(args: list[str], timeout: float = 600, threads: int = 1) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout the whole group (launcher + workers) dies."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(threads), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(args[:6])} ... did not finish in {timeout} s")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def accelerate(n: int) -> list[str]:
+    """`accelerate launch` for n CPU processes. Accelerate's `--cpu` flag always takes its single-process
+    launcher (several CPU processes go through MPI), so n > 1 uses `--multi_gpu`, i.e. torchrun + gloo,
+    which on a machine without GPUs runs CPU DDP."""
+    mode = ["--multi_gpu"] if n > 1 else ["--cpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def metrics(out: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40) -> Path:
+    """An ImageFolder data set (train/ and val/, one colour per class) under ``root``."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                px = (torch.rand(size, size, 3, generator=g) * 80 + ci * 150).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(px.numpy()).save(root / split / c / f"{i}.png")
+    return root

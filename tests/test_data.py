@@ -7,7 +7,7 @@ import torch
 from shrink import ShrinkError
 from shrink.data import DigitsDataset, build_dataset, calibration_subset, count_classes, with_transform
 
-from .test_train import _image_folder
+from .conftest import image_folder
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -18,7 +18,7 @@ def test_digits_split_is_fixed_and_stratified():
 
 
 def test_count_classes_and_eval_copy_of_a_folder(tmp_path):
-    root = _image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
+    root = image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
     assert count_classes("folder", root) == 3 and count_classes("cifar100") == 100 and count_classes("digits") == 10
     with pytest.raises(ShrinkError, match="not found"):
         count_classes("folder", tmp_path / "missing")

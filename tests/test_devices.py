@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shrink.config import RunConfig
 from shrink.recipe import make_loader
+from tests.conftest import accelerate, run
 from tests.fake_device import DeviceMismatch, FakeDevice, check_on_device, is_host
-from tests.test_train import _accelerate, _run
 
 RECIPE = ["--data-set", "synthetic", "--remove-layers", "0,2", "--epochs", "3", "--dilution-epochs", "1.5",
           "--lambda-schedule", "linear", "--model-ema", "--model-ema-decay", "0.9", "--repeated-aug",
@@ -84,8 +84,8 @@ def test_fake_device_passes_a_correct_training_step():
 
 def _recipe(tmp_path, processes: int) -> list[dict]:
     prefix = tmp_path / "report"
-    launcher = [sys.executable] if processes == 1 else _accelerate(processes)
-    res = _run([*launcher, "tests/fake_device_main.py", str(prefix), *RECIPE, "--output-dir", str(tmp_path / "o")])
+    launcher = [sys.executable] if processes == 1 else accelerate(processes)
+    res = run([*launcher, "tests/fake_device_main.py", str(prefix), *RECIPE, "--output-dir", str(tmp_path / "o")])
     assert res.returncode == 0, res.stderr[-4000:]
     return [json.loads((tmp_path / f"report.{rank}.json").read_text()) for rank in range(processes)]
 

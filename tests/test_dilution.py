@@ -12,7 +12,7 @@ import shrink
 from shrink.dilution import lambda_at, lambda_cosine, lambda_linear, lambda_reference
 from shrink.export import removed_parameter_count
 
-from .conftest import IMG, make_vit  # noqa: F401
+from .conftest import IMG, ROOT, accelerate, image_folder, make_vit, metrics, run, subprocess_env  # noqa: F401
 
 LAYERS = [0, 2, 4]
 
@@ -233,3 +233,8 @@ def test_bf16_autocast_on_gpu(vit, images):
     print(f"bf16 max diff: lambda=1 vs timm {d1:.3g}, lambda=0 vs export {d0:.3g}")
     assert d1 == 0.0 and d0 == 0.0
 
+
+def test_reference_schedule_keeps_a_fractional_length():
+    assert [lambda_reference(e, 2.5) for e in range(4)] == pytest.approx([1.0, 0.6, 0.2, 0.0])
+    assert [shrink.lambda_at("reference", e, dilution_epochs=2.5) for e in range(4)] == pytest.approx(
+        [1.0, 0.6, 0.2, 0.0])

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 import shrink
-from tests.test_train import _accelerate, _metrics, _run
+from shrink.dilution import lambda_reference
+
+from .conftest import ROOT, accelerate, metrics, run, subprocess_env
 
 ARGS = ["--remove-layers", "1,3", "--epochs", "4", "--dilution-epochs", "2", "--model-ema", "--model-ema-decay",
         "0.9", "--calib-images", "64", "--no-progress"]
@@ -36,7 +42,7 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 
 def _die_at(k: int, out: Path, extra: list[str] = ()):
-    return _run([sys.executable, "tests/die_at_main.py", str(k), *ARGS, *extra, "--output-dir", str(out)])
+    return run([sys.executable, "tests/die_at_main.py", str(k), *ARGS, *extra, "--output-dir", str(out)])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
-    assert _comparable(_metrics(out)) == _comparable(_metrics(ref))
+    assert _comparable(metrics(out)) == _comparable(metrics(ref))
     s, r = (json.loads((d / "summary.json").read_text()) for d in (out, ref))
     for key in ("removed_layers", "dense_acc", "deploy_acc_start", "deploy_acc_best", "best_epoch", "best_source",
                 "best_acc_reloaded", "params_deploy"):
@@ -65,7 +71,7 @@ def test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run(tmp_path, unin
     out = tmp_path / "run"
     killed = _die_at(k, out)
     assert killed.returncode == 137, f"{KILLS[k]}: {killed.stderr[-2000:]}"
-    res = _run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    res = run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
     assert res.returncode == 0, f"{KILLS[k]}: {res.stderr[-3000:]}"
     _assert_same_run(out, uninterrupted)
 
@@ -74,14 +80,14 @@ def test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run(tmp_path, unin
 def test_kill_during_selection_then_resume(tmp_path):
     out = tmp_path / "run"
     args = ["--remove-ratio", "0.25", "--epochs", "2", "--dilution-epochs", "1", "--calib-images", "64"]
-    killed = _run([sys.executable, "tests/die_at_main.py", "-1", *args, "--no-progress", "--output-dir", str(out)])
+    killed = run([sys.executable, "tests/die_at_main.py", "-1", *args, "--no-progress", "--output-dir", str(out)])
     assert killed.returncode == 137
     assert (out / "config.yaml").is_file() and not (out / "state").exists()
-    res = _run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    res = run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert len(s["removed_layers"]) == 3 and s["criterion"] == "transfer_entropy"
-    assert [r["epoch"] for r in _metrics(out)] == [0, 1]
+    assert [r["epoch"] for r in metrics(out)] == [0, 1]
 
 
 @pytest.mark.slow
@@ -89,13 +95,13 @@ def test_resume_when_the_next_epoch_is_the_switch(tmp_path):
     """The last state is from lambda > 0 and the next epoch is at lambda = 0 (the landed main crashed
     here): stop after epoch 1 of a dilution over 2 epochs, then resume with the full length."""
     out = tmp_path / "run"
-    first = _run([sys.executable, "main_lambda.py", *ARGS[:2], "--epochs", "2", "--dilution-epochs", "2",
+    first = run([sys.executable, "main_lambda.py", *ARGS[:2], "--epochs", "2", "--dilution-epochs", "2",
                   "--calib-images", "64", "--no-progress", "--output-dir", str(out)])
     assert first.returncode == 0, first.stderr[-3000:]
-    res = _run([sys.executable, "main_lambda.py", "--resume", "--epochs", "4", "--output-dir", str(out),
+    res = run([sys.executable, "main_lambda.py", "--resume", "--epochs", "4", "--output-dir", str(out),
                 "--no-progress"])
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = _metrics(out)
+    rows = metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and [r["lambda"] for r in rows] == [1.0, 0.5, 0.0, 0.0]
     assert "epochs: 4" in (out / "config.yaml").read_text()  # the allowed change is recorded
 
@@ -104,7 +110,7 @@ def test_resume_when_the_next_epoch_is_the_switch(tmp_path):
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
-    res = _run([sys.executable, "main_lambda.py", "--remove-layers", "1", "--epochs", "1", "--dilution-epochs", "1",
+    res = run([sys.executable, "main_lambda.py", "--remove-layers", "1", "--epochs", "1", "--dilution-epochs", "1",
                 "--no-progress", "--output-dir", str(out)])
     assert res.returncode == 0, res.stderr[-2000:]
     return out
@@ -127,7 +133,7 @@ def test_a_damaged_state_stops_the_resume_in_one_line(tmp_path, one_epoch_run, v
     else:
         path.write_bytes(damage)
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
-    res = _run([sys.executable, "main_lambda.py", "--resume", "--epochs", "2", "--output-dir", str(out),
+    res = run([sys.executable, "main_lambda.py", "--resume", "--epochs", "2", "--output-dir", str(out),
                 "--no-progress"])
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and match in lines[0], res.stderr[-2000:]
@@ -140,10 +146,43 @@ def test_resume_with_another_number_of_processes_is_refused_once(tmp_path, one_e
     out = tmp_path / "run"
     shutil.copytree(one_epoch_run, out)
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
-    res = _run([*_accelerate(2), "main_lambda.py", "--resume", "--epochs", "2", "--output-dir", str(out),
+    res = run([*accelerate(2), "main_lambda.py", "--resume", "--epochs", "2", "--output-dir", str(out),
                 "--no-progress"])
     assert res.returncode != 0
     said = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert said == ["error: cannot resume: the run was saved by 1 process(es) and this one has 2; launch it "
                     "with --num_processes 1"]  # once, not once per process
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "main_lambda.py", "--remove-layers", "1,3", "--epochs", "8", "--dilution-epochs", "4",
+            "--no-progress", "--output-dir", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics(out))
+    assert 3 <= done < 8, "the run must be killed mid-training"
+    # whatever was on disk at the kill is whole
+    for f in out.rglob("*.json"):
+        json.loads(f.read_text())
+    load_file(str(out / "best" / "model.safetensors"))
+    res = run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(8))
+    expected = [lambda_reference(e, 4) for e in range(8)]
+    assert [r["lambda"] for r in rows] == pytest.approx(expected)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["best_acc_reloaded"] == pytest.approx(s["deploy_acc_best"])
+    assert shrink.attention_free_indices(shrink.load(out / "best")) == [1, 3]
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".*.old"))

@@ -14,7 +14,7 @@ import torch
 
 import shrink
 from shrink.sharding import export_for_training, is_sharded, whole_model
-from tests.test_train import _run
+from tests.conftest import run
 
 
 def test_plain_model_is_its_own_whole_model_and_switches_in_place():
@@ -38,7 +38,7 @@ def three_setups(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharding")
     results = {}
     for mode, n in (("single", 1), ("ddp", 2), ("fsdp", 2)):
-        res = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+        res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
                     "tests/sharding_main.py", mode, str(root / mode)])
         assert res.returncode == 0, f"{mode}: {res.stderr[-3000:]}"
         results[mode] = (json.loads((root / mode / "losses.json").read_text()), shrink.load(root / mode / "model"))

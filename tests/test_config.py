@@ -1,0 +1,40 @@
+"""shrink.config: the shipped YAML configs parse, the generated --help, tracker checks."""
+from __future__ import annotations
+
+import pytest
+
+import main_lambda
+import shrink
+from shrink.config import RunConfig
+
+from .conftest import ROOT
+
+
+def test_configs_parse():
+    from shrink.config import load_yaml
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = RunConfig(**load_yaml(path))
+        assert cfg.epochs > 0, path
+    deit = RunConfig(**load_yaml(ROOT / "configs" / "deit_base_40.yaml"))
+    assert deit.remove_layers == [0, 1, 3, 4, 6] and deit.epochs == 400 and deit.dilution_epochs == 299
+    assert deit.lr is None and deit.batch_size == 256
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main_lambda.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--remove-ratio", "--remove-layers", "--finetune", "--resume", "--tome-r", "--lambda-schedule"):
+        assert flag in text
+
+
+def test_tracker_without_its_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith(("tensorboard", "wandb")) else real(name, *a))
+    with pytest.raises(shrink.ShrinkError, match="pip install tensorboard"):
+        RunConfig(log_with="tensorboard").validate()
