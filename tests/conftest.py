@@ -49,6 +49,13 @@ def make_vit(variant: str) -> torch.nn.Module:
     return m.eval()
 
 
+def tiny_vit(depth: int = 6, seed: int = 0, **kw) -> VisionTransformer:
+    """A 6-block ViT at 16 px (4x4 patches), random weights, eval mode: fast on a CPU."""
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
+                             num_classes=10, **kw).eval()
+
+
 VARIANTS = ["deit_tiny", "deit_tiny_distilled", "deit3_small", "vit_qknorm"]
 
 
@@ -116,3 +123,26 @@ def image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=40) -> Pa
                 px = (torch.rand(size, size, 3, generator=g) * 80 + ci * 150).clamp(0, 255).to(torch.uint8)
                 Image.fromarray(px.numpy()).save(root / split / c / f"{i}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def mixed_run(tmp_path_factory):
+    """One benchmark run (ViT dense/pruned/pruned+ToMe, MLP-Mixer dense/pruned): (report, output folder)."""
+    from shrink import bench
+    from shrink.bench import BenchConfig, ModelSpec
+
+    out = tmp_path_factory.mktemp("bench")
+    deit = ModelSpec(name="deit_tiny_patch16_224", remove_layers=[0, 2, 4], compare=["dense", "pruned", "pruned+tome"],
+                     tome_r=1, tome_start_idx=1)
+    specs = [deit, ModelSpec(name="mixer_s16_224", remove_layers=[0, 2, 4], compare=["dense", "pruned"])]
+    cfg = BenchConfig(models=specs, img_size=32, train=True, json_path=str(out / "r.json"),
+                      csv_path=str(out / "r.csv"), plot_path=str(out / "r.png"), command="pytest",
+                      warmup=0, iters=1, repeats=1, batch_size=2, progress=False)
+    return bench.run(cfg), out
+
+
+@pytest.fixture(scope="module")
+def deit_tiny_64():
+    """timm's DeiT-Tiny at 64 px, random weights (seed 0), eval mode."""
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=64).eval()

@@ -11,14 +11,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
 from shrink import ShrinkError
-from shrink.criteria import RunningMoments, gaussian_entropy, pre_logits, skip_attention
+from shrink.criteria import pre_logits
 from shrink.selection import CRITERIA, layer_table, ratio_to_k, select_layers, transfer_entropy
 
-
-def tiny_vit(depth: int = 6, seed: int = 0, **kw) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
-                             num_classes=10, **kw).eval()
+from .conftest import tiny_vit
 
 
 def loader(n: int = 48, batch: int = 16, seed: int = 1) -> DataLoader:
@@ -31,36 +27,6 @@ def zero_attention(model: VisionTransformer, i: int) -> None:
     with torch.no_grad():
         model.blocks[i].attn.proj.weight.zero_()
         model.blocks[i].attn.proj.bias.zero_()
-
-
-# ---------------------------------------------------------------- entropy
-
-
-def test_gaussian_entropy_matches_closed_form():
-    g = torch.Generator().manual_seed(0)
-    sigma = torch.tensor([0.1, 0.5, 1.0, 3.0, 20.0], dtype=torch.float64)
-    x = torch.randn(200_000, 5, generator=g, dtype=torch.float64) * sigma + 7.0
-    expected = float(torch.log(sigma).sum())  # sum_c log sigma_c, nats
-    assert gaussian_entropy(x) == pytest.approx(expected, abs=1e-2)
-
-
-def test_streaming_moments_equal_one_shot():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1000, 7, generator=g) * 3 + 100  # large mean: the naive sum-of-squares would lose digits
-    m = RunningMoments()
-    for chunk in torch.split(x, [1, 13, 400, 586]):
-        m.update(chunk)
-    assert m.n == 1000
-    assert torch.allclose(m.std(), x.double().std(dim=0), rtol=0, atol=1e-12)
-    assert m.entropy() == pytest.approx(float(x.double().std(dim=0).log().sum()), abs=1e-10)
-
-
-def test_entropy_needs_two_samples():
-    with pytest.raises(ShrinkError):
-        gaussian_entropy(torch.randn(1, 3))
-
-
-# ---------------------------------------------------------------- ratio -> k
 
 
 @pytest.mark.parametrize("ratio,depth,k", [
@@ -83,45 +49,6 @@ def test_ratio_to_k_differs_from_banker_rounding_deliberately():
 def test_ratio_to_k_rejects_bad_ratio(bad):
     with pytest.raises(ShrinkError):
         ratio_to_k(bad, 12)
-
-
-# ---------------------------------------------------------------- feature and skipping
-
-
-def test_feature_is_the_head_input():
-    m = tiny_vit()
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():
-        f = pre_logits(m, x)
-        assert f.shape == (4, 32)
-        torch.testing.assert_close(m.head(f), m(x), rtol=0, atol=1e-6)
-        torch.testing.assert_close(f, m.forward_features(x)[:, 0], rtol=0, atol=0)  # class token after the final norm
-
-
-def test_skip_attention_is_identity_branch_and_restores():
-    m = tiny_vit()
-    blk = m.blocks[2]
-    x = torch.randn(2, 17, 32)
-    with torch.no_grad():
-        before = blk(x)
-        with skip_attention(m, [2]):
-            skipped = blk(x)
-            expected = x + blk.mlp(blk.norm2(x))
-        after = blk(x)
-    torch.testing.assert_close(skipped, expected, rtol=0, atol=0)
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
-    assert "forward" not in blk.__dict__
-    assert (skipped - before).abs().max() > 1e-4  # skipping really changed something
-
-
-def test_skip_attention_restores_after_exception():
-    m = tiny_vit()
-    with pytest.raises(RuntimeError), skip_attention(m, [0, 1]):
-        raise RuntimeError("boom")
-    assert all("forward" not in b.__dict__ for b in m.blocks)
-
-
-# ---------------------------------------------------------------- transfer entropy
 
 
 def test_transfer_entropy_of_empty_set_is_zero():
@@ -276,41 +203,6 @@ def test_table_and_plot(tmp_path):
     plot_selection(r, tmp_path / "sel.png")
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
     assert not math.isnan(r.scores["feature_entropy"])
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def test_cli_writes_json(tmp_path, capsys):
-    from shrink.select import main
-
-    out = tmp_path / "sel"
-    rc = main(["--model", "vit_digits", "--random-init", "--calib-images", "16", "--batch-size", "16",
-               "--ratio", "0.1", "--num-workers", "0", "--quiet", "--no-plot", "--output-dir", str(out)])
-    assert rc == 0
-    doc = json.loads((out / "selection.json").read_text())
-    assert doc["criterion"] == "transfer_entropy" and doc["k"] == 1 and len(doc["layers"]) == 1
-    assert doc["forward_passes"] == 1 + 12 and doc["calib_images"] == 16 and doc["log_base"] == "e"
-    assert len(doc["scores"]["per_layer"]["attn_entropy"]) == 12
-    assert not (out / "selection.png").exists()  # --no-plot (the PNG itself is tested in test_table_and_plot)
-    printed = capsys.readouterr().out
-    assert "H(attn)" in printed and "TE (nats)" in printed
-
-
-@pytest.mark.parametrize("argv", [
-    ["--ratio", "1.5", "--random-init"],
-    ["--criterion", "manual", "--random-init"],
-    ["--model", "mixer_s16_224", "--random-init", "--data-set", "synthetic", "--input-size", "32",
-     "--calib-images", "4"],
-])
-def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv):
-    from shrink.select import main
-
-    out = tmp_path / "sel"
-    assert main(argv + ["--quiet", "--num-workers", "0", "--output-dir", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    assert not out.exists()
 
 
 def test_loader_is_read_once_per_selection():

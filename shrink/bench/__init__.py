@@ -14,6 +14,7 @@ from __future__ import annotations
 from .measure import (
     DEFAULT_ITERS,
     PRECISIONS,
+    PeakMemory,
     TimedModel,
     count_macs,
     count_parameters,
@@ -22,7 +23,6 @@ from .measure import (
     prepare_inference,
     time_calls,
 )
-from .measure import _PeakMemory as _PeakMemory  # used by tests/test_bench.py
 from .ort import RUNTIMES, build_session, parse_runtimes, prepare_session
 from .report import CSV_COLUMNS, SCHEMA, format_csv, format_markdown, plot_png, write_outputs
 from .runner import benchmark_one, run
@@ -49,6 +49,7 @@ __all__ = [
     "VARIANTS",
     "BenchConfig",
     "ModelSpec",
+    "PeakMemory",
     "TimedModel",
     "benchmark_one",
     "build_session",

@@ -148,7 +148,7 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory over a code region: CUDA max allocated, or resident-set growth on CPU."""
 
     def __init__(self, device: torch.device):
@@ -157,7 +157,7 @@ class _PeakMemory:
         self._thread: threading.Thread | None = None
         self._sampled = 0
 
-    def __enter__(self) -> _PeakMemory:
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -277,7 +277,7 @@ def prepare_inference(model: nn.Module, size: Sequence[int], batch_size: int, de
             with torch.inference_mode():
                 return model(x)
 
-        peak = _PeakMemory(device) if track_memory else contextlib.nullcontext()
+        peak = PeakMemory(device) if track_memory else contextlib.nullcontext()
         if device.type == "cuda":  # the peak of one forward after the warm-up (compile, autotune excluded)
             first, _ = time_calls(forward, warmup, 0, 0, sync)
             if track_memory:

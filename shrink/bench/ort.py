@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ShrinkError
-from .measure import TimedModel, _PeakMemory, _with_oom_halving, time_calls
+from .measure import PeakMemory, TimedModel, _with_oom_halving, time_calls
 from .spec import parse_choices
 
 _logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def prepare_session(session: Any, size: Sequence[int], batch_size: int, device: 
                 return session.run([out_name], feed)
 
         track = track_memory and device.type == "cpu"  # ORT's CUDA arena is invisible to torch.cuda
-        peak = _PeakMemory(device) if track else None
+        peak = PeakMemory(device) if track else None
         if peak is not None:
             with peak:
                 first, _ = time_calls(forward, max(warmup, 1), 0, 0)
