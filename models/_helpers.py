@@ -45,15 +45,26 @@ def build(
     pretrained: bool,
     *,
     filter_fn: Callable[..., Any] | None = None,
+    feature_cfg: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """``build_model_with_cfg`` for a weight-less variant; the cfg's input size follows ``img_size``."""
-    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    """``build_model_with_cfg`` for a weight-less variant; the cfg's input size follows ``img_size``.
+
+    ``feature_cfg`` is timm's: ``dict(out_indices=..., feature_cls='getter')`` makes ``features_only=True``
+    wrap the model in ``FeatureGetterNet`` (its ``forward_intermediates``), as timm's ViT / Mixer do.
+    """
+    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                                 feature_cfg=feature_cfg, **kwargs)
     img_size = kwargs.get("img_size")
     if img_size is not None:
-        in_chans = kwargs.get("in_chans", model.pretrained_cfg["input_size"][0])
+        old = model.pretrained_cfg["input_size"]
+        in_chans = kwargs.get("in_chans", old[0])
         size = (in_chans, *to_2tuple(img_size))
-        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "input_size": size}
+        update: dict[str, Any] = {"input_size": size}
+        pool = model.pretrained_cfg.get("pool_size")
+        if pool:  # the final map scales with the input
+            update["pool_size"] = tuple(max(1, p * n // o) for p, n, o in zip(pool, size[1:], old[1:], strict=True))
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **update}
     return model
 
 

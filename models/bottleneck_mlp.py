@@ -12,32 +12,49 @@ Key names here are timm's (``stem``, ``blocks.i.norm``, ``blocks.i.mlp.fc1``, ``
 :func:`checkpoint_filter_fn` maps the original names (``linear_in``, ``layernorms.i``,
 ``blocks.i.block.0``, ``linear_out``) onto them.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies forward()'s annotations into the code it
+# generates, and string annotations there break TorchScript of the traced graph (timm's fx + jit test).
 import re
 from typing import Any
 
 import torch
-from timm.layers import DropPath, Mlp, to_2tuple
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, get_device_dtype, register_notrace_function, to_2tuple
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from ._helpers import build, cfg, rename_keys
 
-__all__ = ["BottleneckBlock", "BottleneckMLP", "checkpoint_filter_fn", "parse_architecture"]
+__all__ = ["BottleneckBlock", "BottleneckMLP", "checkpoint_filter_fn", "flatten_input", "parse_architecture"]
 
 _NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": nn.Identity}
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+@register_notrace_function  # a branch on the input's shape: one leaf call in torch.fx graphs
+def flatten_input(x: torch.Tensor, in_chans: int, height: int, width: int) -> torch.Tensor:
+    """Images (B, C, H, W) flattened in (C, H, W) order, or flat vectors (B, C*H*W) as they are; else ValueError."""
+    if x.dim() == 4:
+        if x.shape[1] != in_chans or x.shape[2] != height or x.shape[3] != width:
+            raise ValueError(
+                f"BottleneckMLP expects {in_chans}x{height}x{width} images, got {x.shape[1]}x{x.shape[2]}x{x.shape[3]}: "
+                f"resize the input or build the model with that img_size")
+        return x.flatten(1)
+    in_dim = in_chans * height * width
+    if x.dim() != 2 or x.shape[1] != in_dim:
+        raise ValueError(f"BottleneckMLP expects images or flat vectors of {in_dim} values, got shape {x.shape}")
+    return x
 
 
 class BottleneckBlock(nn.Module):
     """``x + mlp(norm(x))`` with an expanding hidden layer, then dropout on the sum (as the original)."""
 
     def __init__(self, dim: int, hidden_dim: int, norm_layer: type[nn.Module] = nn.LayerNorm,
-                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0) -> None:
+                 act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0, drop_path: float = 0.0,
+                 device=None, dtype=None) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
-        self.norm = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_dim, act_layer=act_layer)
+        self.norm = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, hidden_dim, act_layer=act_layer, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.drop = nn.Dropout(drop) if drop > 0.0 else nn.Identity()
 
@@ -46,7 +63,13 @@ class BottleneckBlock(nn.Module):
 
 
 class BottleneckMLP(nn.Module):
-    """Flattened image -> linear embedding -> ``depth`` bottleneck blocks -> linear head."""
+    """Flattened image -> linear embedding -> ``depth`` bottleneck blocks -> linear head.
+
+    timm's classifier interface for a model without tokens or a spatial map: ``forward_features``
+    gives one vector (B, C) per image, ``forward_head`` is the head alone (there is nothing to pool;
+    ``global_pool`` is kept for timm's API). No ``forward_intermediates`` / ``features_only``: no
+    layer has a feature map. The input size is fixed (the stem sees C*H*W values).
+    """
 
     def __init__(
         self,
@@ -61,7 +84,10 @@ class BottleneckMLP(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "",
+        device=None,
+        dtype=None,
     ) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
         if norm not in _NORMS or act not in _ACTS:
             raise ValueError(f"BottleneckMLP: norm must be one of {sorted(_NORMS)} and act one of {sorted(_ACTS)}")
@@ -71,33 +97,41 @@ class BottleneckMLP(nn.Module):
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.global_pool = global_pool  # kept for timm's API; there are no tokens to pool
-        self.stem = nn.Linear(self.in_dim, embed_dim)
+        self.grad_checkpointing = False
+        self.stem = nn.Linear(self.in_dim, embed_dim, **dd)
         self.stem_drop = nn.Dropout(drop_rate) if drop_rate > 0.0 else nn.Identity()
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         hidden = int(embed_dim * mlp_ratio)
         self.blocks = nn.Sequential(*[
-            BottleneckBlock(embed_dim, hidden, _NORMS[norm], _ACTS[act], drop_rate, dpr[i]) for i in range(depth)
+            BottleneckBlock(embed_dim, hidden, _NORMS[norm], _ACTS[act], drop_rate, dpr[i], **dd) for i in range(depth)
         ])
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^stem", blocks=r"^blocks\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            if tuple(x.shape[1:]) != (self.in_chans, *self.img_size):
-                raise ValueError(
-                    f"BottleneckMLP expects {self.in_chans}x{self.img_size[0]}x{self.img_size[1]} images, got "
-                    f"{'x'.join(map(str, x.shape[1:]))}: resize the input or build the model with that img_size"
-                )
-            x = x.flatten(1)
-        elif x.dim() != 2 or x.shape[1] != self.in_dim:
-            raise ValueError(f"BottleneckMLP expects images or flat vectors of {self.in_dim} values, got {tuple(x.shape)}")
-        return self.blocks(self.stem_drop(self.stem(x)))
+        x = self.stem_drop(self.stem(flatten_input(x, self.in_chans, self.img_size[0], self.img_size[1])))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(x)
@@ -122,8 +156,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module |
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     # Scaling MLPs trains at 64 px on ImageNet-21k (11,230 classes) with ImageNet's mean / std.
+    # first_conv: the layer that sees the input, a Linear on the flattened image (timm names the input
+    # layer there, e.g. NaFlexViT's linear 'embeds.proj'). fixed_input_size (cfg() default): True.
     args = dict(num_classes=11230, input_size=(3, 64, 64), crop_pct=1.0, interpolation="bilinear",
-                first_conv="", origin_url="https://github.com/gregorbachmann/scaling_mlps", paper_ids="arXiv:2306.13575")
+                first_conv="stem", classifier="head", origin_url="https://github.com/gregorbachmann/scaling_mlps",
+                paper_ids="arXiv:2306.13575")
     return cfg(**{**args, **kwargs})
 
 

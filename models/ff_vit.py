@@ -10,15 +10,16 @@ Published: FF-tiny (width 192, 12 blocks) 7.7M parameters, 61.4% ImageNet top-1;
 Key names here are timm-style; :func:`checkpoint_filter_fn` maps the original checkpoints
 (``mlp1`` / ``mlp2``, ``pos_encoding.pos_embed`` as a 14x14 grid + ``pos_encoding.cls_pos_embed``).
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies forward()'s annotations into the code it
+# generates, and string annotations there break TorchScript of the traced graph (timm's fx + jit test).
 import re
 from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, resample_abs_pos_embed, trunc_normal_
+from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg, init_linear
@@ -26,18 +27,21 @@ from ._helpers import CIFAR100_MEAN, CIFAR100_STD, build, cfg, init_linear
 __all__ = ["FeedForwardBlock", "FeedForwardViT", "checkpoint_filter_fn"]
 
 _LN = partial(nn.LayerNorm, eps=1e-6)
+_POOLS = ("", "avg", "token")
 
 
 class FeedForwardBlock(nn.Module):
     """A channel MLP then a token MLP, each pre-norm with a residual (the same drop-path rate for both)."""
 
     def __init__(self, dim: int, num_tokens: int, mlp_ratio: float = 4.0, proj_drop: float = 0.0,
-                 drop_path: float = 0.0, norm_layer: type[nn.Module] = _LN, act_layer: type[nn.Module] = nn.GELU) -> None:
+                 drop_path: float = 0.0, norm_layer: type[nn.Module] = _LN, act_layer: type[nn.Module] = nn.GELU,
+                 device=None, dtype=None) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.mlp_channels = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.norm2 = norm_layer(num_tokens)
-        self.mlp_tokens = Mlp(num_tokens, int(num_tokens * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm1 = norm_layer(dim, **dd)
+        self.mlp_channels = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.norm2 = norm_layer(num_tokens, **dd)
+        self.mlp_tokens = Mlp(num_tokens, int(num_tokens * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +52,14 @@ class FeedForwardBlock(nn.Module):
 
 
 class FeedForwardViT(nn.Module):
-    """Patch embedding + class token + positions, feed-forward blocks, final norm, class-token head."""
+    """Patch embedding + class token + positions, feed-forward blocks, final norm, class-token head.
+
+    timm's ViT interface: ``forward_features`` gives the normed tokens (B, 1 + N, C), ``forward_head``
+    pools them (``global_pool``: ``'token'``, ``'avg'`` over the patches, or ``''`` for none),
+    ``forward_intermediates`` / ``prune_intermediate_layers`` / ``feature_info`` work per block, so
+    ``features_only=True`` gives NCHW maps through timm's ``FeatureGetterNet``. The input size is
+    fixed: the token MLPs are sized for ``1 + N`` tokens.
+    """
 
     def __init__(
         self,
@@ -64,24 +75,33 @@ class FeedForwardViT(nn.Module):
         proj_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
+        device=None,
+        dtype=None,
     ) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
+        assert global_pool in _POOLS, f"FF-ViT: global_pool must be one of {_POOLS}, got {global_pool!r}"
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_prefix_tokens = 1
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      **dd)
         num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        reduction = self.patch_embed.feat_ratio()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
-            FeedForwardBlock(embed_dim, num_tokens, mlp_ratio, proj_drop_rate, dpr[i]) for i in range(depth)
+            FeedForwardBlock(embed_dim, num_tokens, mlp_ratio, proj_drop_rate, dpr[i], **dd) for i in range(depth)
         ])
-        self.norm = _LN(embed_dim)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.norm = _LN(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_linear)
@@ -90,23 +110,111 @@ class FeedForwardViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
+            assert global_pool in _POOLS, f"FF-ViT: global_pool must be one of {_POOLS}, got {global_pool!r}"
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        return self.norm(self.blocks(x))
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ViT ``forward_intermediates``: block outputs, the class token split off.
+
+        Args:
+            x: Input images.
+            indices: Take the last n blocks if an int, all if None, the listed ones if a sequence.
+            return_prefix_tokens: Return (patch tokens, class token) pairs.
+            norm: Apply the final norm to every intermediate.
+            stop_early: Stop after the last block asked for.
+            output_fmt: ``'NCHW'`` (maps) or ``'NLC'`` (tokens).
+            intermediates_only: Return the intermediates only.
+        """
+        assert output_fmt in ("NCHW", "NLC"), "Output format must be one of NCHW or NLC."
+        reshape = output_fmt == "NCHW"
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        B, _, height, width = x.shape
+        x = self._embed(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if reshape:
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks after the last index asked for (and the final norm / the head, if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -145,7 +253,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module |
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    args = dict(crop_pct=0.875, first_conv="patch_embed.proj",
+    # fixed_input_size: the token MLPs are sized for one token count (cfg() default, True).
+    args = dict(crop_pct=0.875, first_conv="patch_embed.proj", classifier="head",
                 origin_url="https://github.com/lukemelas/do-you-even-need-attention", paper_ids="arXiv:2105.02723")
     return cfg(**{**args, **kwargs})
 
@@ -157,22 +266,25 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _create(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> FeedForwardViT:
+    out_indices = kwargs.pop("out_indices", 3)  # the last three blocks, as timm's ViT
+    return build(FeedForwardViT, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**defaults, **kwargs})
+
+
 @register_model
 def ffvit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> FeedForwardViT:
     """FF-tiny: width 192, 12 blocks, 197 tokens (published 7.7M parameters)."""
-    args = dict(patch_size=16, embed_dim=192, depth=12)
-    return build(FeedForwardViT, "ffvit_tiny_patch16_224", pretrained, filter_fn=checkpoint_filter_fn, **{**args, **kwargs})
+    return _create("ffvit_tiny_patch16_224", pretrained, dict(patch_size=16, embed_dim=192, depth=12), kwargs)
 
 
 @register_model
 def ffvit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> FeedForwardViT:
     """FF-base: width 768, 12 blocks, 197 tokens (published 62M parameters)."""
-    args = dict(patch_size=16, embed_dim=768, depth=12)
-    return build(FeedForwardViT, "ffvit_base_patch16_224", pretrained, filter_fn=checkpoint_filter_fn, **{**args, **kwargs})
+    return _create("ffvit_base_patch16_224", pretrained, dict(patch_size=16, embed_dim=768, depth=12), kwargs)
 
 
 @register_model
 def ffvit_nano(pretrained: bool = False, **kwargs: Any) -> FeedForwardViT:
-    """A test-sized FF-ViT: 16 px, patch 4 (17 tokens), width 32, 2 blocks, 10 classes."""
-    args = dict(patch_size=4, embed_dim=32, depth=2)
-    return build(FeedForwardViT, "ffvit_nano", pretrained, filter_fn=checkpoint_filter_fn, **{**args, **kwargs})
+    """A test-sized FF-ViT: 16 px, patch 4 (17 tokens), width 32, 3 blocks, 10 classes."""
+    return _create("ffvit_nano", pretrained, dict(patch_size=4, embed_dim=32, depth=3), kwargs)

@@ -7,7 +7,8 @@ ImageNet model (``mixer_s16_224``, ``resmlp_12_224``, ``gmlp_s16_224``) except `
 - ``mixer_s4_cifar``: Mixer-S (8 blocks, width 512, token MLP 256, channel MLP 2048).
 - ``resmlp_12_cifar``: ResMLP-S12 (12 blocks, width 384, ratio 4, Affine norm, timm's LayerScale init).
 - ``gmlp_s4_cifar``: gMLP-S (30 blocks, width 256, ratio 6, spatial gating unit).
-- ``*_nano_cifar``: two blocks of width 32 on 8-px patches, for tests.
+- ``*_nano_cifar``: three blocks of width 32 on 8-px patches, for tests (three, so that timm's feature
+  tests, which want at least three feature levels, apply).
 """
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ default_cfgs = generate_default_cfgs({
 _MIXER = dict(img_size=32)
 _RESMLP = dict(img_size=32, mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine)
 _GMLP = dict(img_size=32, mlp_ratio=6, block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
-_NANO = dict(patch_size=8, num_blocks=2, embed_dim=32)
+_NANO = dict(patch_size=8, num_blocks=3, embed_dim=32)
 
 
 def _create(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> MlpMixer:
-    return build(MlpMixer, variant, pretrained, filter_fn=checkpoint_filter_fn, **{**defaults, **kwargs})
+    out_indices = kwargs.pop("out_indices", 3)  # as timm's _create_mixer: features_only through FeatureGetterNet
+    return build(MlpMixer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **{**defaults, **kwargs})
 
 
 @register_model
@@ -73,17 +76,17 @@ def gmlp_s4_cifar(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
 
 @register_model
 def mixer_nano_cifar(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    """A test-sized MLP-Mixer: 32 px, 8x8 patches (16 tokens), 2 blocks of width 32, 10 classes."""
+    """A test-sized MLP-Mixer: 32 px, 8x8 patches (16 tokens), 3 blocks of width 32, 10 classes."""
     return _create("mixer_nano_cifar", pretrained, dict(_MIXER, **_NANO), kwargs)
 
 
 @register_model
 def resmlp_nano_cifar(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    """A test-sized ResMLP: 32 px, 8x8 patches, 2 blocks of width 32, 10 classes."""
+    """A test-sized ResMLP: 32 px, 8x8 patches, 3 blocks of width 32, 10 classes."""
     return _create("resmlp_nano_cifar", pretrained, dict(_RESMLP, **_NANO), kwargs)
 
 
 @register_model
 def gmlp_nano_cifar(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    """A test-sized gMLP: 32 px, 8x8 patches, 2 blocks of width 32, 10 classes."""
+    """A test-sized gMLP: 32 px, 8x8 patches, 3 blocks of width 32, 10 classes."""
     return _create("gmlp_nano_cifar", pretrained, dict(_GMLP, **_NANO), kwargs)

@@ -36,5 +36,7 @@ def vit_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
     args = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=48, depth=12, num_heads=3,
                 mlp_ratio=2.0, qkv_bias=True)
     args.update(kwargs)
+    out_indices = args.pop("out_indices", 3)  # as timm's _create_vision_transformer
     return build_model_with_cfg(VisionTransformer, "vit_digits", pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **args)
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
