@@ -146,3 +146,225 @@ def deit_tiny_64():
     """timm's DeiT-Tiny at 64 px, random weights (seed 0), eval mode."""
     torch.manual_seed(0)
     return timm.create_model("deit_tiny_patch16_224", img_size=64).eval()
+
+
+# =================================================================================================
+# Model families (models/): helpers shared by test_bottleneck_mlp.py, test_ff_vit.py, test_fnet.py,
+# test_ms_mlp.py, test_mlp_presets.py, test_vit_digits.py and test_checkpoint_formats.py.
+# Appended section; expected values are written out here, not read back from the code under test.
+# =================================================================================================
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR100_MEAN_STD = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def on_meta(name: str, **kwargs) -> torch.nn.Module:
+    """Build without allocating or initialising weights (parameter counts and cfgs only)."""
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def linear(i: int, o: int) -> int:
+    """Parameters of a Linear(i, o) with bias."""
+    return i * o + o
+
+
+def bottleneck_count(blocks: int, width: int, res: int = 64, classes: int = 11230) -> int:
+    """BottleneckMLP parameters by hand: flattened-image stem, blocks of LayerNorm + MLP (4w), head."""
+    block = 2 * width + linear(width, 4 * width) + linear(4 * width, width)
+    return linear(3 * res * res, width) + blocks * block + linear(width, classes)
+
+
+def registered(module: str) -> set[str]:
+    """The timm names registered by one model file (timm keys them by the file's last name component)."""
+    return set(timm.list_models(module=module))
+
+
+def assert_pretrained_cfg(name: str, input_size: tuple[int, int, int], mean_std, classes: int) -> None:
+    """The cfg's input size, mean / std and classes, also as timm's data config resolves them; nothing to download."""
+    from timm.data import resolve_data_config
+
+    mean, std = mean_std
+    model = on_meta(name)
+    cfg = model.pretrained_cfg
+    assert tuple(cfg["input_size"]) == input_size
+    assert tuple(cfg["mean"]) == pytest.approx(mean) and tuple(cfg["std"]) == pytest.approx(std)
+    assert cfg["num_classes"] == classes == model.num_classes
+    assert not cfg.get("url") and not cfg.get("hf_hub_id")  # nothing that would be downloaded
+    data = resolve_data_config({}, model=model)
+    assert data["input_size"] == input_size and tuple(data["mean"]) == pytest.approx(mean)
+
+
+def assert_no_pretrained_weights(name: str) -> None:
+    """pretrained=True: timm's own RuntimeError; through shrink.create_model a one-line ShrinkError."""
+    with pytest.raises(RuntimeError, match="No pretrained weights exist"):
+        timm.create_model(name, pretrained=True)
+    with pytest.raises(shrink.ShrinkError, match="no pretrained weights") as e:
+        shrink.create_model(name, pretrained=True)
+    assert "\n" not in str(e.value)
+
+
+def train_step(model: torch.nn.Module, batch: int = 2) -> float:
+    """One SGD step on random data at the cfg's input size; the loss."""
+    c = model.pretrained_cfg
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *c["input_size"], generator=g)
+    y = torch.randint(0, model.num_classes, (batch,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def check_nano_training(name: str, record_property) -> None:
+    """A nano model: finite eval logits of the right shape, and a training step that changes the weights (< 5 s)."""
+    import math
+    import time
+
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, *model.pretrained_cfg["input_size"]))
+    assert out.shape == (3, model.num_classes) and torch.isfinite(out).all()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, batch=8)  # warm-up
+    t0 = time.perf_counter()
+    loss = train_step(model, batch=8)
+    seconds = time.perf_counter() - t0
+    record_property("train_step_seconds", seconds)
+    assert math.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert seconds < 5.0  # the target is < 1 s; the bound is loose so a busy machine does not flake
+
+
+def check_default_forward_and_train(name: str) -> None:
+    """A default-size model: one finite forward at the cfg's size and a finite training step."""
+    import math
+
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, *model.pretrained_cfg["input_size"]))
+    assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+    assert math.isfinite(train_step(model))
+
+
+def assert_removal_is_one_line_error(name: str) -> None:
+    """No attention to remove: shrink.dilute refuses in one line."""
+    with pytest.raises(shrink.ShrinkError) as e:
+        shrink.dilute(timm.create_model(name), [0])
+    assert "\n" not in str(e.value)
+
+
+def assert_save_load_round_trip(name: str, tmp_path: Path) -> None:
+    """shrink.save then shrink.load gives the same outputs, bit for bit."""
+    model = shrink.create_model(name).eval()
+    shrink.save(model, tmp_path / "m")
+    back = shrink.load(tmp_path / "m")
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        assert torch.equal(model(x), back(x))
+
+
+def same_outputs(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-5) -> bool:
+    """Both models in eval mode give the same outputs (to ``atol``) on one random batch at a's input size."""
+    x = torch.randn(2, *a.pretrained_cfg["input_size"])
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        return (a(x) - b(x)).abs().max().item() <= atol
+
+
+def rename_state(sd: dict, rules: list[tuple[str, str]]) -> dict:
+    """A copy of a state dict with regex renames applied to its keys (to write checkpoints in other formats)."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in rules:
+            k = re.sub(pattern, repl, k)
+        out[k] = v.clone()
+    return out
+
+
+def check_feature_api(name: str, levels: int, tokens: bool) -> None:
+    """timm's feature API on a (small) model: forward_intermediates, feature_info, features_only, pruning.
+
+    The maps are NCHW with feature_info's widths and strides (and, for token models, the NLC tokens
+    are the same values); the final output is forward_features'; the features_only model (timm's
+    FeatureGetterNet) gives the last three maps; stop_early and a pruned model give the first map
+    unchanged, and a pruned model's forward_features ends there.
+    """
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    c, h, w = model.pretrained_cfg["input_size"]
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert len(maps) == len(model.feature_info) == levels
+        for info, m in zip(model.feature_info, maps, strict=True):
+            r = info["reduction"]
+            assert m.shape == (2, info["num_chs"], h // r, w // r)
+
+        def as_map(t: torch.Tensor) -> torch.Tensor:  # tokens (B, N, C), class token already dropped
+            return t if t.ndim == 4 else t.transpose(1, 2).reshape(maps[0].shape)
+
+        if tokens:
+            nlc = model.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)
+            assert torch.equal(as_map(nlc[0]), maps[0])
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        assert torch.equal(first[0], maps[0])
+        pruned = copy.deepcopy(model)
+        kept = pruned.prune_intermediate_layers([0], prune_norm=True)
+        assert torch.equal(pruned.forward_intermediates(x, indices=kept, intermediates_only=True)[0], maps[0])
+        ends = pruned.forward_features(x)
+        assert torch.equal(as_map(ends if ends.ndim == 4 else ends[:, getattr(model, "num_prefix_tokens", 0):]), maps[0])
+        torch.manual_seed(0)
+        features = timm.create_model(name, features_only=True)
+        assert features.feature_info.channels() == [i["num_chs"] for i in model.feature_info[-3:]]
+        for got, want in zip(features.eval()(x), maps[-3:], strict=True):
+            assert torch.equal(got, want)
+
+
+def check_script_and_trace(name: str) -> None:
+    """TorchScript and torch.fx (timm's tracer, its leaf modules and functions) give the eager outputs."""
+    import warnings
+
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        want = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated (still timm's test)
+            scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x), want)
+        last = get_graph_node_names(model)[1][-1]
+        traced = create_feature_extractor(model, return_nodes=[last])
+        torch.testing.assert_close(traced(x)[last], want)
+
+
+def check_mlp_config(path: Path) -> None:
+    """A configs/mlp/*.yaml: loads, names a registered model at its cfg's input size, plain training."""
+    import yaml
+
+    from shrink.config import load_yaml
+
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_yaml(path)  # the integrator's loader accepts every key
+    assert timm.is_model(cfg["model"]), path
+    assert raw["remove_ratio"] == 0 and raw["pretrained"] is False, path
+    assert cfg["input_size"] == on_meta(cfg["model"]).pretrained_cfg["input_size"][-1], path
+    assert {"batch_size", "epochs", "lr"} <= set(raw), path
