@@ -115,7 +115,8 @@ def not_collected_reason(test: str, model: str) -> str | None:
     return None
 
 
-def run_timm_tests(tests_dir: Path, junit: Path, timeout: float = 480.0) -> subprocess.CompletedProcess:
+def run_timm_tests(tests_dir: Path, junit: Path | None, timeout: float = 480.0,
+                   extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """timm's test_models.py with the plugin, in a subprocess, from the folder that holds ``tests/``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("GITHUB_ACTIONS", "TIMEOUT", "TORCH_DEVICE", "TORCH_BACKEND", "PYTEST_ADDOPTS")}
@@ -124,19 +125,17 @@ def run_timm_tests(tests_dir: Path, junit: Path, timeout: float = 480.0) -> subp
     deselect = [a for (test, model) in TIME_LIMITED for a in ("--deselect", f"tests/test_models.py::{test}[{model}]")]
     cmd = [sys.executable, "-m", "pytest", "tests/test_models.py", "-c", os.devnull, "--rootdir", ".",
            "-p", "timm_contract_plugin", "-p", "no:cacheprovider", "-q", "--tb=line", "-W", "ignore::FutureWarning",
-           f"--junitxml={junit}", *deselect]
+           *([f"--junitxml={junit}"] if junit else []), *deselect, *extra]
     return subprocess.run(cmd, cwd=tests_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def parse_junit(junit: Path) -> dict[tuple[str, str], tuple[str, str]]:
     """(test, model) -> (outcome, first line of its message): outcome is passed / failed / error / skipped."""
-    project = set(project_model_names())
     rank = {"passed": 0, "skipped": 1, "failed": 2, "error": 3}
     results: dict[tuple[str, str], tuple[str, str]] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
-        test, _, params = case.get("name", "").partition("[")
-        model = next((model_of(p) for p in params.rstrip("]").split("-") if model_of(p) in project), None)
-        if model is None:
+        key = result_key(case.get("name", ""))
+        if key is None:
             raise AssertionError(f"junit result without a project model: {case.get('name')}")
         outcome, message = "passed", ""
         for tag, name in (("skipped", "skipped"), ("failure", "failed"), ("error", "error")):
@@ -144,9 +143,9 @@ def parse_junit(junit: Path) -> dict[tuple[str, str], tuple[str, str]]:
             if node is not None and rank[name] > rank[outcome]:
                 outcome, message = name, (node.get("message") or node.text or "").strip().splitlines()[:1]
                 message = message[0] if message else ""
-        old = results.get((test, model))
+        old = results.get(key)
         if old is None or rank[outcome] > rank[old[0]]:
-            results[(test, model)] = (outcome, message)
+            results[key] = (outcome, message)
     return results
 
 
@@ -180,6 +179,51 @@ def contract_problems(results: dict[tuple[str, str], tuple[str, str]], models: l
     return problems
 
 
+def result_key(node_id: str) -> tuple[str, str] | None:
+    """``tests/test_models.py::test_model_forward[1-fnet_nano]`` -> (``test_model_forward``, ``fnet_nano``)."""
+    project = set(project_model_names())
+    test, _, params = node_id.rpartition("::")[2].partition("[")
+    model = next((model_of(p) for p in params.rstrip("]").split("-") if model_of(p) in project), None)
+    return (test, model) if model else None
+
+
+def require_timm_tests() -> None:
+    if not (TIMM_TESTS / "test_models.py").is_file():
+        msg = f"timm {TIMM_VERSION}'s own tests are not extracted ({TIMM_TESTS}): run `{FETCH}` first"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def test_contract_problems_keep_the_tables_true(monkeypatch):
+    models = ["fnet_nano", "bottleneck_mlp_nano"]
+    full = {(t, m): ("passed", "") for t in PER_MODEL_TESTS for m in models
+            if not_collected_reason(t, m) is None and (t, m) not in TIME_LIMITED}
+    assert contract_problems(full, models) == []
+    failing = dict(full)
+    failing[("test_model_forward", "fnet_nano")] = ("failed", "AssertionError: NaN")
+    assert contract_problems(failing, models) == ["test_model_forward[fnet_nano]: failed: AssertionError: NaN"]
+    missing = {k: v for k, v in full.items() if k != ("test_model_backward", "fnet_nano")}
+    assert contract_problems(missing, models) == ["test_model_backward[fnet_nano]: did not run, and no table says why"]
+    extra = {**full, ("test_model_forward_features", "bottleneck_mlp_nano"): ("passed", "")}
+    assert "NOT_COLLECTED says" in contract_problems(extra, models)[0]
+    monkeypatch.setitem(EXCLUDED, ("test_model_forward", "fnet_nano"), "a reason")
+    assert contract_problems(failing, models) == []  # excluded, and it does not pass
+    assert "remove the entry" in contract_problems(full, models)[0]  # excluded, but it passes
+
+
+def test_collection_matches_the_tables():
+    """timm's test_models.py collected with the plugin: exactly the pairs the tables expect (seconds, not minutes)."""
+    require_timm_tests()
+    proc = run_timm_tests(TIMM_TESTS, None, timeout=300, extra=("--collect-only",))
+    assert proc.returncode == 0, "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
+    collected = [line for line in proc.stdout.splitlines() if line.startswith("tests/test_models.py::")]
+    keys = [result_key(n) for n in collected]
+    assert None not in keys, [n for n, k in zip(collected, keys, strict=True) if k is None]
+    models = project_model_names()
+    assert contract_problems({k: ("passed", "") for k in keys}, models) == []
+
+
 def test_tables_name_registered_models_and_timm_tests():
     models = project_model_names()
     assert len(models) >= 20, models  # the plugin finds the project's registrations
@@ -192,11 +236,7 @@ def test_tables_name_registered_models_and_timm_tests():
 
 @pytest.mark.slow
 def test_timm_model_contract(tmp_path):
-    if not (TIMM_TESTS / "test_models.py").is_file():
-        msg = f"timm {TIMM_VERSION}'s own tests are not extracted ({TIMM_TESTS}): run `{FETCH}` first"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_timm_tests()
     junit = tmp_path / "timm_contract.xml"
     proc = run_timm_tests(TIMM_TESTS, junit)
     if proc.returncode not in (0, 1) or not junit.is_file():  # 1: some test failed; anything else: no run

@@ -3,7 +3,10 @@
 Used by ``tests/test_timm_contract.py``, which runs, in a subprocess, from the folder that holds the
 extracted ``tests/`` (``python scripts/fetch_timm_tests.py``)::
 
-    PYTHONPATH=<repo>/tests python -m pytest -p timm_contract_plugin tests/test_models.py
+    cd .cache/timm-tests/<version>
+    PYTHONPATH=<repo>/tests python -m pytest tests/test_models.py -c /dev/null --rootdir . -p timm_contract_plugin
+
+(``-c /dev/null --rootdir .``: timm's tests run without this project's pytest configuration.)
 
 What it changes, and nothing else (timm's test file is run as it is):
 
