@@ -3,8 +3,10 @@
 Pick the least informative attention layers, fade them out with a lambda schedule while
 fine-tuning, and export the model with those attention layers physically gone.
 """
+
 # The model families first: importing shrink registers them with timm (shrink.models imports only torch and timm).
-from . import models  # noqa: F401  isort: skip
+# shrink._source_tree imports shrink.models: the installed package, or models/ of a clone that is not installed.
+from ._source_tree import models  # noqa: F401  isort: skip
 from .checkpoint import get_bottleneck_mlp, load_checkpoint, read_checkpoint
 from .dilution import (
     DilutedBlock,
