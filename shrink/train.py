@@ -386,7 +386,7 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
     }
     if accelerator.is_main_process:
         atomic_write_json(out / "summary.json", summary)
-        plot_metrics(final, out / "metrics.png")
+        plot_metrics(final, out / "metrics.png", summary)
     accelerator.wait_for_everyone()
     return summary
 
