@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder  # timm imports torchvision anyway
 
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -120,6 +121,174 @@ class SyntheticDataset(Dataset):
         return torch.randn(self.input_size, generator=g), int(torch.randint(self.num_classes, (1,), generator=g))
 
 
+class DataPipelineError(ShrinkError):
+    """An image that cannot be read or transformed: one line naming the file (or item) and the step.
+
+    Raised inside a DataLoader worker it comes back through torch's ``ExceptionWrapper``, which
+    re-creates it as ``cls(message=<the worker's traceback>)`` because of the ``message`` class
+    attribute; the constructor then keeps the worker's own one line instead of the traceback.
+    """
+
+    message = "data pipeline error"  # truthy: DataLoader re-raises with message=<traceback text>
+
+    def __init__(self, text: str = "", *, message: str | None = None):
+        if message is not None:
+            tag = f"{type(self).__name__}: "
+            lines = [ln for ln in message.splitlines() if tag in ln]
+            where = message.splitlines()[0].removeprefix("Caught ").removeprefix(type(self).__name__).strip(" .")
+            text = f"{lines[-1].split(tag, 1)[1]} ({where})" if lines else first_line(ValueError(message))
+        super().__init__(text)
+
+
+class AugmentationError(Exception):
+    """An augmentation op that failed; :class:`DataPipelineError` adds the file it failed on."""
+
+
+class _GuardedOp:
+    """A timm augmentation op function that names itself when it fails (picklable: workers may spawn)."""
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, img, *args, **kwargs):
+        fill = kwargs.get("fillcolor")
+        bands = len(img.getbands()) if hasattr(img, "getbands") else None
+        if isinstance(fill, (tuple, list)) and bands == 1 and len(fill) != 1:
+            # timm fills with the RGB mean; a grey image takes one value (their mean)
+            kwargs["fillcolor"] = round(sum(fill) / len(fill))
+        try:
+            return self.fn(img, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised in one line, naming the op
+            size = "x".join(map(str, getattr(img, "size", ()))) or "?"
+            shown = ", ".join(f"{a:.3g}" if isinstance(a, float) else str(a) for a in args)
+            raise AugmentationError(f"augmentation {self.name}({shown}) failed on a {getattr(img, 'mode', '?')} "
+                                    f"{size} image: {type(e).__name__}: {first_line(e)}") from None
+
+
+def posterize_any_bits(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits giving what Pillow < 13 gave (an all-black image) instead of an error.
+
+    timm's RandAugment asks for 0 bits at the top magnitudes of ``PosterizeIncreasing`` and the bottom
+    ones of ``Posterize``; Pillow 13 refuses bits outside 1..8.
+    """
+    from PIL import ImageOps
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0 and img.mode in ("L", "RGB"):
+        return img.point([0] * 256 * len(img.getbands()))
+    if bits_to_keep <= 0:  # the modes Pillow's posterize refuses anyway: its own error
+        return ImageOps.posterize(img, 1)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def augment_ops(transform) -> list:
+    """The timm ``AugmentOp``s of a transform (RandAugment, AutoAugment, AugMix), in order."""
+    from timm.data.auto_augment import AugmentOp
+
+    found: list = []
+
+    def walk(obj, depth: int = 0) -> None:
+        if depth > 6:
+            return
+        if isinstance(obj, AugmentOp):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth + 1)
+        else:
+            for attr in ("transforms", "ops", "policy"):
+                if isinstance(getattr(obj, attr, None), (list, tuple)):
+                    walk(getattr(obj, attr), depth + 1)
+
+    walk(transform)
+    return found
+
+
+def harden_augmentation(transform):
+    """Make timm's augmentation ops work with the installed Pillow and name themselves when they fail.
+
+    Only each op's image function is replaced (posterize by :func:`posterize_any_bits`, every op
+    wrapped to name itself in an error); the policy, the ops' probabilities and magnitudes and their
+    random draws stay timm's, so a run draws exactly the augmentations timm would.
+    """
+    from timm.data import auto_augment
+
+    for op in augment_ops(transform):
+        fn = op.aug_fn.fn if isinstance(op.aug_fn, _GuardedOp) else op.aug_fn
+        if fn is auto_augment.posterize:
+            fn = posterize_any_bits
+        op.aug_fn = _GuardedOp(op.name, fn)
+    return transform
+
+
+class _GuardedItems:
+    """``__getitem__`` that turns any failure into one :class:`DataPipelineError` line naming the item."""
+
+    def _where(self, index: int) -> str:
+        return f"item {index} of {type(self).__name__}"
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (DataPipelineError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - one line naming the file and the step
+            what = first_line(e) if isinstance(e, AugmentationError) else f"{type(e).__name__}: {first_line(e)}"
+            raise DataPipelineError(f"{self._where(index)}: {what}") from None
+
+
+_TRUNCATED_SEEN: set[str] = set()
+
+
+def load_rgb(path: str):
+    """An image file as RGB (grayscale, palette, CMYK, 16-bit, alpha converted); a truncated file is
+    read as far as it goes (the rest grey, as Pillow's LOAD_TRUNCATED_IMAGES does), with a warning."""
+    from PIL import Image, ImageFile
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        try:
+            img.load()
+        except OSError as e:
+            if "truncated" not in str(e):
+                raise
+            if path not in _TRUNCATED_SEEN:  # once per file and process, not every epoch
+                _TRUNCATED_SEEN.add(path)
+                _logger.warning("%s is truncated; using the part that could be read", path)
+            previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+            try:
+                f.seek(0)
+                img = Image.open(f)
+                img.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before RGB
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+class GuardedImageFolder(_GuardedItems, ImageFolder):
+    """torchvision's ImageFolder, reading with :func:`load_rgb`; a failure names the file."""
+
+    def __init__(self, root: str, transform=None):
+        super().__init__(root, transform=transform, loader=load_rgb)
+
+    def _where(self, index: int) -> str:
+        return f"image {self.samples[index][0]}" if 0 <= index < len(self.samples) else super()._where(index)
+
+
+class GuardedCIFAR10(_GuardedItems, CIFAR10):
+    """torchvision's CIFAR-10; a failure names the split and index."""
+
+
+class GuardedCIFAR100(_GuardedItems, CIFAR100):
+    """torchvision's CIFAR-100; a failure names the split and index."""
+
+
 def _model_data_config(model: nn.Module | None, input_size: int | None) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
@@ -128,6 +297,12 @@ def _model_data_config(model: nn.Module | None, input_size: int | None) -> dict[
         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}
     if input_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], input_size, input_size)
+    elif model is not None:  # the size the model was built for, not its pretrained_cfg's (224 for img_size=64)
+        for owner in (getattr(model, "patch_embed", None), getattr(model, "stem", None)):
+            size = getattr(owner, "img_size", None)
+            if isinstance(size, (tuple, list)) and len(size) == 2:
+                cfg["input_size"] = (cfg["input_size"][0], int(size[0]), int(size[1]))
+                break
     return cfg
 
 
@@ -145,7 +320,7 @@ def build_transform(train: bool, model: nn.Module | None = None, input_size: int
                   mean=cfg["mean"], std=cfg["std"])
     if train:
         kwargs.update(aug or {})
-        return create_transform(is_training=True, **kwargs)
+        return harden_augmentation(create_transform(is_training=True, **kwargs))
     return create_transform(is_training=False, crop_pct=cfg.get("crop_pct", 0.875), **kwargs)
 
 
@@ -174,11 +349,9 @@ def build_dataset(
         return SyntheticDataset(synthetic_size, cfg["input_size"], n_cls, seed=0 if split == "train" else 1)
     transform = build_transform(train_transform, model, input_size, aug)
     if name in ("cifar10", "cifar100"):
-        from torchvision import datasets
-
         if data_path is None:
             raise ShrinkError(f"--data-path is required for {name} (the folder to download into or read from)")
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        cls = GuardedCIFAR10 if name == "cifar10" else GuardedCIFAR100
         try:
             return cls(str(data_path), train=split == "train", transform=transform, download=True)
         except Exception as e:  # noqa: BLE001 - network or file errors, reported in one line
@@ -189,10 +362,8 @@ def build_dataset(
     root = Path(data_path) / split
     if not root.is_dir():
         raise ShrinkError(f"data folder not found: {root} (expected DATA_PATH/train and DATA_PATH/val)")
-    from torchvision.datasets import ImageFolder
-
     try:
-        return ImageFolder(str(root), transform=transform)
+        return GuardedImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise ShrinkError(f"cannot read image folder {root}: {str(e).splitlines()[0]}") from None
 

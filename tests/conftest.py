@@ -368,3 +368,52 @@ def check_mlp_config(path: Path) -> None:
     assert raw["remove_ratio"] == 0 and raw["pretrained"] is False, path
     assert cfg["input_size"] == on_meta(cfg["model"]).pretrained_cfg["input_size"][-1], path
     assert {"batch_size", "epochs", "lr"} <= set(raw), path
+
+
+# =================================================================================================
+# Real image files (appended for issue 20): crops of scikit-learn's two sample photos, written as
+# PNG and JPEG files of mixed sizes and modes, one class per photo.
+# =================================================================================================
+
+REAL_MODES = ("RGB", "L", "RGBA", "CMYK", "P", "LA", "I;16", "RGB")
+
+
+def real_image_folder(root: Path, per_class: int = 12, val_per_class: int = 4, seed: int = 0,
+                      truncated: bool = True) -> Path:
+    """An ImageFolder (train/ and val/, classes ``china`` and ``flower``) of real photo crops.
+
+    Sizes vary from 24 to 96 pixels a side (not square); modes cycle through REAL_MODES (CMYK as
+    JPEG, the others as PNG or JPEG where JPEG can hold them); with ``truncated`` the last train
+    image of each class is a JPEG cut short.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # china.jpg, flower.jpg: 427 x 640 RGB
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for ci, (cls, photo) in enumerate(zip(("china", "flower"), photos, strict=True)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(24, 97)), int(rng.integers(24, 97))
+                y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
+                img = Image.fromarray(photo[y:y + h, x:x + w])
+                mode = REAL_MODES[(i + ci) % len(REAL_MODES)]
+                if mode == "I;16":
+                    img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+                elif mode == "P":
+                    img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+                else:
+                    img = img.convert(mode)
+                cut = truncated and split == "train" and i == n - 1
+                jpeg = cut or mode == "CMYK" or (mode in ("RGB", "L") and i % 2 == 1)
+                path = root / split / cls / f"{i:03d}.{'jpg' if jpeg else 'png'}"
+                if jpeg:
+                    (img.convert("RGB") if cut else img).save(path, quality=90)
+                else:
+                    img.save(path)
+                if cut:
+                    data = path.read_bytes()
+                    path.write_bytes(data[: len(data) * 2 // 3])
+    return root
