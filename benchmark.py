@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", help="a directory written by shrink.save, or a weights file "
                                         "(.pth/.safetensors); one model only (use a list file for several)")
     g.add_argument("--img-size", type=int, help="input resolution (default: the model's own)")
+    g.add_argument("--baseline", metavar="MODEL",
+                   help="also compare every row with MODEL's dense row (column 'vs MODEL', JSON "
+                        "speedup_vs_baseline); MODEL is measured first if no listed model gives its dense row. "
+                        "Without it each model is compared only with its own dense row ('speedup')")
     r = p.add_argument_group("configurations")
     rm = r.add_mutually_exclusive_group()
     rm.add_argument("--remove-layers", help="attention layers to remove, e.g. 0,2,4")
@@ -119,6 +123,7 @@ def _main(argv: list[str] | None = None) -> int:
             compile=args.compile, channels_last=args.channels_last, img_size=args.img_size, warmup=args.warmup,
             iters=args.iters, repeats=args.repeats, latency=not args.no_latency, train=args.train,
             threads=args.threads, interleave=args.interleave, runtimes=parse_runtimes(args.runtime),
+            baseline=args.baseline,
             json_path=args.json, csv_path=args.csv, plot_path=args.plot,
             progress=not args.no_progress,
             command=shlex.join(["python", "benchmark.py", *(sys.argv[1:] if argv is None else argv)]),

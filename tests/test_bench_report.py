@@ -17,7 +17,7 @@ TOP_KEYS = {"schema": str, "date": str, "command": (str, type(None)), "environme
 
 
 SETTINGS_KEYS = {"device", "precision", "batch_size", "warmup", "iters", "repeats", "compile",
-                 "channels_last", "img_size", "latency", "train", "interleave"}
+                 "channels_last", "img_size", "latency", "train", "interleave", "baseline"}
 
 
 ENV_KEYS = {"python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "timm", "fvcore", "shrink",
@@ -28,7 +28,7 @@ RESULT_KEYS = {"model": str, "variant": str, "label": str, "checkpoint": (str, t
                "removed_layers": (list, type(None)), "attention_free_blocks": list, "tome": (dict, type(None)),
                "input_size": list, "params": dict, "macs": dict, "gmacs": float, "inference": dict,
                "memory": dict, "latency_ms": (dict, type(None)), "train": (dict, type(None)), "notes": list,
-               "speedup_vs_dense": (float, type(None))}
+               "speedup_vs_dense": (float, type(None)), "speedup_vs_baseline": (float, type(None))}
 
 
 INFERENCE_KEYS = {"images_per_s", "images_per_s_min", "images_per_s_max", "images_per_s_repeats",

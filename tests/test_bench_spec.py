@@ -61,3 +61,42 @@ def test_removal_sets_and_ratio(tmp_path, deit_tiny_64):
     bad.write_text(json.dumps({"layer": [1]}))
     with pytest.raises(shrink.ShrinkError, match="no 'layers' list"):
         bench.resolve_removal(deit_tiny_64, ModelSpec(name="x", selection=str(bad)))
+
+
+def test_a_removal_on_a_model_without_attention_is_reported_never_dropped():
+    """A removal given for several models: the MLP-only one keeps its dense row, and each pruned
+    configuration it cannot have is in ``skipped`` with the reason (it used to vanish without a word)."""
+    cfg = bench.BenchConfig(models=[ModelSpec(name="deit_tiny_patch16_224", remove_layers=[0, 2]),
+                                    ModelSpec(name="mixer_s16_224", remove_layers=[0, 2])], img_size=32)
+    planned, skipped = bench.plan(cfg)
+    assert [(p.spec.name, p.variant) for p in planned] == [
+        ("deit_tiny_patch16_224", "dense"), ("deit_tiny_patch16_224", "pruned"), ("mixer_s16_224", "dense")]
+    assert skipped == [{"model": "mixer_s16_224", "variant": "pruned",
+                        "reason": "mixer_s16_224 has no attention layers to remove"}]
+    # with ToMe asked too, both pruned configurations are reported; an explicit --compare says the same
+    cfg.models[1].tome_r = cfg.models[0].tome_r = 1
+    assert [(k["variant"], k["reason"]) for k in bench.plan(cfg)[1]] == [
+        ("pruned", "mixer_s16_224 has no attention layers to remove"),
+        ("pruned+tome", "mixer_s16_224 has no attention layers to remove")]
+    cfg.models[1].tome_r = cfg.models[0].tome_r = None
+    cfg.models[1].compare = ["dense", "pruned"]
+    assert bench.plan(cfg)[1] == skipped
+    # no model at all admits the removal: an error, as with one model
+    cfg.models = [cfg.models[1], ModelSpec(name="resmlp_12_224", remove_layers=[0])]
+    with pytest.raises(shrink.ShrinkError, match="no model admits configuration pruned: mixer_s16_224 has no attention"):
+        bench.plan(cfg)
+
+
+def test_the_baseline_is_measured_once_and_first_when_not_listed():
+    deit = ModelSpec(name="deit_tiny_patch16_224", remove_layers=[0, 2], compare=["pruned"])
+    assert bench.with_baseline([deit], None) == [deit]
+    added = bench.with_baseline([deit], "deit_tiny_patch16_224")  # listed, but without its dense row
+    assert [(s.name, s.compare, s.remove_layers) for s in added] == [
+        ("deit_tiny_patch16_224", ["dense"], None), ("deit_tiny_patch16_224", ["pruned"], [0, 2])]
+    mixer = ModelSpec(name="mixer_s16_224")
+    assert bench.with_baseline([deit, mixer], "mixer_s16_224") == [deit, mixer]  # its dense row is there
+    with pytest.raises(shrink.ShrinkError, match="--baseline is empty"):
+        bench.with_baseline([deit], " ")
+    planned, _ = bench.plan(bench.BenchConfig(models=[deit], img_size=32, baseline="resmlp_12_224"))
+    assert [(p.spec.name, p.variant) for p in planned] == [("resmlp_12_224", "dense"),
+                                                           ("deit_tiny_patch16_224", "pruned")]

@@ -37,6 +37,8 @@ def _cli():
     (["--model", "deit_tiny_patch16_224", "--remove-layers", "1", "--compare", "dense"], "no pruned configuration"),
     (["--model", "deit_tiny_patch16_224,mixer_s16_224", "--checkpoint", "x.pth"], "exactly one model"),
     (["--model", "deit_tiny_patch16_224", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--model", "deit_tiny_patch16_224", "--baseline", "no_such_model_xyz"], "unknown model 'no_such_model_xyz'"),
+    (["--model", "deit_tiny_patch16_224", "--baseline", ""], "--baseline is empty"),
     (["--model", "deit_tiny_patch16_224", "--device", "cuda:0"] if not torch.cuda.is_available()
      else ["--model", "deit_tiny_patch16_224", "--device", "tpu"], "cuda|not supported|unknown device"),
 ])

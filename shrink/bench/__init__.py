@@ -38,6 +38,7 @@ from .spec import (
     plan,
     read_selection,
     resolve_removal,
+    with_baseline,
 )
 
 __all__ = [
@@ -73,5 +74,6 @@ __all__ = [
     "resolve_removal",
     "run",
     "time_calls",
+    "with_baseline",
     "write_outputs",
 ]

@@ -18,8 +18,8 @@ SCHEMA = "shrink.bench/1"
 
 CSV_COLUMNS = ("model", "variant", "label", "removed_layers", "tome_r", "tome_start_idx", "params",
                "gmacs", "batch_size", "images_per_s", "images_per_s_min", "images_per_s_max",
-               "speedup_vs_dense", "latency_ms", "peak_memory_mb", "memory_growth_mb", "train_images_per_s",
-               "device", "precision", "compile")
+               "speedup_vs_dense", "speedup_vs_baseline", "latency_ms", "peak_memory_mb", "memory_growth_mb",
+               "train_images_per_s", "device", "precision", "compile", "notes")
 
 
 def _row(r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
@@ -29,10 +29,12 @@ def _row(r: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
             "params": r["params"]["total"], "gmacs": r["gmacs"], "batch_size": r["inference"]["batch_size"],
             "images_per_s": r["inference"]["images_per_s"], "images_per_s_min": r["inference"]["images_per_s_min"],
             "images_per_s_max": r["inference"]["images_per_s_max"], "speedup_vs_dense": r["speedup_vs_dense"],
+            "speedup_vs_baseline": r.get("speedup_vs_baseline"),
             "latency_ms": (r["latency_ms"] or {}).get("median"), "peak_memory_mb": (r["memory"] or {}).get("peak_mb"),
             "memory_growth_mb": (r["memory"] or {}).get("growth_mb"),
             "train_images_per_s": (r["train"] or {}).get("images_per_s"),
-            "device": s["device"], "precision": s["precision"], "compile": s["compile"]}
+            "device": s["device"], "precision": s["precision"], "compile": s["compile"],
+            "notes": "; ".join(r["notes"])}
 
 
 def _has_runtimes(report: dict[str, Any]) -> bool:
@@ -58,11 +60,14 @@ def format_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     mem = "peak mem (MB)" if s["device"].startswith("cuda") else "mem growth (MB)"
     runtimes = _has_runtimes(report)
+    baseline = s.get("baseline")
+    noted = bool(report["skipped"]) or any(r["notes"] for r in report["results"])
     head = ["model", "configuration"] + (["runtime"] if runtimes else []) + [
-        "params (M)", "GMACs", f"img/s (batch {s['batch_size']})", "speedup", "latency b1 (ms)", mem] + (
-        ["train img/s"] if s["train"] else [])
+        "params (M)", "GMACs", f"img/s (batch {s['batch_size']})", "speedup"] + (
+        [f"vs {baseline}"] if baseline else []) + ["latency b1 (ms)", mem] + (
+        ["train img/s"] if s["train"] else []) + (["note"] if noted else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes = []
+    rows: list[tuple[str, list[str]]] = []  # (model, cells)
     for r in report["results"]:
         inf = r["inference"]
         ips = f"{inf['images_per_s']:.1f} ({inf['images_per_s_min']:.1f}-{inf['images_per_s_max']:.1f})"
@@ -73,12 +78,22 @@ def format_markdown(report: dict[str, Any]) -> str:
             r["memory"]["peak_mb"] if s["device"].startswith("cuda") else r["memory"]["growth_mb"])
         cells = [r["model"], r["label"]] + ([r.get("runtime", "torch")] if runtimes else []) + [
             f"{r['params']['total'] / 1e6:.2f}", f"{r['gmacs']:.4g}", ips,
-            "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x",
-            "-" if lat is None else f"{lat['median']:.2f}", "-" if m is None else f"{m:.0f}"]
+            "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"]
+        if baseline:
+            v = r.get("speedup_vs_baseline")
+            cells.append("-" if v is None else f"{v:.2f}x")
+        cells += ["-" if lat is None else f"{lat['median']:.2f}", "-" if m is None else f"{m:.0f}"]
         if s["train"]:
             cells.append("-" if r["train"] is None else f"{r['train']['images_per_s']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-        notes += [f"{r['model']} {r['label']}: {n}" for n in r["notes"]]
+        if noted:
+            cells.append("; ".join(n.replace("|", "/") for n in r["notes"]))
+        rows.append((r["model"], cells))
+    for k in report["skipped"]:  # a row for every skipped configuration, after its model's last row
+        cells = [k["model"], f"{k['variant']}: not measured"] + ["-"] * (len(head) - 3) + [
+            "skipped: " + k["reason"].replace("|", "/")]
+        at = max((i + 1 for i, (name, _) in enumerate(rows) if name == k["model"]), default=len(rows))
+        rows.insert(at, (k["model"], cells))
+    lines += ["| " + " | ".join(cells) + " |" for _, cells in rows]
     env = report["environment"]
     where = env["gpu"] or f"{env['cpu']}, {env['torch_threads']} threads"
     lines += ["", f"{s['device']} ({where}), {s['precision']}, compile={s['compile']}, "
@@ -89,7 +104,9 @@ def format_markdown(report: dict[str, Any]) -> str:
                   "shrink.deploy.to_onnx (dynamic batch), all graph optimisations, "
                   + ", ".join(sorted({p for r in report["results"] if "onnx" in r for p in r["onnx"]["providers"][:1]}))
                   + (f", {s['device']} only (compile / channels-last / training apply to torch rows)")]
-    lines += [f"note: {n}" for n in notes]
+    if baseline:
+        lines += [f"speedup: over the model's own dense row; vs {baseline}: over {baseline}'s dense row"
+                  + (" in the same runtime" if runtimes else "") + "."]
     lines += [f"skipped: {k['model']} {k['variant']}: {k['reason']}" for k in report["skipped"]]
     return "\n".join(lines) + "\n"
 

@@ -87,7 +87,7 @@ def _settings(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
          "warmup": w if cfg.warmup is None else cfg.warmup, "iters": i if cfg.iters is None else cfg.iters,
          "repeats": r if cfg.repeats is None else cfg.repeats, "compile": cfg.compile,
          "channels_last": cfg.channels_last, "img_size": cfg.img_size, "latency": cfg.latency,
-         "train": cfg.train, "interleave": cfg.interleave}
+         "train": cfg.train, "interleave": cfg.interleave, "baseline": cfg.baseline}
     runtimes = list(cfg.runtimes or ["torch"])
     if runtimes != ["torch"]:  # the key exists only in runs that include another runtime (schema unchanged)
         s["runtimes"] = runtimes
@@ -272,7 +272,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         results = _runtime_order(results, runtimes)
     bar.close()
     _free(device)
-    _add_speedups(results)
+    _add_speedups(results, cfg.baseline)
+    _add_skip_notes(results, skipped)
     report = {"schema": SCHEMA, "date": started,
               "command": cfg.command, "environment": environment, "settings": settings,
               "results": results, "skipped": skipped}
@@ -294,12 +295,25 @@ def _runtime_order(results: list[dict[str, Any]], runtimes: list[str | None]) ->
     return sorted(results, key=lambda r: runtimes.index(r.get("runtime")))  # stable within a runtime
 
 
-def _add_speedups(results: list[dict[str, Any]]) -> None:
-    """images/s over the first dense configuration of the same model, input size and runtime in this run."""
+def _add_speedups(results: list[dict[str, Any]], baseline: str | None = None) -> None:
+    """images/s over the first dense configuration of the same model, input size and runtime in this run
+    (``speedup_vs_dense``), and over the first dense configuration of ``baseline`` in the same runtime
+    (``speedup_vs_baseline``; null without a baseline)."""
     dense: dict[tuple, float] = {}
+    base: dict[str | None, float] = {}
     for r in results:
         if r["variant"] == "dense" and not r["attention_free_blocks"]:  # not a loaded shrunk model
             dense.setdefault((r["model"], tuple(r["input_size"]), r.get("runtime")), r["inference"]["images_per_s"])
+        if r["variant"] == "dense" and r["model"] == baseline:
+            base.setdefault(r.get("runtime"), r["inference"]["images_per_s"])
     for r in results:
         d = dense.get((r["model"], tuple(r["input_size"]), r.get("runtime")))
         r["speedup_vs_dense"] = r["inference"]["images_per_s"] / d if d else None
+        b = base.get(r.get("runtime"))
+        r["speedup_vs_baseline"] = r["inference"]["images_per_s"] / b if b else None
+
+
+def _add_skip_notes(results: list[dict[str, Any]], skipped: list[dict[str, str]]) -> None:
+    """Each measured row of a model says which of its configurations were skipped, and why."""
+    for r in results:
+        r["notes"] += [f"{k['variant']} skipped: {k['reason']}" for k in skipped if k["model"] == r["model"]]

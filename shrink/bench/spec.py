@@ -58,6 +58,7 @@ class BenchConfig:
     threads: int | None = None
     interleave: bool = False  # time the configurations round-robin (for machines with other load)
     runtimes: list[str] | None = None  # None: torch only; e.g. ["torch", "onnxruntime"] (shrink.bench.ort)
+    baseline: str | None = None  # a model name: every row's speed is also compared with its dense row
     json_path: str | None = None
     csv_path: str | None = None
     plot_path: str | None = None
@@ -248,6 +249,8 @@ def _variants(spec: ModelSpec, layers: list[int] | None) -> list[str]:
 
 
 def _check_variant(model: nn.Module, spec: ModelSpec, variant: str, layers: list[int] | None) -> None:
+    if variant.startswith("pruned") and layers is None and _removal_asked(spec) and not _attention_blocks(model):
+        raise ShrinkError(f"{spec.name} {NO_ATTENTION}")
     if variant.startswith("pruned") and layers is None:
         raise ShrinkError(f"{spec.name}: --compare {variant} needs --remove-layers or --selection")
     if variant.endswith("+tome"):
@@ -272,25 +275,59 @@ def _build_base(spec: ModelSpec, img_size: int | None) -> nn.Module:
     return model.eval()
 
 
+def _has_dense(spec: ModelSpec) -> bool:
+    return spec.compare is None or "dense" in spec.compare
+
+
+def with_baseline(models: list[ModelSpec], baseline: str | None) -> list[ModelSpec]:
+    """``models`` with a dense-only spec of ``baseline`` in front when none of them measures its dense
+    configuration (the row every other row is compared with under ``--baseline``)."""
+    if baseline is None:
+        return list(models)
+    if not baseline.strip():
+        raise ShrinkError("--baseline is empty; give a model name")
+    if any(s.name == baseline and _has_dense(s) for s in models):
+        return list(models)
+    return [ModelSpec(name=baseline, compare=["dense"]), *models]
+
+
+def _removal_asked(spec: ModelSpec) -> bool:
+    return spec.remove_layers is not None or spec.selection is not None
+
+
+NO_ATTENTION = "has no attention layers to remove"
+
+
 def plan(cfg: BenchConfig) -> tuple[list[_Planned], list[dict[str, str]]]:
     """Validate every model and configuration before anything is timed; returns (planned, skipped).
 
     With one model any impossible configuration is an error. With several, a configuration that
-    cannot apply to some model (removal on an MLP-only model) is skipped for it and reported; it is
-    an error only if no model admits it.
+    cannot apply to some model (removal on an MLP-only model) is skipped for it and reported in
+    ``skipped`` (the report's table has a row for it); it is an error only if no model admits it.
     """
+    models = with_baseline(cfg.models, cfg.baseline)
     planned: list[_Planned] = []
     skipped: list[dict[str, str]] = []
     asked: dict[str, int] = {}
-    for spec in cfg.models:
+    for spec in models:
         if spec.tome_r is not None and spec.tome_r < 0:
             raise ShrinkError(f"--tome-r must be >= 0, got {spec.tome_r}")
         base = _build_base(spec, cfg.img_size)
-        if len(cfg.models) > 1 and not _attention_blocks(base):
+        no_attention = len(models) > 1 and not _attention_blocks(base)
+        if no_attention:
             layers = None  # removal cannot apply to it; its pruned configurations are skipped below
         else:
             layers = resolve_removal(base, spec)
         variants = _variants(spec, layers)
+        if no_attention and _removal_asked(spec):
+            # the configurations a removal would have added: reported, never dropped silently
+            wanted = _variants(spec, [0])
+            variants = [v for v in wanted if not v.startswith("pruned")]
+            for v in wanted:
+                if v.startswith("pruned"):
+                    asked[v] = asked.get(v, 0) + 1
+                    skipped.append({"model": spec.name, "variant": v, "reason": f"{spec.name} {NO_ATTENTION}"})
+                    _logger.warning("skipping %s %s: %s %s", spec.name, v, spec.name, NO_ATTENTION)
         if spec.compare is not None and spec.tome_r is not None and not any(v.endswith("+tome") for v in variants):
             raise ShrinkError(f"{spec.name}: --tome-r is given but --compare has no +tome configuration")
         if spec.compare is not None and layers is not None and not any(v.startswith("pruned") for v in variants):
@@ -300,7 +337,7 @@ def plan(cfg: BenchConfig) -> tuple[list[_Planned], list[dict[str, str]]]:
             try:
                 _check_variant(base, spec, v, layers)
             except ShrinkError as e:
-                if len(cfg.models) == 1:
+                if len(models) == 1:
                     raise
                 skipped.append({"model": spec.name, "variant": v, "reason": str(e)})
                 _logger.warning("skipping %s %s: %s", spec.name, v, e)
