@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ShrinkError
+from .rundir import check_outside_run
 
 if TYPE_CHECKING:
     import torch
@@ -167,6 +168,7 @@ def check_output_file(path: str | os.PathLike | None, flag: str, *, suffixes: It
     if p.exists() and not os.access(p.parent, os.W_OK | os.X_OK):
         raise ShrinkError(f"{flag} {p}: {p.parent} is not writable")
     _writable_parent(p, flag)
+    check_outside_run(p, flag)  # a run's folder holds only what the run writes (and its deploy/)
     return p
 
 
@@ -179,6 +181,7 @@ def check_output_dir(
     folder, or one that holds only ``owned`` names (the tool's own earlier output, which it replaces).
     """
     p = _nonempty(path, flag)
+    check_outside_run(p, flag)  # a run's folder holds only what the run writes (and its deploy/)
     if p.exists() or p.is_symlink():
         if must_not_exist:
             raise ShrinkError(f"{flag} {p} already exists; choose a new path")

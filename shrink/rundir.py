@@ -23,7 +23,11 @@ from .io import _umask, atomic_write_text
 _logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
-RUN_ENTRIES = frozenset({CONFIG, "metrics.jsonl", "metrics.png", "summary.json", "best", "last", "state", "logs"})
+# deploy/: what other tools write for this run (``python -m shrink.deploy --checkpoint RUN/best`` by default,
+# or any output path under it); a run never reads or changes it, so it may hold anything.
+DEPLOY = "deploy"
+RUN_ENTRIES = frozenset({CONFIG, "metrics.jsonl", "metrics.png", "summary.json", "best", "last", "state", "logs",
+                         DEPLOY})
 # Settings a resumed run may change; everything else must equal the saved run's.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every", "progress", "num_workers", "log_with", "compile", "data_path",
                                "resume", "output_dir", "eval", "checkpoint", "tome_r", "tome_start_idx",
@@ -32,6 +36,40 @@ RESUMABLE_CHANGES = frozenset({"epochs", "eval_every", "progress", "num_workers"
 
 def _is_run_entry(name: str) -> bool:
     return name in RUN_ENTRIES or (name.startswith(".") and name.endswith((".tmp", ".old")))
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a run's output folder: its ``config.yaml`` and nothing a run does not write."""
+    p = Path(path)
+    if not (p / CONFIG).is_file():
+        return False
+    try:
+        return all(_is_run_entry(n) for n in os.listdir(p))
+    except OSError:
+        return False
+
+
+def enclosing_run_dir(path: str | os.PathLike) -> Path | None:
+    """The run folder that ``path`` (a file or folder, existing or not) would be written into, if any."""
+    p = Path(os.path.abspath(path))
+    for parent in p.parents:
+        if is_run_dir(parent):
+            return parent
+    return None
+
+
+def check_outside_run(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an output path inside a run's folder, but for its ``deploy/`` subfolder.
+
+    Anything else there would make ``--resume`` refuse the folder (files no run wrote), or be lost when
+    the run replaces ``best/``, ``last/`` or ``state/``."""
+    run = enclosing_run_dir(path)
+    if run is None:
+        return
+    rel = Path(os.path.abspath(path)).relative_to(run)
+    if rel.parts[0] != DEPLOY:
+        raise ShrinkError(f"{flag} {path} is inside the run folder {run}, which holds only what the run writes "
+                          f"(--resume would refuse it); write it under {run / DEPLOY} or elsewhere")
 
 
 @dataclass
@@ -63,6 +101,9 @@ def inspect_output_dir(output_dir: str, resume: bool) -> RunDir:
     if output_dir is None or not str(output_dir).strip():
         raise ShrinkError("--output-dir is empty; name a new or empty folder")
     out = Path(output_dir)
+    outer = enclosing_run_dir(out)
+    if outer is not None:
+        raise ShrinkError(f"--output-dir {out} is inside the run folder {outer}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise ShrinkError(f"--output-dir {out} is a file, not a folder")
     started, entries = False, []

@@ -210,7 +210,7 @@ def test_digits_model_cli_onnx_and_pt2(tmp_path, capsys):
     x = _x(5, (1, 8, 8))
     assert deploy_main(["--checkpoint", str(best), "--tome-r", "2", "--tome-start-idx", "1", "--batch-size", "4"]) == 0
     assert "wrote" in capsys.readouterr().out
-    onnx_path = tmp_path / "best.onnx"
+    onnx_path = tmp_path / "deploy" / "best.onnx"  # the default: DIR/deploy/NAME.onnx
     meta = deploy.read_metadata(onnx_path)
     assert meta["num_classes"] == 10 and meta["input_size"] == [1, 8, 8] and meta["mean"] == [0.5]
     assert meta["interpolation"] == "nearest" and meta["removed_attention_layers"] == REMOVE
@@ -219,7 +219,7 @@ def test_digits_model_cli_onnx_and_pt2(tmp_path, capsys):
     deploy.check_attention_free(onnx_path, REMOVE)
 
     assert deploy_main(["--checkpoint", str(best), "--format", "pt2", "--fold", "-q"]) == 0
-    ep, meta = deploy.load_program(tmp_path / "best.pt2")
+    ep, meta = deploy.load_program(tmp_path / "deploy" / "best.pt2")
     assert meta["folded"] is True
     folded = deploy.prepare_model(loaded, fold=True)
     assert (ep.module()(x) - _eager(folded, x)).abs().max().item() <= ATOL
@@ -227,7 +227,8 @@ def test_digits_model_cli_onnx_and_pt2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_main_lambda_best_exports(tmp_path):
-    """A short main_lambda.py run; its best/ (attention-free) exports to ONNX with equal outputs."""
+    """A short main_lambda.py run; its best/ (attention-free) exports to ONNX with equal outputs, into the
+    run's deploy/ folder, and the run still resumes afterwards."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "main_lambda.py", "--remove-layers", "0,2,4", "--epochs", "2", "--dilution-epochs", "1",
@@ -238,9 +239,11 @@ def test_main_lambda_best_exports(tmp_path):
     assert r.returncode == 0, r.stderr
     loaded = shrink.load(out / "best")
     x = _x(3, (1, 8, 8))
-    assert (_ort(out / "best.onnx", x) - _eager(loaded, x)).abs().max().item() <= ATOL
-    deploy.check_attention_free(out / "best.onnx", shrink.attention_free_indices(loaded))
+    assert (_ort(out / "deploy" / "best.onnx", x) - _eager(loaded, x)).abs().max().item() <= ATOL
+    deploy.check_attention_free(out / "deploy" / "best.onnx", shrink.attention_free_indices(loaded))
     assert shrink.attention_free_indices(loaded) == REMOVE
+    r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
 
 
 def _cli_error(args: list[str], capsys) -> str:
@@ -257,9 +260,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "--checkpoint" in _cli_error([], capsys)
     assert ".pt2" in _cli_error(["--checkpoint", str(best), "--format", "pt2", "--output", str(tmp_path / "x.onnx")],
                                 capsys)
-    (tmp_path / "best.onnx").write_text("old")
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "best.onnx").write_text("old")
     assert "--overwrite" in _cli_error(["--checkpoint", str(best)], capsys)
-    assert (tmp_path / "best.onnx").read_text() == "old"
+    assert (tmp_path / "deploy" / "best.onnx").read_text() == "old"
     assert "--batch-size" in _cli_error(["--model", "deit_tiny_patch16_224", "--output", str(tmp_path / "m.onnx"),
                                          "--batch-size", "0"], capsys)
     assert "--tome-r" in _cli_error(["--model", "deit_tiny_patch16_224", "--output", str(tmp_path / "m.onnx"),
@@ -271,7 +275,52 @@ def test_cli_errors(tmp_path, capsys):
     assert "out of range" in _cli_error(["--model", "deit_tiny_patch16_224", "--remove-layers", "0,99",
                                        "--output", str(tmp_path / "m.onnx")], capsys)
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "best.onnx"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "deploy"]  # no temp files left
+    assert [p.name for p in (tmp_path / "deploy").iterdir()] == ["best.onnx"]
+
+
+def _fake_run(tmp_path: Path) -> Path:
+    """A run's folder as main_lambda.py leaves it (config.yaml, metrics, state/), with a pruned best/."""
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: vit_digits\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    _digits_pruned(run)
+    return run
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_deploying_a_runs_best_keeps_the_run_resumable(tmp_path, fmt):
+    """Issue 20: RUN/best.onnx beside best/ made --resume refuse the run ("files no shrink run wrote")."""
+    from shrink.rundir import inspect_output_dir
+
+    run = _fake_run(tmp_path)
+    assert deploy_main(["--checkpoint", str(run / "best"), "--format", fmt, "-q", "--no-verify"]) == 0
+    assert sorted(p.name for p in (run / "deploy").iterdir()) == [f"best.{fmt}", f"best.{fmt}.json"]
+    assert inspect_output_dir(str(run), resume=True).started
+
+
+def test_explicit_output_into_a_run_is_refused(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    err = _cli_error(["--checkpoint", str(run / "best"), "--output", str(run / "best.onnx")], capsys)
+    assert "inside the run folder" in err and "deploy" in err
+    err = _cli_error(["--checkpoint", str(run / "best"), "--output", str(run / "last" / "m.pt2"), "--format", "pt2"],
+                     capsys)
+    assert "inside the run folder" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_failed_export_leaves_no_empty_deploy_folder(tmp_path, monkeypatch, capsys):
+    best = _digits_pruned(tmp_path)
+
+    def fail(model, out, *a, **kw):  # as deploy.deploy fails after atomic_write made the folder
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        raise ShrinkError("export failed")
+
+    monkeypatch.setattr("shrink.deploy.__main__.deploy", fail)
+    assert "export failed" in _cli_error(["--checkpoint", str(best)], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):

@@ -4,7 +4,15 @@ from __future__ import annotations
 import pytest
 
 from shrink.errors import ShrinkError
-from shrink.rundir import check_resume_settings, create_run_dir, inspect_output_dir, remove_run_dir
+from shrink.rundir import (
+    check_outside_run,
+    check_resume_settings,
+    create_run_dir,
+    enclosing_run_dir,
+    inspect_output_dir,
+    is_run_dir,
+    remove_run_dir,
+)
 
 
 def _tree(root):
@@ -70,3 +78,56 @@ def test_resume_may_change_only_some_settings():
         check_resume_settings(saved, {**saved, "remove_layers": [0, 3]})
     with pytest.raises(ShrinkError, match=r"--model .*and 1 more"):
         check_resume_settings(saved, {**saved, "lr": 1e-4, "model": "deit_small"})
+
+
+def _run_folder(root):
+    """A run's folder as a run leaves it: config.yaml, metrics, best/, state/."""
+    run = root / "run"
+    for d in ("best", "state"):
+        (run / d).mkdir(parents=True)
+    (run / "config.yaml").write_text("model: x\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    return run
+
+
+def test_deploy_folder_is_part_of_a_run_and_resumes(tmp_path):
+    run = _run_folder(tmp_path)
+    (run / "deploy").mkdir()
+    (run / "deploy" / "best.onnx").write_text("x")  # what python -m shrink.deploy --checkpoint RUN/best writes
+    (run / "deploy" / "anything").mkdir()
+    assert is_run_dir(run) and inspect_output_dir(str(run), resume=True).started
+
+
+def test_output_paths_inside_a_run_are_refused_but_its_deploy_folder(tmp_path):
+    run = _run_folder(tmp_path)
+    for inside in (run / "best.onnx", run / "best" / "model.onnx", run / "sel" / "selection.json"):
+        with pytest.raises(ShrinkError, match=r"--out .* inside the run folder .*deploy"):
+            check_outside_run(inside, "--out")
+    check_outside_run(run / "deploy" / "best.onnx", "--out")
+    check_outside_run(run / "deploy" / "x" / "y.png", "--out")
+    check_outside_run(tmp_path / "elsewhere.onnx", "--out")
+    check_outside_run(tmp_path / "run2" / "x.onnx", "--out")
+    assert enclosing_run_dir(run / "a" / "b.png") == run and enclosing_run_dir(run) is None
+    (run / "notes.txt").write_text("x")  # a folder with other files is no run: paths in it are not ours to refuse
+    check_outside_run(run / "best.onnx", "--out")
+
+
+def test_the_cli_output_checks_refuse_a_run_folder(tmp_path):
+    from shrink.cli import check_output_dir, check_output_file
+
+    run = _run_folder(tmp_path)
+    with pytest.raises(ShrinkError, match="--json .* inside the run folder"):
+        check_output_file(run / "bench.json", "--json", suffixes=(".json",))
+    with pytest.raises(ShrinkError, match="--output-dir .* inside the run folder"):
+        check_output_dir(run / "select", "--output-dir")
+    assert check_output_file(run / "deploy" / "bench.json", "--json", suffixes=(".json",)).name == "bench.json"
+    assert not (run / "deploy").exists()
+
+
+def test_a_run_inside_a_run_is_refused(tmp_path):
+    run = _run_folder(tmp_path)
+    before = _tree(tmp_path)
+    for inner in (run / "sub", run / "deploy" / "sub"):
+        with pytest.raises(ShrinkError, match="inside the run folder"):
+            inspect_output_dir(str(inner), resume=False)
+    assert _tree(tmp_path) == before

@@ -18,6 +18,7 @@ from ..dilution import dilute, validate_layers
 from ..errors import ShrinkError
 from ..export import export
 from ..factory import create_model, load
+from ..rundir import DEPLOY, check_outside_run
 from . import FORMATS, MIN_OPSET, deploy, require_deploy_extra, sidecar_path
 
 
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-layers", help="with --model: remove these attention layers first (dilute at "
                                            "lambda 0 + export), e.g. 0,2,4")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="onnx (default) or pt2 (torch.export)")
-    p.add_argument("--output", help="output file (default: <checkpoint>.<format>); a sidecar <output>.json "
-                                    "is written beside it")
+    p.add_argument("--output", help="output file (default: for a saved directory DIR/NAME, DIR/deploy/NAME.<format>, "
+                                    "e.g. out/run/deploy/best.onnx; for a weights file, its name with the format's "
+                                    "suffix); a sidecar <output>.json is written beside it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--batch-size", type=int, default=1,
                    help="example batch (default 1); the exact batch with --static-batch")
@@ -81,15 +83,16 @@ def _validate_args(args: argparse.Namespace) -> Path:
         require_deploy_extra()
     if args.output:
         out = Path(args.output)
-    elif ckpt is not None:
+    elif ckpt is not None:  # RUN/best -> RUN/deploy/best.onnx: a run's folder keeps deploy/ for this
         c = ckpt.resolve()
-        out = c.with_name(c.name + "." + args.format) if c.is_dir() else c.with_suffix("." + args.format)
+        out = c.parent / DEPLOY / (c.name + "." + args.format) if c.is_dir() else c.with_suffix("." + args.format)
     else:
         raise ShrinkError("--model without --checkpoint needs --output")
     if out.suffix != "." + args.format:
         raise ShrinkError(f"--output must end in .{args.format} for --format {args.format}, got {out}")
     if out.is_dir():
         raise ShrinkError(f"--output {out} is a directory")
+    check_outside_run(out, "--output")
     for f in (out, sidecar_path(out)):
         if f.exists() and not args.overwrite:
             raise ShrinkError(f"{f} exists; pass --overwrite to replace it")
@@ -125,10 +128,19 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = _validate_args(args)  # every flag and the output path, before any model is built
-    model = _load_model(args)
-    meta = deploy(model, out, args.format, fold=args.fold, tome_r=args.tome_r, tome_start_idx=args.tome_start_idx,
-                  tome_policy=args.tome_policy, batch_size=args.batch_size, dynamic_batch=not args.static_batch,
-                  opset=args.opset, verify=not args.no_verify)
+    missing = [p for p in out.parents if not p.exists()]  # folders the write will make (deepest first)
+    try:
+        model = _load_model(args)
+        meta = deploy(model, out, args.format, fold=args.fold, tome_r=args.tome_r,
+                      tome_start_idx=args.tome_start_idx, tome_policy=args.tome_policy, batch_size=args.batch_size,
+                      dynamic_batch=not args.static_batch, opset=args.opset, verify=not args.no_verify)
+    except BaseException:
+        for p in missing:  # a failed export leaves nothing behind, not even an empty deploy/
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     if not args.quiet:
         v = meta.get("verified")
         check = f"; max |exported - eager| = {v['max_abs_diff']:.2e} at batch {v['batches']}" if v else ""
