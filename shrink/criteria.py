@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .dilution import DilutedBlock, attention_block_indices, get_blocks
+from .blocks import DilutedBlock, attention_block_indices, get_blocks, probe_branches
+from .blocks import skip_attention as blocks_skip_attention
 from .errors import ShrinkError
 
 
@@ -113,11 +113,6 @@ def candidate_layers(model: nn.Module) -> list[int]:
     return idx
 
 
-def _mlp_only_forward(self: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-    # The attention branch is a pure identity: x -> x + 0, then the unchanged MLP branch.
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
 @contextlib.contextmanager
 def skip_attention(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
     """Temporarily make the attention branch of ``layers`` an identity (block = x + MLP branch).
@@ -131,20 +126,8 @@ def skip_attention(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Modul
     for i in layers:
         if i not in allowed:
             raise ShrinkError(f"block {i} has no attention sublayer to skip")
-    saved: dict[int, object] = {}
-    try:
-        for i in layers:
-            blk = blocks[i]
-            saved[i] = blk.__dict__.get("forward", None)
-            blk.forward = types.MethodType(_mlp_only_forward, blk)
+    with blocks_skip_attention([blocks[i] for i in layers]):
         yield model
-    finally:
-        for i, old in saved.items():
-            blk = blocks[i]
-            if old is None:
-                blk.__dict__.pop("forward", None)
-            else:
-                blk.forward = old
 
 
 def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -230,21 +213,18 @@ class Runner:
         handles = []
 
         def pre_hook(i):
-            def hook(module, args):
-                block_in[i] = args[0]
+            def hook(module, args, kwargs):
+                block_in[i] = args[0] if args else kwargs["x"]
             return hook
 
-        def attn_hook(i):
-            def hook(module, args, out):
+        def on_attention(i, x, out):
+            if i in attn_m:
                 attn_m[i].update(out)
-                x = block_in[i]
                 cos_m[i].update(_unit_halfsq_distance(x, x.to(torch.float64) + out.to(torch.float64)))
-            return hook
 
-        def mlp_hook(i):
-            def hook(module, args, out):
+        def on_mlp(i, out):
+            if i in mlp_m:
                 mlp_m[i].update(out)
-            return hook
 
         def post_hook(i):
             def hook(module, args, out):
@@ -252,16 +232,13 @@ class Runner:
             return hook
 
         images = 0
+        run_blocks = {i: blocks[i] for i in sorted({*probe_layers, *skip})}
         try:
             for i in probe_layers:
                 blk = blocks[i]
-                handles.append(blk.register_forward_pre_hook(pre_hook(i)))
+                handles.append(blk.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
                 handles.append(blk.register_forward_hook(post_hook(i)))
-                if i in attn_m:
-                    # ls1 / ls2 outputs are the attention / MLP branches (drop_path is identity in eval)
-                    handles.append(blk.ls1.register_forward_hook(attn_hook(i)))
-                handles.append(blk.ls2.register_forward_hook(mlp_hook(i)))
-            with skip_attention(model, skip):
+            with probe_branches(run_blocks, on_attention, on_mlp, skip=skip):
                 for x in self._batches():
                     x = x.to(self.device, non_blocking=True)
                     with self._autocast():

@@ -1,8 +1,9 @@
-"""Lambda dilution of attention sublayers in timm ViT blocks, and the lambda schedules.
+"""Lambda dilution of the attention sublayers of timm transformer blocks, and the lambda schedules.
 
-A diluted block computes ``x = (2 - lam) * x + lam * drop_path1(ls1(attn(norm1(x))))`` and then
-the unchanged MLP branch. ``lam = 1`` is the original block, ``lam = 0`` is ``x -> 2x`` followed by
-the MLP, and at ``lam = 0`` the attention is not computed at all.
+A diluted pre-norm block computes ``x = (2 - lam) * x + lam * attention_branch(x)`` and then the
+unchanged MLP branch (the rule of each block family is in :mod:`shrink.blocks`). ``lam = 1`` is the
+original block, ``lam = 0`` is ``x -> 2x`` followed by the MLP, and at ``lam = 0`` the attention
+is not computed at all.
 """
 from __future__ import annotations
 
@@ -12,34 +13,21 @@ import math
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 
-import torch
 from torch import nn
 
+from .blocks import (  # noqa: F401 (DilutedBlock, get_blocks, attention_block_indices: re-exported)
+    DilutedBlock,
+    attention_block_indices,
+    check_lambda,
+    classify_block,
+    dilute_block,
+    get_blocks,
+    unsupported_reason,
+)
 from .errors import ShrinkError
 from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
-
-_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-
-
-def get_blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
-    """The transformer blocks of a timm ViT-style model, or a ShrinkError if it has none."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise ShrinkError(
-            f"{type(model).__name__} is not a ViT: it has no `blocks` of transformer blocks with attention"
-        )
-    return blocks
-
-
-def _is_prenorm_block(block: nn.Module) -> bool:
-    return all(hasattr(block, p) for p in _BLOCK_PARTS)
-
-
-def attention_block_indices(model: nn.Module) -> list[int]:
-    """Indices of blocks that still carry an attention sublayer (plain or diluted)."""
-    return [i for i, b in enumerate(get_blocks(model)) if _is_prenorm_block(b)]
 
 
 def has_attention_layers(model: nn.Module) -> bool:
@@ -63,72 +51,13 @@ def validate_layers(model: nn.Module, layers: Iterable[int]) -> list[int]:
             raise ShrinkError(f"layer index {i} is out of range for a model with {depth} blocks (0..{depth - 1})")
         if i in out:
             raise ShrinkError(f"layer index {i} is given more than once")
-        if not _is_prenorm_block(blocks[i]):
-            raise ShrinkError(
-                f"block {i} ({type(blocks[i]).__name__}) has no pre-norm attention sublayer to remove"
-            )
+        kind = classify_block(blocks[i])
+        if kind == "attention-free":
+            raise ShrinkError(f"block {i} has no attention sublayer to remove: it is already attention-free")
+        if kind == "unsupported":
+            raise ShrinkError(f"block {i}: {unsupported_reason(blocks[i])}")
         out.append(i)
     return out
-
-
-def _check_lambda(value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ShrinkError(f"lambda must be a number in [0, 1], got {value!r}") from None
-    if not (0.0 <= v <= 1.0) or math.isnan(v):
-        raise ShrinkError(f"lambda must be in [0, 1], got {v}")
-    return v
-
-
-class DilutedBlock(nn.Module):
-    """A timm pre-norm ``Block`` whose attention branch is faded by ``lam``.
-
-    It takes over the submodules of the block it replaces, so the state-dict keys stay those of
-    the original block, plus one persistent buffer ``lam`` (lambda is saved with the model).
-    """
-
-    def __init__(self, block: nn.Module, lam: float = 1.0):
-        super().__init__()
-        if not _is_prenorm_block(block):
-            raise ShrinkError(f"{type(block).__name__} is not a pre-norm transformer block")
-        for name in _BLOCK_PARTS:
-            setattr(self, name, getattr(block, name))
-        value = _check_lambda(lam)
-        p = next(block.parameters(), None)
-        self.register_buffer("lam", torch.tensor(value, dtype=torch.float32, device=p.device if p is not None else None))
-        self.attn_active = value > 0
-        self.register_load_state_dict_post_hook(_sync_after_load)
-
-    def set_lambda(self, value: float) -> None:
-        v = _check_lambda(value)
-        self.lam.fill_(v)
-        self.attn_active = v > 0
-
-    @property
-    def lambda_value(self) -> float:
-        return float(self.lam.item())
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.attn_active:
-            kwargs = {}
-            if attn_mask is not None:
-                kwargs["attn_mask"] = attn_mask
-            if is_causal:
-                kwargs["is_causal"] = True
-            branch = self.drop_path1(self.ls1(self.attn(self.norm1(x), **kwargs)))
-            lam = self.lam
-            x = (2.0 - lam) * x + lam * branch
-        else:
-            x = x * 2.0
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def extra_repr(self) -> str:
-        return f"lam={self.lambda_value:g}"
-
-
-def _sync_after_load(module: DilutedBlock, incompatible_keys) -> None:
-    module.attn_active = module.lam.item() > 0
 
 
 def diluted_blocks(model: nn.Module) -> dict[int, DilutedBlock]:
@@ -136,26 +65,26 @@ def diluted_blocks(model: nn.Module) -> dict[int, DilutedBlock]:
     return {i: b for i, b in enumerate(get_blocks(model)) if isinstance(b, DilutedBlock)}
 
 
-def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0) -> nn.Module:
-    """Replace the blocks at ``layers`` by DilutedBlocks, in place, and return the model.
+def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0,
+           residual_scale: float | None = None) -> nn.Module:
+    """Dilute the blocks at ``layers`` in place (see :mod:`shrink.blocks`) and return the model.
 
-    Blocks already diluted are left as they are (their lambda is set to ``lam``).
+    ``residual_scale`` is the identity factor at lambda = 0: None takes the block family's rule
+    (2, the reference's, for pre-norm and parallel blocks; 1 for post-norm blocks). Blocks already
+    diluted keep their blocks (their lambda is set to ``lam``).
     """
     layers = validate_layers(model, layers)
-    lam = _check_lambda(lam)
+    lam = check_lambda(lam)
     blocks = get_blocks(model)
     for i in layers:
-        if isinstance(blocks[i], DilutedBlock):
-            blocks[i].set_lambda(lam)
-            continue
-        blocks[i] = DilutedBlock(blocks[i], lam=lam)
+        dilute_block(blocks[i], lam, residual_scale)
     _logger.info("diluted blocks %s at lambda=%g", layers, lam)
     return model
 
 
 def set_lambda(model: nn.Module, value: float) -> None:
     """Set lambda of every diluted block of ``model`` (unwrap DDP / compile wrappers first)."""
-    v = _check_lambda(value)
+    v = check_lambda(value)
     blocks = diluted_blocks(unwrap(model))
     if not blocks:
         raise ShrinkError("the model has no diluted blocks: call shrink.dilute(model, layers) first")

@@ -1,13 +1,16 @@
 """Export: diluted blocks become attention-free blocks whose attention parameters are gone.
 
-An attention-free block computes ``x = 2 x; x = x + drop_path2(ls2(mlp(norm2(x))))``. Its state
-dict is the original block's minus ``norm1.*``, ``attn.*`` and ``ls1.*`` (LayerScale of the removed
-branch; absent in DeiT v1); no key is renamed.
+An attention-free block computes ``x = s x; x = x + MLP branch`` (``s = 2`` for pre-norm and
+parallel blocks, 1 for post-norm ones; see :mod:`shrink.blocks`). Its state dict is the original
+block's minus the parts only the token-mixing branch used (``norm1.*``, ``attn.*`` and ``ls1.*`` /
+``gamma_1`` for pre-norm blocks; the q / k / v rows and attention columns of a parallel block's
+fused projections); no key is renamed. Model-level position tables that only attention read (a
+shared relative-position bias, RoPE) go when no block with attention remains.
 
 Optional folding removes the factor 2 exactly (up to LayerNorm eps): with ``k`` removed blocks at
-or before a block, divide its ``attn.proj`` and ``mlp.fc2`` weight and bias by ``2**k``. Every
-residual-stream value is then ``2**K`` times smaller, which the final LayerNorm cancels, and fp16
-residuals stop growing.
+or before a block, divide the output projections of its branches (``attn.proj`` and ``mlp.fc2``
+for a timm ``Block``) by ``2**k``. Every residual-stream value is then ``2**K`` times smaller, which
+the final LayerNorm cancels, and fp16 residuals stop growing.
 """
 from __future__ import annotations
 
@@ -17,35 +20,22 @@ import logging
 import torch
 from torch import nn
 
-from .dilution import DilutedBlock, _is_prenorm_block, get_blocks
+from .blocks import (
+    AttentionFreeBlock,
+    DilutedBlock,
+    block_family,
+    export_block,
+    get_blocks,
+    output_projections,
+    prune_shared_tables,
+    removed_parameter_count,
+)
 from .errors import ShrinkError
 
+__all__ = ["AttentionFreeBlock", "attention_free_indices", "export", "fold_residual_scale", "is_folded",
+           "removed_parameter_count"]
+
 _logger = logging.getLogger(__name__)
-
-
-class AttentionFreeBlock(nn.Module):
-    """The MLP half of a pre-norm block after its attention was removed: ``x -> s*x + MLP``."""
-
-    def __init__(self, norm2: nn.Module, mlp: nn.Module, ls2: nn.Module, drop_path2: nn.Module,
-                 residual_scale: float = 2.0):
-        super().__init__()
-        self.norm2 = norm2
-        self.mlp = mlp
-        self.ls2 = ls2
-        self.drop_path2 = drop_path2
-        self.residual_scale = float(residual_scale)
-
-    @classmethod
-    def from_block(cls, block: nn.Module) -> AttentionFreeBlock:
-        return cls(block.norm2, block.mlp, block.ls2, block.drop_path2)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.residual_scale != 1.0:
-            x = x * self.residual_scale
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def extra_repr(self) -> str:
-        return f"residual_scale={self.residual_scale:g}"
 
 
 def attention_free_indices(model: nn.Module) -> list[int]:
@@ -55,15 +45,16 @@ def attention_free_indices(model: nn.Module) -> list[int]:
 
 def is_folded(model: nn.Module) -> bool:
     """True when the factor 2 of the attention-free blocks has been folded into later weights."""
-    return any(b.residual_scale == 1.0 for b in get_blocks(model) if isinstance(b, AttentionFreeBlock))
+    return any(b.residual_scale == 1.0 and block_family(b).residual_scale != 1.0
+               for b in get_blocks(model) if isinstance(b, AttentionFreeBlock))
 
 
 def export(model: nn.Module, *, fold: bool = False, inplace: bool = False) -> nn.Module:
     """The deployable model: every diluted block becomes an attention-free block (lambda = 0).
 
-    Returns a new model unless ``inplace``; the removed ``norm1`` / ``attn`` / ``ls1`` parameters are
-    gone from it. A diluted block whose lambda is not 0 is exported as its lambda = 0 form, which
-    is what "deploy mode" evaluates; a warning says so.
+    Returns a new model unless ``inplace``; the removed attention parameters are gone from it. A
+    diluted block whose lambda is not 0 is exported as its lambda = 0 form, which is what "deploy
+    mode" evaluates; a log line says so.
     """
     out = model if inplace else copy.deepcopy(model)
     blocks = get_blocks(out)
@@ -71,10 +62,12 @@ def export(model: nn.Module, *, fold: bool = False, inplace: bool = False) -> nn
         if isinstance(b, DilutedBlock):
             if b.lambda_value != 0.0:
                 _logger.info("block %d has lambda=%g; exporting its lambda=0 (deployable) form", i, b.lambda_value)
-            blocks[i] = AttentionFreeBlock.from_block(b)
+            blocks[i] = export_block(b)
+    dropped = prune_shared_tables(out)
     if fold:
         fold_residual_scale(out)
-    _logger.info("exported attention-free blocks %s (fold=%s)", attention_free_indices(out), fold)
+    _logger.info("exported attention-free blocks %s (fold=%s, shared tables dropped: %s)",
+                 attention_free_indices(out), fold, dropped or "none")
     return out
 
 
@@ -103,6 +96,8 @@ def fold_residual_scale(model: nn.Module) -> nn.Module:
         raise ShrinkError("nothing to fold: the model has no attention-free blocks (export it first)")
     if is_folded(model):
         raise ShrinkError("the model is already folded")
+    if any(b.residual_scale != 2.0 for b in blocks if isinstance(b, AttentionFreeBlock)):
+        raise ShrinkError("folding needs residual scale 2 in every attention-free block (post-norm blocks have 1)")
     if not _final_norm_is_layernorm(model):
         raise ShrinkError("folding is exact only when a LayerNorm feeds the head; this model has none")
     plan: list[tuple[nn.Linear, int]] = []  # validate everything before changing any weight
@@ -110,16 +105,11 @@ def fold_residual_scale(model: nn.Module) -> nn.Module:
     for i, b in enumerate(blocks):
         if isinstance(b, AttentionFreeBlock):
             k += 1
-            projections = [getattr(b.mlp, "fc2", None)]
-        elif _is_prenorm_block(b):
-            projections = [getattr(b.attn, "proj", None), getattr(b.mlp, "fc2", None)]
-        else:
-            raise ShrinkError(f"block {i} ({type(b).__name__}) is not a pre-norm block; cannot fold")
         if k == 0:
             continue
-        for proj in projections:
+        for proj in output_projections(b):
             if not isinstance(proj, nn.Linear):
-                raise ShrinkError(f"block {i}: no linear output projection (attn.proj / mlp.fc2) to fold into")
+                raise ShrinkError(f"block {i} ({type(b).__name__}): no linear output projection to fold into")
             plan.append((proj, k))
     for proj, k in plan:
         proj.weight.div_(2.0**k)
@@ -129,14 +119,3 @@ def fold_residual_scale(model: nn.Module) -> nn.Module:
         if isinstance(b, AttentionFreeBlock):
             b.residual_scale = 1.0
     return model
-
-
-def removed_parameter_count(model: nn.Module, layers) -> int:
-    """Parameters that exporting ``layers`` removes: their norm1 + attn + ls1 parameters."""
-    blocks = get_blocks(model)
-    n = 0
-    for i in layers:
-        b = blocks[i]
-        for name in ("norm1", "attn", "ls1"):
-            n += sum(p.numel() for p in getattr(b, name).parameters())
-    return n

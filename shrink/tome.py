@@ -45,12 +45,18 @@ from typing import Any
 
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from .dilution import DilutedBlock, get_blocks
+from .blocks import (
+    AttentionFreeBlock,
+    DilutedBlock,
+    block_family,
+    classify_block,
+    get_blocks,
+    mix,
+    unsupported_reason,
+)
 from .errors import ShrinkError
-from .export import AttentionFreeBlock
 from .tome_merge import (
     POLICIES,
     bipartite_soft_matching,
@@ -80,9 +86,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-_ATTN_PARTS = ("norm1", "attn", "ls1", "drop_path1")
-_MLP_PARTS = ("norm2", "mlp", "ls2", "drop_path2")
 
 
 class ToMeState:
@@ -140,22 +143,28 @@ def attention_with_metric(
     return out, (k.mean(dim=1) if metric else None)
 
 
-class _ToMeMixin:
-    """What every ToMe block shares: its r, the shared state, and the merge step."""
+class ToMeBlock(nn.Module):
+    """Mixin of every ToMe block: the original block object (plain, diluted or attention-free) with
+    its class swapped to a subclass of this and of its class; state-dict keys unchanged.
+
+    It merges ``tome_r`` tokens between the token mixer and the MLP branch, asking the block
+    contract (:mod:`shrink.blocks`) for the two branches."""
 
     tome_r: int
     tome_index: int
     tome_sized: bool
+    tome_policy: str
     _tome_state: ToMeState
+    _tome_prev: type  # the class before apply_tome (set on the generated class)
 
-    def _tome_init(self, original: nn.Module, r: int, index: int, state: ToMeState, sized: bool = True) -> None:
-        object.__setattr__(self, "_tome_original", original)  # not a submodule: no duplicate keys
+    def _tome_init(self, r: int, index: int, state: ToMeState, policy: str, sized: bool = True) -> None:
         self.tome_r = int(r)
         self.tome_index = int(index)
+        self.tome_policy = policy
         # False when no earlier block merges (or prop_attn is off): all sizes are 1 here, so a block
         # with r = 0 runs the plain timm path (fused attention, no metric, no size bookkeeping)
         self.tome_sized = bool(sized)
-        self._tome_state = state
+        object.__setattr__(self, "_tome_state", state)  # shared, not a submodule
 
     @property
     def tome_plain(self) -> bool:
@@ -182,107 +191,69 @@ class _ToMeMixin:
             st.source = merge_source(m, st.source)
         return x
 
-    def _give_back(self, parts: Sequence[str]) -> nn.Module:
-        original = self._tome_original
-        for name in parts:
-            setattr(original, name, getattr(self, name))
-        return original
-
-
-class ToMeBlock(_ToMeMixin, Block):
-    """A timm pre-norm ``Block`` that merges ``tome_r`` tokens between attention and MLP."""
-
-    def __init__(self, block: nn.Module, r: int, index: int, state: ToMeState, sized: bool = True):
-        nn.Module.__init__(self)
-        for name in _ATTN_PARTS + _MLP_PARTS:
-            setattr(self, name, getattr(block, name))
-        self._tome_init(block, r, index, state, sized)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        _check_no_mask(attn_mask, is_causal)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._begin(x)
         if self.tome_plain:
-            return Block.forward(self, x)
-        y, metric = attention_with_metric(self.attn, self.norm1(x), self._attn_size(), metric=self.tome_r > 0)
-        x = x + self.drop_path1(self.ls1(y))
-        if self.tome_r > 0:
-            x = self._merge(x, metric)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            return self._tome_prev.forward(self, x, *args, **kwargs)
+        fam = block_family(self)
+        ctx = fam.context(args, kwargs)
+        _check_no_mask(ctx.get("attn_mask"), bool(ctx.get("is_causal", False)))
+        ctx = {k: v for k, v in ctx.items() if k not in ("attn_mask", "is_causal")}
+        free = isinstance(self, AttentionFreeBlock) or (isinstance(self, DilutedBlock) and not self.attn_active)
+        if free:
+            if self.residual_scale != 1.0:
+                x = x * self.residual_scale
+            if self.tome_r > 0 and self.tome_policy == "hidden":
+                x = self._merge(x, fam.merge_input(self, x))
+            return x + fam.mlp(self, x, ctx)
+        metrics: list[torch.Tensor | None] = []
+        size = self._attn_size()
 
-    def restore(self) -> nn.Module:
-        return self._give_back(_ATTN_PARTS + _MLP_PARTS)
+        def call(attn: nn.Module, h: torch.Tensor, _ctx: dict) -> torch.Tensor:
+            y, metric = attention_with_metric(attn, h, size, metric=self.tome_r > 0)
+            metrics.append(metric)
+            return y
+
+        a = fam.attention(self, x, ctx, attn_call=call)
+        x = mix(x, a, self.lam, self.residual_scale) if isinstance(self, DilutedBlock) else x + a
+        if self.tome_r > 0:
+            x = self._merge(x, metrics[0])
+        return x + fam.mlp(self, x, ctx)
 
     def extra_repr(self) -> str:
-        return f"r={self.tome_r}"
+        base = self._tome_prev.extra_repr(self)
+        policy = "" if not isinstance(self, (DilutedBlock, AttentionFreeBlock)) else f", policy={self.tome_policy}"
+        return f"{base + ', ' if base else ''}r={self.tome_r}{policy}"
 
 
-class ToMeDilutedBlock(_ToMeMixin, DilutedBlock):
-    """A DilutedBlock under ToMe: merge after the lambda-weighted attention branch (keys metric);
+class ToMeDilutedBlock(ToMeBlock, DilutedBlock):
+    """A diluted block under ToMe: merge after the lambda-weighted attention branch (keys metric);
     at lambda 0 it is attention-free and follows the policy."""
 
-    def __init__(self, block: DilutedBlock, r: int, index: int, state: ToMeState, policy: str, sized: bool = True):
-        DilutedBlock.__init__(self, block, lam=block.lambda_value)
-        self.lam = block.lam  # the same buffer (device, dtype, value)
-        self.attn_active = block.attn_active
-        self.tome_policy = policy
-        self._tome_init(block, r, index, state, sized)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        _check_no_mask(attn_mask, is_causal)
-        self._begin(x)
-        if self.tome_plain:
-            return DilutedBlock.forward(self, x)
-        if self.attn_active:
-            y, metric = attention_with_metric(self.attn, self.norm1(x), self._attn_size(), metric=self.tome_r > 0)
-            lam = self.lam
-            x = (2.0 - lam) * x + lam * self.drop_path1(self.ls1(y))
-            if self.tome_r > 0:
-                x = self._merge(x, metric)
-        else:
-            x = x * 2.0
-            if self.tome_r > 0 and self.tome_policy == "hidden":
-                x = self._merge(x, self.norm2(x))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+class ToMeAttentionFreeBlock(ToMeBlock, AttentionFreeBlock):
+    """An attention-free block under ToMe: policy "none" passes tokens through, "hidden" merges
+    ``tome_r`` tokens before the MLP, matched on the MLP's normalised input."""
 
-    def restore(self) -> nn.Module:
-        original = self._give_back(_ATTN_PARTS + _MLP_PARTS)
-        original.lam = self.lam
-        original.attn_active = self.attn_active
-        return original
-
-    def extra_repr(self) -> str:
-        return f"lam={self.lambda_value:g}, r={self.tome_r}, policy={self.tome_policy}"
+    _tome_prev = AttentionFreeBlock
 
 
-class ToMeAttentionFreeBlock(_ToMeMixin, AttentionFreeBlock):
-    """An AttentionFreeBlock under ToMe: policy "none" passes tokens through, "hidden" merges
-    ``tome_r`` tokens before the MLP, matched on ``norm2(x)``."""
-
-    def __init__(self, block: AttentionFreeBlock, r: int, index: int, state: ToMeState, policy: str,
-                 sized: bool = True):
-        AttentionFreeBlock.__init__(self, block.norm2, block.mlp, block.ls2, block.drop_path2, block.residual_scale)
-        self.tome_policy = policy
-        self._tome_init(block, r, index, state, sized)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        _check_no_mask(attn_mask, is_causal)
-        self._begin(x)
-        if self.residual_scale != 1.0:
-            x = x * self.residual_scale
-        if self.tome_r > 0 and self.tome_policy == "hidden":
-            x = self._merge(x, self.norm2(x))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def restore(self) -> nn.Module:
-        original = self._give_back(_MLP_PARTS)
-        original.residual_scale = self.residual_scale
-        return original
-
-    def extra_repr(self) -> str:
-        return f"residual_scale={self.residual_scale:g}, r={self.tome_r}, policy={self.tome_policy}"
+_TOME_CLASSES: dict[type, type] = {}
 
 
-_TOME_BLOCKS = (ToMeBlock, ToMeDilutedBlock, ToMeAttentionFreeBlock)
+def _tome_class(cls: type) -> type:
+    """The ToMe subclass of block class ``cls`` (made once, cached)."""
+    if cls is AttentionFreeBlock:
+        return ToMeAttentionFreeBlock
+    out = _TOME_CLASSES.get(cls)
+    if out is None:
+        mixin = ToMeDilutedBlock if issubclass(cls, DilutedBlock) else ToMeBlock
+        attrs = {"_tome_prev": cls, "__module__": __name__}
+        if not issubclass(cls, DilutedBlock):
+            attrs["_shrink_base"] = cls
+        out = type(f"ToMe{cls.__name__}", (mixin, cls), attrs)
+        _TOME_CLASSES[cls] = out
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,25 +299,33 @@ def _supported_attention(attn: nn.Module) -> bool:
 
 
 def _block_kinds(model: nn.Module) -> list[str]:
-    """'attn' or 'free' per block; a ShrinkError for any block ToMe cannot handle."""
+    """'attn' or 'free' per block; a ShrinkError for any block the contract does not know."""
     kinds = []
     for i, b in enumerate(get_blocks(model)):
-        if isinstance(b, AttentionFreeBlock):
-            kinds.append("free")
-            continue
-        if isinstance(b, DilutedBlock):
-            kind = "attn" if b.attn_active else "free"
-        elif isinstance(b, ToMeBlock) or (isinstance(b, Block) and type(b).forward is Block.forward):
-            kind = "attn"
-        else:
-            raise ShrinkError(
-                f"block {i} ({type(b).__name__}) is not supported by ToMe: it needs timm ViT blocks "
-                "(Block, DilutedBlock, AttentionFreeBlock) with token attention"
-            )
-        if not _supported_attention(b.attn):
-            raise ShrinkError(f"block {i}: attention {type(b.attn).__name__} is not supported by ToMe (timm Attention only)")
-        kinds.append(kind)
+        kind = classify_block(b)
+        if kind == "unsupported":
+            raise ShrinkError(f"block {i} is not supported by ToMe: {unsupported_reason(b)}")
+        if kind == "diluted":
+            kind = "attention" if b.attn_active else "attention-free"
+        kinds.append("free" if kind == "attention-free" else "attn")
     return kinds
+
+
+def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> None:
+    """ShrinkError unless every block that merges (r > 0) is one ToMe can merge today."""
+    blocks = get_blocks(model)
+    for i, (b, kind, r) in enumerate(zip(blocks, kinds, schedule, strict=True)):
+        if r == 0:
+            continue
+        fam = block_family(b)
+        if fam.name != "vit":
+            raise ShrinkError(
+                f"block {i}: token merging (r > 0) is not implemented yet for {fam.name} blocks "
+                f"({fam.layout}); r = 0 works on every family"
+            )
+        if kind == "attn" and not _supported_attention(fam.attention_module(b)):
+            raise ShrinkError(f"block {i}: attention {type(fam.attention_module(b)).__name__} is not supported "
+                              "by ToMe (timm Attention only)")
 
 
 def is_tome(model: nn.Module) -> bool:
@@ -370,33 +349,31 @@ def apply_tome(
     """
     model = unwrap(model)
     get_blocks(model)
-    if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
-        raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
     kinds = _block_kinds(model)
     schedule = tome_schedule(kinds, r, start_idx, policy)  # validate everything before changing the model
-    if getattr(model, "attn_pool", None) is not None:
-        raise ShrinkError("attention pooling ('map'/'prr') does not support merged tokens; use token or avg pooling")
+    merging = any(v > 0 for v in schedule)
+    if merging:
+        if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
+            raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
+        _check_merging(model, kinds, schedule)
+        if getattr(model, "attn_pool", None) is not None:
+            raise ShrinkError("attention pooling ('map'/'prr') does not support merged tokens yet; use token or "
+                              "avg pooling (r = 0 works)")
     if is_tome(model):
         remove_tome(model)
     blocks = get_blocks(model)
-    state = ToMeState(model, model.num_prefix_tokens, prop_attn=prop_attn, trace_source=trace_source)
-    state.merging = any(v > 0 for v in schedule)
+    state = ToMeState(model, getattr(model, "num_prefix_tokens", 0), prop_attn=prop_attn, trace_source=trace_source)
+    state.merging = merging
     for i, b in enumerate(blocks):
         sized = prop_attn and any(v > 0 for v in schedule[:i])  # tokens may arrive merged
-        if isinstance(b, AttentionFreeBlock):
-            new = ToMeAttentionFreeBlock(b, schedule[i], i, state, policy, sized)
-        elif isinstance(b, DilutedBlock):
-            new = ToMeDilutedBlock(b, schedule[i], i, state, policy, sized)
-        else:
-            new = ToMeBlock(b, schedule[i], i, state, sized)
-        new.train(b.training)
-        blocks[i] = new
+        b.__class__ = _tome_class(type(b))
+        b._tome_init(schedule[i], i, state, policy, sized)
     model._tome_state = state
     model._tome_info = {"r": r, "start_idx": start_idx, "policy": policy, "prop_attn": prop_attn,
                         "schedule": schedule}
-    if "pool" in type(model).__dict__ or hasattr(type(model), "pool"):
+    if merging and hasattr(type(model), "pool"):
         model.pool = types.MethodType(_tome_pool, model)
-    if hasattr(type(model), "forward_intermediates"):
+    if merging and hasattr(type(model), "forward_intermediates"):
         model.forward_intermediates = types.MethodType(_tome_forward_intermediates, model)
     _logger.info("ToMe applied: r per block %s (start_idx=%d, policy=%s)", schedule, start_idx, policy)
     return model
@@ -407,12 +384,11 @@ def remove_tome(model: nn.Module) -> nn.Module:
     model = unwrap(model)
     if not is_tome(model):
         raise ShrinkError("the model has no ToMe applied (call shrink.tome.apply_tome first)")
-    blocks = get_blocks(model)
-    for i, b in enumerate(blocks):
-        if isinstance(b, _TOME_BLOCKS):
-            original = b.restore()
-            original.train(b.training)
-            blocks[i] = original
+    for b in get_blocks(model):
+        if isinstance(b, ToMeBlock):
+            b.__class__ = b._tome_prev
+            for name in ("tome_r", "tome_index", "tome_policy", "tome_sized", "_tome_state"):
+                b.__dict__.pop(name, None)
     for name in ("pool", "forward_intermediates", "_tome_state", "_tome_info"):
         model.__dict__.pop(name, None)
     return model
