@@ -14,6 +14,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .blocks import set_drop_path
 from .config import RunConfig
 from .data import build_dataset, calibration_subset, with_transform
 from .dilution import get_blocks, has_attention_layers, validate_layers
@@ -41,12 +42,8 @@ def _model_kwargs(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
 
 def set_constant_drop_path(model: nn.Module, rate: float) -> None:
     """The same stochastic-depth rate in every block (the reference's DeiT-B recipe; timm ramps it)."""
-    from timm.layers import DropPath
-
     for block in get_blocks(model):
-        for name in ("drop_path1", "drop_path2"):
-            if hasattr(block, name):
-                setattr(block, name, DropPath(rate) if rate > 0 else nn.Identity())
+        set_drop_path(block, rate)
 
 
 def build_model(cfg: RunConfig, num_classes: int, download: bool = True) -> nn.Module:

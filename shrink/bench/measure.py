@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks import block_family, classify_block
 from ..errors import ShrinkError
 from ..precision import DTYPES
 
@@ -36,7 +37,9 @@ _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Total parameters, per top-level module, and inside blocks split into attention / mlp / other.
 
-    ``attention`` is norm1 + attn + ls1 of blocks that have an ``attn``; ``mlp`` is norm2 + mlp + ls2.
+    ``attention`` is what removing each block's token-mixing branch would take away (the block
+    contract's answer, :mod:`shrink.blocks`); ``mlp`` is the rest of those blocks; ``other`` holds the
+    blocks the contract does not know (MLP families).
     """
     by_module: dict[str, int] = {}
     total = 0
@@ -48,12 +51,14 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         split = {"attention": 0, "mlp": 0, "other": 0}
         for b in blocks:
-            has_attn = hasattr(b, "attn")
-            for name, p in b.named_parameters():
-                top = name.split(".")[0]
-                kind = ("attention" if has_attn and top in ("norm1", "attn", "ls1")
-                        else "mlp" if top in ("norm2", "mlp", "ls2") else "other")
-                split[kind] += p.numel()
+            n = sum(p.numel() for p in b.parameters())
+            fam = block_family(b)
+            if fam is None:
+                split["other"] += n
+                continue
+            attn = 0 if classify_block(b) == "attention-free" else fam.removed_parameters(b)
+            split["attention"] += attn
+            split["mlp"] += n - attn
         out["in_blocks"] = split
     return out
 

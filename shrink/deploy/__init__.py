@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import removed_names
 from ..dilution import DilutedBlock, get_blocks
 from ..errors import ShrinkError
 from ..export import attention_free_indices, export, fold_residual_scale, is_folded
@@ -53,7 +54,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MIN_OPSET = 18  # the dynamo exporter's lowest supported opset
 ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention")
-_REMOVED_PARTS = ("attn", "norm1", "ls1")
+_REMOVED_PARTS = removed_names()  # what the block contract removes, every family
 _DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 
 
