@@ -107,23 +107,148 @@ def cli_main(
     ShrinkError and OSError (a path that cannot be read or written) become one line on stderr and
     exit code 2, MemoryError one line and 2, KeyboardInterrupt ``interrupted`` and 130. Anything
     else is a bug and keeps its traceback.
+
+    Under a multi-process launch (``WORLD_SIZE`` > 1) every process's first error reaches the user
+    as one line: an error every process meets alike is said once; one that only some processes meet
+    names them (``error: rank 1: ...``); a process that stops because another one failed (a
+    collective whose peer is gone, the launcher's SIGTERM) says so in one line instead of a
+    traceback. See :func:`say_error`.
     """
     setup_output(verbose)
-    # under a multi-process launch every process meets the same user error: one of them says it
-    say = os.environ.get("RANK", "0") == "0"
+    world, rank = _world()
+    if world > 1:
+        _terminate_as_exception()
     try:
         return body(argv)
     except ShrinkError as e:
-        message, code = f"{prefix}{one_line(e)}", 2
+        message, code = one_line(e), 2
     except KeyboardInterrupt:
-        message, code = "interrupted", 130
+        if rank == 0:  # Ctrl-C reaches every process: one of them says it
+            print("interrupted", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        message, code = str(e), 143
     except OSError as e:
-        message, code = f"{prefix}{_os_error_line(e)}", 2
+        message, code = _os_error_line(e), 2
     except MemoryError:
-        message, code = f"{prefix}out of memory (try a smaller --batch-size or model)", 2
-    if say:
-        print(message, file=sys.stderr)
+        message, code = "out of memory (try a smaller --batch-size or model)", 2
+    except Exception as e:
+        if world == 1 or not _lost_a_peer(e):
+            raise
+        message, code = f"stopped because another process failed ({_peer_error(e)})", 2
+    say_error(prefix, message)
     return code
+
+
+class Terminated(Exception):
+    """SIGTERM under a multi-process launch: the launcher stops the others when one process fails."""
+
+
+def _world() -> tuple[int, int]:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)), int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 1, 0
+
+
+def _terminate_as_exception() -> None:
+    """SIGTERM raises :class:`Terminated`, so the run's clean-up (a new run's folder) happens and the
+    process says why it stopped."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise Terminated("stopped by SIGTERM (the launcher stops every process when one fails, or the job "
+                         "was cancelled)")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return one_line(text.splitlines()[0]) if text else type(e).__name__
+
+
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+              "connection refused")
+
+
+def _peer_error(e: BaseException) -> str:
+    """gloo's message without its source location and advice: ``Connection closed by peer [127.0.0.1]:57047``."""
+    import re
+
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(e))
+    return text.split(". ")[0].rstrip(".")
+
+
+def _lost_a_peer(e: BaseException) -> bool:
+    """An error of a collective whose peer process is gone (gloo / NCCL / the c10d store)."""
+    torch_dist = sys.modules.get("torch.distributed")
+    dist_error = getattr(torch_dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _PEER_LOST)
+
+
+_SAY_WAIT_S = 1.0  # how long a failing process waits for the others' errors before it speaks
+
+
+def say_error(prefix: str, message: str) -> None:
+    """Print this process's error as one line on stderr; under a multi-process launch, once per job.
+
+    The processes meet through the launcher's c10d store (torchrun's, at ``MASTER_ADDR:MASTER_PORT``):
+    each records its message, waits up to a second for the others, and the first process holding a
+    message prints it: bare when every process has it, else naming the ranks that have it. Without
+    the store every failing process prints its own line, with its rank.
+    """
+    world, rank = _world()
+    if world == 1:
+        print(f"{prefix}{message}", file=sys.stderr)
+        return
+    import signal
+
+    try:  # the launcher's SIGTERM must not cut the line short (it kills for good after a grace period)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass
+    try:
+        ranks = _shared_error(message, world, rank)
+    except Exception:  # noqa: BLE001 - no store (not torchrun, or its agent gone): speak for this rank alone
+        ranks = [rank]
+    if ranks is None:  # another process already said it
+        return
+    who = "" if len(ranks) == world else f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: "
+    print(f"{prefix}{who}{message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _shared_error(message: str, world: int, rank: int) -> list[int] | None:
+    import hashlib
+    import time
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(seconds=3))
+    key = f"shrink_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{key}rank{rank}", message)
+    store.add(f"{key}count", 1)
+    deadline = time.monotonic() + _SAY_WAIT_S
+    while store.add(f"{key}count", 0) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = [r for r in range(world) if store.check([f"{key}rank{r}"])
+             and store.get(f"{key}rank{r}").decode("utf-8", "replace") == message]
+    digest = hashlib.sha1(message.encode("utf-8", "replace")).hexdigest()
+    if store.add(f"{key}said/{digest}", 1) != 1:
+        return None
+    return ranks
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ class TrainParts:
 class EpochStats:
     loss: float         # mean train loss over the epoch's images, all processes
     lam: float | None   # lambda of the diluted blocks at the last step (None without dilution)
+    acc: float          # top-1 (%) on the training batches as trained (augmented, at the lambda in force),
+                        # against the unmixed labels; all processes
     lr: float
     seconds: float
 
@@ -71,7 +73,7 @@ def train_one_epoch(
     ``parts.model`` / ``parts.optimizer`` / ``parts.raw``, which is why they are read on every step.
     """
     lam = None
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, 0
     parts.model.train()  # a model swapped in by before_step is a fresh wrapper, in train mode too
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not (progress and accelerator.is_main_process),
@@ -81,6 +83,7 @@ def train_one_epoch(
             lam = before_step(step // accelerator.gradient_accumulation_steps)
         model, optimizer = parts.model, parts.optimizer
         n = targets.shape[0]
+        labels = targets
         if parts.mixup_fn is not None:
             images, targets = parts.mixup_fn(images, targets)
         with accelerator.accumulate(model):
@@ -104,11 +107,15 @@ def train_one_epoch(
             parts.ema.update(parts.raw)
         total += loss_value * n
         count += n
-        bar.set_postfix(loss=f"{loss_value:.4f}", lam="-" if lam is None else f"{lam:.3f}")
+        if labels.ndim == 1:
+            correct += int((logits.detach().argmax(-1) == labels).sum())
+        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{100.0 * correct / max(count, 1):.1f}",
+                        lam="-" if lam is None else f"{lam:.3f}")
     bar.close()
-    stats = torch.tensor([total, count], dtype=torch.float64, device=accelerator.device)
+    stats = torch.tensor([total, count, correct], dtype=torch.float64, device=accelerator.device)
     stats = accelerator.reduce(stats, reduction="sum")
     return EpochStats(loss=float(stats[0] / stats[1].clamp(min=1)), lam=lam,
+                      acc=float(100.0 * stats[2] / stats[1].clamp(min=1)),
                       lr=parts.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
 
 
@@ -128,6 +135,8 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, *, desc: str = 
         preds, targets = accelerator.gather_for_metrics((logits.argmax(-1), targets))
         correct += (preds == targets).sum()
         seen += targets.numel()
+        if not bar.disable:  # a running top-1 on the bar (a device sync per batch, so only when it is shown)
+            bar.set_postfix(acc=f"{float(100.0 * correct / seen.clamp(min=1)):.2f}")
     bar.close()
     model.train(was_training)
     return float(100.0 * correct / seen.clamp(min=1))

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -56,7 +57,7 @@ from .recipe import (
     resolve_layers,
 )
 from .rundir import check_resume_settings, create_run_dir, inspect_output_dir, remove_run_dir
-from .sharding import export_for_training, whole_model
+from .sharding import export_for_training, mark_shard_units, whole_model
 from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    _save_bare_model_state(accelerator)
     if cfg.model_ema and accelerator.distributed_type == DistributedType.FSDP:
         raise ShrinkError("--model-ema is not supported with FSDP (the EMA would be a copy of a sharded model); "
                           "leave it out")
@@ -159,6 +161,9 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
 
     if resumed:
         _restore(accelerator, out / "state", ts, parts.ema)
+        if main:
+            say(f"resumed after epoch {ts.epoch} of {cfg.epochs}" if ts.epoch >= 0 else
+                f"resumed after the set-up (layer selection and the first evaluations), before epoch 0 of {cfg.epochs}")
     if main and changes:  # the state loaded: record the allowed changes (more epochs, ...) of this resume
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _logger.info("resuming with changed settings: %s", ", ".join(changes))
@@ -195,6 +200,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
 
     t_run = time.perf_counter()
     for epoch in range(ts.epoch + 1, cfg.epochs):
+        t_epoch = time.perf_counter()
         scheduler.step(epoch)
 
         def before_step(update: int, epoch: int = epoch) -> float | None:
@@ -210,7 +216,8 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(parts, train_loader, accelerator, epoch=epoch, before_step=before_step,
                                 progress=cfg.progress)
-        row: dict[str, Any] = {"epoch": epoch, "lambda": stats.lam, "lr": stats.lr, "train_loss": stats.loss}
+        row: dict[str, Any] = {"epoch": epoch, "lambda": stats.lam, "lr": stats.lr, "train_loss": stats.loss,
+                               "train_acc": stats.acc}
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
             _evaluate_epoch(cfg, accelerator, parts, val_loader, ts, epoch, row, out)
         row["seconds"] = round(stats.seconds, 3)
@@ -223,7 +230,8 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         ts.epoch = epoch
         _save_state(accelerator, out, ts, parts.ema)
         if main:
-            _logger.info("epoch %d: %s", epoch, row)
+            phase = "attention-free" if ts.attention_free else "diluted" if ts.layers else "dense"
+            say(epoch_line(row, cfg.epochs, phase, time.perf_counter() - t_epoch))
 
     summary = _finish(accelerator, cfg, ts, out, val_loader, time.perf_counter() - t_run)
     if cfg.log_with:
@@ -231,10 +239,33 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
     return summary
 
 
+def say(line: str) -> None:
+    """One line of a run's report on stdout (around the progress bars, which are on stderr)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def epoch_line(row: dict[str, Any], epochs: int, phase: str, seconds: float) -> str:
+    """The one line printed after each epoch: epoch, phase, lambda, loss, top-1 on the training batches /
+    at the current lambda / deployable (lambda = 0; and the EMA's), lr, wall seconds of the epoch."""
+    def pct(key: str) -> str:
+        v = row.get(key)
+        return "-" if v is None else f"{v:.2f}"
+
+    lam = row.get("lambda")
+    ema = f" ema {pct('ema_acc_deploy')}" if "ema_acc_deploy" in row else ""
+    return (f"epoch {row['epoch']}/{epochs} {phase}: lambda {'-' if lam is None else f'{lam:.3f}'}, "
+            f"loss {row['train_loss']:.4f}, top-1 train {pct('train_acc')} eval {pct('acc')} "
+            f"deployable {pct('acc_deploy')}{ema}, lr {row['lr']:.3g}, {seconds:.1f} s")
+
+
 def _prepare(accelerator: Accelerator, cfg: RunConfig, raw: nn.Module, optimizer, *loaders):
     """The one path by which the training objects reach the device: at the start (with the loaders)
     and at the switch to the attention-free model (model and optimizer only; the loaders stay)."""
     accelerator.free_memory()  # forget the objects of the previous phase (their DDP wrapper, optimizer)
+    mark_shard_units(raw, getattr(accelerator.state, "fsdp_plugin", None))  # FSDP: each block its own unit
     model = torch.compile(raw) if cfg.compile else raw
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     return model, optimizer, loaders
@@ -291,6 +322,30 @@ def _save_state(accelerator: Accelerator, out: Path, ts: TrainerState, ema) -> N
     accelerator.wait_for_everyone()
 
 
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _save_bare_model_state(accelerator: Accelerator) -> None:
+    """``state/model.safetensors`` holds the bare model's keys, whatever wraps it (torch.compile, DDP), and
+    loads into the bare model, so a resume may switch ``--compile`` on or off. Under FSDP Accelerate
+    saves and loads the sharded model its own way."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
+
+    def on_save(models, weights, output_dir) -> None:
+        for i, sd in enumerate(weights):
+            weights[i] = {_strip_wrappers(k): v for k, v in sd.items()}
+
+    def on_load(models, input_dir) -> None:
+        models[:] = [unwrap(accelerator.unwrap_model(m)) for m in models]
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+
+
 def _read_trainer_state(state_dir: Path, accelerator: Accelerator) -> TrainerState:
     path = state_dir / "trainer_state.json"
     try:
@@ -329,11 +384,11 @@ def _restore(accelerator: Accelerator, state_dir: Path, ts: TrainerState, ema) -
     except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types on damaged files
         raise ShrinkError(f"cannot resume from {state_dir}: {_first_line(e)}") from None
     if ema is not None:
+        path = state_dir / "ema.safetensors"
         try:
-            ema.module.load_state_dict(load_file(str(state_dir / "ema.safetensors"), device=str(accelerator.device)))
+            ema.module.load_state_dict(load_state_tensors(path, accelerator.device))
         except Exception as e:  # noqa: BLE001
-            raise ShrinkError(f"cannot resume: {state_dir / 'ema.safetensors'} does not load ({_first_line(e)})") \
-                from None
+            raise ShrinkError(f"cannot resume: {path} does not load ({_first_line(e)})") from None
     best = state_dir.parent / "best"
     if (best / "config.json").is_file():  # best/ may be newer than the state (kill between the two writes)
         extra = read_config(best).get("extra", {})
@@ -341,6 +396,16 @@ def _restore(accelerator: Accelerator, state_dir: Path, ts: TrainerState, ema) -
             ts.best_acc, ts.best_epoch = float(extra["acc_deploy"]), int(extra.get("epoch", ts.best_epoch))
             ts.best_source = str(extra.get("source", ts.best_source))
     _logger.info("resumed from %s after epoch %d", state_dir, ts.epoch)
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's, in states of older versions
+
+
+def load_state_tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The one reader of tensors a resume loads itself (``state/ema.safetensors``): safetensors, read on
+    the CPU and moved to ``device`` (``accelerator.device``; safetensors itself refuses names such as
+    ``cpu:0`` that a multi-process CPU run has), wrapper prefixes removed from the keys."""
+    return {_strip_wrappers(k): v.to(device) for k, v in load_file(str(path), device="cpu").items()}
 
 
 def _first_line(e: BaseException) -> str:
@@ -398,12 +463,15 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
 def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
     """Accuracy of a saved model on the val split; with ``tome_r`` > 0 also with token merging."""
     model = load(cfg.checkpoint)
-    val_ds = build_dataset(cfg.data_set, "val", data_path=cfg.data_path, input_size=cfg.input_size, model=model)
+    # the size, crop, mean / std the model was saved with (its config.json data_config), unless overridden
+    val_ds = build_dataset(cfg.data_set, "val", data_path=cfg.data_path, input_size=cfg.input_size, model=model,
+                           synthetic_size=cfg.synthetic_images, num_classes=cfg.num_classes)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     loader = accelerator.prepare(make_loader(val_ds, cfg, train=False))
     model = accelerator.prepare_model(model, evaluation_mode=True)
     raw = unwrap(model)
     result: dict[str, Any] = {"kind": "eval", "checkpoint": cfg.checkpoint, "params": count_params(raw),
+                              "images": len(val_ds),
                               "attention_free_blocks": attention_free_indices(raw) if hasattr(raw, "blocks") else []}
     result["acc"] = evaluate(model, loader, accelerator, desc="eval", progress=cfg.progress)
     if cfg.tome_r > 0:
