@@ -10,17 +10,49 @@ parameters over by name.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .dilution import get_blocks
+from .errors import ShrinkError
 from .export import export
 from .factory import FORMAT, build_from_config, describe_architecture
 from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
+
+
+def mark_shard_units(model: nn.Module, fsdp_plugin=None) -> list[str]:
+    """Make each transformer block its own FSDP unit, whatever classes the blocks have right now.
+
+    The block classes change during a run (plain, diluted, attention-free; per model family), so no
+    list of names is kept anywhere: they are read from the model before every ``prepare``. The bare
+    ``model`` gets them as ``_no_split_modules`` (what Accelerate's transformer-based wrap policy reads
+    when its config names no classes) and Accelerate's ``fsdp_plugin``, when given, gets them as
+    ``transformer_cls_names_to_wrap``: Accelerate keeps the names it resolved at the first ``prepare``
+    on the plugin, and would look for blocks that the lambda = 0 switch replaced. A list in the
+    Accelerate config is overridden the same way. Returns the class names (empty for a model without
+    ``blocks``: the model is then one unit).
+    """
+    model = unwrap(model)
+    try:
+        names = sorted({type(b).__name__ for b in get_blocks(model)})
+    except ShrinkError:
+        names = []
+    model._no_split_modules = names
+    if fsdp_plugin is not None:
+        given = getattr(fsdp_plugin, "transformer_cls_names_to_wrap", None)
+        if given is not None and sorted(given) != names:
+            _logger.info("FSDP wrap classes %s (from the model) instead of %s", names, given)
+        fsdp_plugin.transformer_cls_names_to_wrap = names
+        policy = getattr(fsdp_plugin, "auto_wrap_policy", None)
+        if isinstance(policy, functools.partial):  # bound to the classes of the last prepare (FSDP1): unbind
+            fsdp_plugin.auto_wrap_policy = policy.func
+    return names
 
 
 def is_sharded(model: nn.Module) -> bool:
