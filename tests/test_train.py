@@ -165,3 +165,52 @@ def test_dilution_epochs_zero_reports_the_dense_accuracy(tmp_path):
     assert s["dense_acc"] == pytest.approx(evaluate(dense.to(acc.device), loader, acc, progress=False))
     assert s["deploy_acc_start"] != s["dense_acc"]
     assert [r["lambda"] for r in metrics(tmp_path / "o")] == [0.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume state: the bare model's keys whatever wraps it, tensors onto accelerator.device (issue 20 items 4, 7)
+
+def _prepared_tiny(compile: bool, seed: int):
+    from accelerate import Accelerator
+
+    from .conftest import tiny_vit
+
+    accelerator = Accelerator(cpu=True)
+    train_mod._save_bare_model_state(accelerator)
+    raw = tiny_vit(seed=seed).train()
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-3)
+    model, optimizer, _ = train_mod._prepare(accelerator, RunConfig(compile=compile), raw, optimizer)
+    return accelerator, raw, model
+
+
+@pytest.mark.parametrize("saved_compiled", [True, False], ids=["compiled-then-eager", "eager-then-compiled"])
+def test_state_resumes_across_a_change_of_compile(tmp_path, saved_compiled):
+    """state/model.safetensors holds the bare model's keys (no ``_orig_mod.``), so a resume may switch
+    --compile on or off (before the fix the keys followed torch.compile's wrapper and either direction failed)."""
+    from safetensors import safe_open
+
+    accelerator, raw, model = _prepared_tiny(saved_compiled, seed=0)
+    assert hasattr(model, "_orig_mod") == saved_compiled  # the training model really is compiled
+    train_mod._save_state(accelerator, tmp_path, train_mod.TrainerState(), None)
+    with safe_open(str(tmp_path / "state" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(raw.state_dict()), sorted(keys)[:3]
+
+    accelerator, other, _ = _prepared_tiny(not saved_compiled, seed=1)
+    assert not torch.equal(other.pos_embed, raw.pos_embed)
+    train_mod._restore(accelerator, tmp_path / "state", train_mod.TrainerState(), None)
+    for k, v in raw.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+
+
+def test_state_tensors_load_onto_the_accelerator_device_and_lose_wrapper_prefixes(tmp_path):
+    """A multi-process CPU run's device is ``cpu:0``, which safetensors refuses as a name (the EMA resume
+    failed with 'device cpu:0 is invalid'); older states may carry torch.compile / DDP prefixes."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ema.safetensors"
+    save_file({"_orig_mod.module.w": torch.ones(2), "b": torch.zeros(1)}, str(path))
+    with pytest.raises(Exception, match="cpu:0"):
+        load_file(str(path), device="cpu:0")
+    got = train_mod.load_state_tensors(path, torch.device("cpu:0"))
+    assert set(got) == {"w", "b"} and got["w"].device.type == "cpu" and torch.equal(got["w"], torch.ones(2))
