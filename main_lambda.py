@@ -16,7 +16,8 @@ from shrink.cli import cli_main
 def _table(summary: dict) -> str:
     if summary["kind"] == "eval":
         rows = [("checkpoint", summary["checkpoint"]), ("parameters", f"{summary['params']:,}"),
-                ("attention-free blocks", summary["attention_free_blocks"]), ("top-1 (%)", f"{summary['acc']:.2f}")]
+                ("attention-free blocks", summary["attention_free_blocks"]), ("val images", summary.get("images", "-")),
+                ("top-1 (%)", f"{summary['acc']:.2f}")]
         if "acc_tome" in summary:
             t = summary["tome"]
             rows += [(f"top-1 with ToMe r={t['r']} start_idx={t['start_idx']} ({t['policy']})",

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .blocks import block_family
 from .checkpoint import key_report, load_checkpoint
 from .dilution import DilutedBlock, dilute, get_blocks
 from .errors import ShrinkError, first_line
@@ -145,9 +146,18 @@ def validate_config(config: Any, where: str = CONFIG_FILE) -> dict[str, Any]:
     _index_list(idx, "diluted_blocks", where)
     if set(idx) & set(free):
         raise ShrinkError(f"{where}: blocks {sorted(set(idx) & set(free))} are both attention-free and diluted")
+    scales = config.get("residual_scales", {})
+    if not isinstance(scales, dict):
+        raise ShrinkError(f"{where}: 'residual_scales' must be an object of block index -> scale")
+    for k, v in scales.items():
+        if not k.isdigit() or int(k) not in {*idx, *free}:
+            raise ShrinkError(f"{where}: residual_scales key {k[:20]!r} is not a diluted or attention-free block")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ShrinkError(f"{where}: residual_scales[{k}] must be a positive number, got {v!r}")
     for key, kind in (("data_config", dict), ("extra", dict)):
         if key in config and not isinstance(config[key], kind):
             raise ShrinkError(f"{where}: '{key}' must be a JSON object")
+    _check_data_config(config.get("data_config", {}), where)
     return config
 
 
@@ -358,26 +368,56 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config.json values; an int image size equals the [size, size] timm reports."""
+    if isinstance(a, int) and not isinstance(a, bool) and isinstance(b, list) and b == [a, a]:
+        return True
+    return a == b
+
+
+def recorded_kwargs(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The timm name and every keyword argument ``model`` was built with, as config.json values.
+
+    ``shrink.create_model`` remembers name and kwargs; ``timm.create_model`` records its kwargs on
+    the model (``timm.models.get_model_args``, which also reports later changes: a new head's class
+    count, a new input size, the pooling). A model built by calling its class has neither and is
+    refused: its arguments cannot be told from its weights.
+    """
+    arch = getattr(model, "shrink_arch", None)
+    name = arch["name"] if arch else (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    has_timm_args = hasattr(model, "_model_args")
+    if name is None or not (arch or has_timm_args):
+        raise ShrinkError(f"cannot tell how this {type(model).__name__} was built (no recorded timm name and "
+                          f"arguments); build it with shrink.create_model or timm.create_model")
+    kwargs = dict(arch["kwargs"]) if arch else {}
+    if has_timm_args:
+        from timm.models import get_model_args
+
+        try:
+            recorded = get_model_args(model)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ShrinkError(f"cannot read the arguments {name} was built with: {first_line(e)}") from None
+        recorded = {k: v for k, v in recorded.items() if k not in _FACTORY_KWARGS}
+        for k, v in _jsonable(recorded).items():
+            if not _same_value(kwargs.get(k, _MISSING), v):
+                kwargs[k] = v
+    return name, kwargs
+
+
 def describe_architecture(model: nn.Module) -> dict[str, Any]:
     """How to rebuild ``model``: its timm name, constructor kwargs and block structure."""
-    arch = getattr(model, "shrink_arch", None)
-    if arch is None:
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        if name is None:
-            raise ShrinkError("cannot tell which timm architecture this model is; build it with shrink.create_model")
-        kwargs: dict[str, Any] = {}
-        if hasattr(model, "num_classes"):
-            kwargs["num_classes"] = int(model.num_classes)
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            kwargs["img_size"] = list(img_size)
-        arch = {"name": name, "kwargs": kwargs}
+    name, kwargs = recorded_kwargs(model)
     blocks = getattr(model, "blocks", None)
-    desc = {"architecture": arch["name"], "model_kwargs": dict(arch["kwargs"])}
+    desc = {"architecture": name, "model_kwargs": kwargs}
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         desc["attention_free_blocks"] = attention_free_indices(model)
         desc["folded"] = is_folded(model) if desc["attention_free_blocks"] else False
         desc["diluted_blocks"] = {str(i): b.lambda_value for i, b in enumerate(blocks) if isinstance(b, DilutedBlock)}
+        # a dilution rule other than the family's (folded blocks are told by 'folded')
+        desc["residual_scales"] = {
+            str(i): b.residual_scale for i, b in enumerate(blocks)
+            if (isinstance(b, DilutedBlock) or (isinstance(b, AttentionFreeBlock) and not desc["folded"]))
+            and b.residual_scale != block_family(b).residual_scale}
     return desc
 
 
@@ -394,10 +434,47 @@ def input_size(model: nn.Module, img_size: int | None = None) -> tuple[int, int,
     return c, h, w
 
 
+DATA_CONFIG_KEYS = {"input_size": list, "interpolation": str, "mean": list, "std": list, "crop_pct": (int, float),
+                    "crop_mode": str, "num_classes": int}
+
+
 def _data_config(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "num_classes")
-    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in keys if k in cfg}
+    """The data config of ``model`` as built: timm's pretrained_cfg (mean, std, interpolation, crop)
+    with the input size the model was built for (a ViT built with img_size=64 keeps 224 there)."""
+    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "input_size": input_size(model)}
+    if hasattr(model, "num_classes"):
+        cfg["num_classes"] = int(model.num_classes)
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in DATA_CONFIG_KEYS if k in cfg}
+
+
+def _apply_data_config(model: nn.Module, data: dict[str, Any] | None) -> None:
+    """Put a saved data config into the model's pretrained_cfg, where timm's ``resolve_data_config``
+    (and so the data pipeline) reads it; the input size is the one the model was built for."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in (data or {}).items() if k in DATA_CONFIG_KEYS})
+    model.pretrained_cfg = cfg
+    cfg["input_size"] = input_size(model)
+    if hasattr(model, "num_classes"):
+        cfg["num_classes"] = int(model.num_classes)
+    model.pretrained_cfg = model.default_cfg = cfg
+
+
+def _check_data_config(data: dict[str, Any], where: str) -> None:
+    for k, v in data.items():
+        kind = DATA_CONFIG_KEYS.get(k)
+        if kind is None:
+            continue  # unknown keys are kept but never used
+        if isinstance(v, bool) or not isinstance(v, kind):
+            raise ShrinkError(f"{where}: data_config.{k} has the wrong type ({type(v).__name__})")
+        if kind is list and (not 1 <= len(v) <= 4 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise ShrinkError(f"{where}: data_config.{k} must be a short list of numbers, got {str(v)[:60]}")
+        if k == "input_size" and (len(v) != 3 or not all(isinstance(x, int) and 1 <= x <= 16384 for x in v)):
+            raise ShrinkError(f"{where}: data_config.input_size must be [channels, height, width], got {str(v)[:60]}")
+        if k == "crop_pct" and not (math.isfinite(v) and 0 < v <= 1.0):
+            raise ShrinkError(f"{where}: data_config.crop_pct must be in (0, 1], got {v}")
+        if k == "std" and any(x == 0 for x in v):
+            raise ShrinkError(f"{where}: data_config.std holds a zero")
 
 
 def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -408,6 +485,14 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
     if extra:
         config["extra"] = extra
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # what load would build: the same tensors, or refuse now rather than at load
+        rebuilt = build_from_config(validate_config(json.loads(json.dumps(config)), "the model's description"))
+    own = {k: list(v.shape) for k, v in rebuilt.state_dict().items()}
+    bad = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k] != list(state[k].shape))
+    if bad:
+        raise ShrinkError(f"cannot save {config['architecture']}: its recorded arguments {config['model_kwargs']} "
+                          f"do not rebuild it ({bad[0]} differs; was it changed after it was built?)"[:600])
+    del rebuilt
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -447,6 +532,7 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     model.shrink_arch = {"name": name, "kwargs": kwargs}
+    _apply_data_config(model, config.get("data_config"))
     free = list(config.get("attention_free_blocks", []))
     diluted = {int(i): float(v) for i, v in config.get("diluted_blocks", {}).items()}
     if free or diluted:
@@ -454,8 +540,10 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
         bad = [i for i in [*free, *diluted] if i >= depth]
         if bad:
             raise ShrinkError(f"{CONFIG_FILE}: block index {bad[0]} is out of range for {name} with {depth} blocks")
+    scales = {int(i): float(v) for i, v in config.get("residual_scales", {}).items()}
     if free:
-        dilute(model, free, lam=0.0)
+        for i in free:
+            dilute(model, [i], lam=0.0, residual_scale=scales.get(i))
         if meta:  # export reads each lambda with .item(), which a meta tensor cannot answer
             for b in get_blocks(model):
                 if isinstance(b, DilutedBlock):
@@ -466,7 +554,7 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
                 if isinstance(b, AttentionFreeBlock):
                     b.residual_scale = 1.0
     for i, lam in diluted.items():
-        dilute(model, [i], lam=lam)
+        dilute(model, [i], lam=lam, residual_scale=scales.get(i))
     return model
 
 

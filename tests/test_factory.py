@@ -76,3 +76,81 @@ def test_embedded_model_pretrained_is_local():
     assert len(m.blocks) == 12
     sd = shrink.read_checkpoint(m.pretrained_cfg["file"])
     assert torch.equal(m.head.weight, sd["head.weight"])
+
+
+# --- issue 19.3: every argument a model was built with goes into config.json and comes back ---------------
+
+SMALL = dict(depth=2, embed_dim=64, num_heads=2)
+KWARG_MODELS = {
+    "vit_options": ("vit_small_patch16_224", dict(qk_norm=True, init_values=1e-5, reg_tokens=2, class_token=False,
+                                                  global_pool="avg", img_size=32, patch_size=8, num_classes=5,
+                                                  **SMALL)),
+    "vit_mlp_ratio_no_qkv_bias": ("vit_base_patch16_224", dict(img_size=48, patch_size=16, mlp_ratio=2.0,
+                                                               qkv_bias=False, no_embed_class=True, **SMALL)),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, **SMALL)),
+    "beit": ("beit_base_patch16_224", dict(img_size=32, use_shared_rel_pos_bias=True, use_rel_pos_bias=False,
+                                           **SMALL)),
+    "cait": ("cait_xxs24_224", dict(img_size=32, depth_token_only=1, **SMALL)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KWARG_MODELS))
+def test_a_model_built_with_keyword_arguments_saves_and_loads_exactly(tmp_path, case):
+    name, kwargs = KWARG_MODELS[case]
+    torch.manual_seed(0)
+    m = timm.create_model(name, **kwargs).eval()  # timm's own factory, not shrink's: timm records the kwargs
+    x = torch.randn(2, 3, *m.pretrained_cfg["input_size"][1:]) if "img_size" not in kwargs else \
+        torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    shrink.save(m, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    for k, v in kwargs.items():
+        assert saved["model_kwargs"][k] in (v, [v, v]), k
+    assert saved["data_config"]["input_size"][1:] == list(x.shape[2:])
+    back = shrink.load(tmp_path / "m")
+    assert type(back) is type(m)
+    with torch.no_grad():
+        assert (back(x) - m(x)).abs().max().item() == 0.0
+
+
+def test_shrink_create_model_and_a_new_head_are_recorded(tmp_path):
+    m = shrink.create_model("vit_small_patch16_224", qk_norm=True, img_size=32, **SMALL).eval()
+    m.reset_classifier(3)  # after construction: timm's recorded arguments follow it
+    shrink.save(m, tmp_path / "m")
+    back = shrink.load(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert back.num_classes == 3 and (back(x) - m(x)).abs().max().item() == 0.0
+
+
+def test_a_model_whose_arguments_are_unknown_is_refused_at_save(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    direct = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(shrink.ShrinkError, match="cannot tell how this VisionTransformer was built") as info:
+        shrink.save(direct, tmp_path / "a")
+    assert "\n" not in str(info.value)
+    changed = timm.create_model("vit_small_patch16_224", img_size=32, **SMALL)
+    changed.blocks = changed.blocks[:1]  # changed after it was built, in a way no argument records
+    with pytest.raises(shrink.ShrinkError, match="do not rebuild it"):
+        shrink.save(changed, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_saved_data_config_is_the_model_as_built(tmp_path):
+    """A ViT built at 64 px keeps timm's 224 px pretrained_cfg; config.json and the loaded model say 64."""
+    from timm.data import resolve_data_config
+
+    m = shrink.create_model("deit_tiny_patch16_224", img_size=64)
+    assert m.pretrained_cfg["input_size"] == (3, 224, 224)  # timm's own record
+    shrink.save(m, tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "config.json").read_text())["data_config"]
+    assert data["input_size"] == [3, 64, 64] and data["crop_pct"] == m.pretrained_cfg["crop_pct"]
+    assert data["mean"] == list(m.pretrained_cfg["mean"]) and data["interpolation"] == "bicubic"
+    back = shrink.load(tmp_path / "m")
+    assert resolve_data_config({}, model=back)["input_size"] == (3, 64, 64)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for bad in ({"input_size": [3, 0, 64]}, {"std": [0.0, 1.0, 1.0]}, {"crop_pct": 7}, {"mean": "x"}):
+        cfg["data_config"] = {**data, **bad}
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(shrink.ShrinkError, match="data_config"):
+            shrink.load(tmp_path / "m")

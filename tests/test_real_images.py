@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -139,3 +140,38 @@ def test_a_real_folder_loads_every_mode_and_the_truncated_file(tmp_path):
         for i in range(len(d)):
             x, _ = d[i]
             assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+
+
+# --- a model trained at a small input size, evaluated from best/ without retyping the size ----------------
+
+def _train_args(root, out, *extra):
+    return ["--model", "deit_tiny_patch16_224", "--no-pretrained", "--data-path", str(root), "--input-size", "32",
+            "--remove-layers", "1,3", "--epochs", "2", "--dilution-epochs", "1", "--batch-size", "8",
+            "--calib-images", "16", "--output-dir", str(out), "--no-progress", *extra]
+
+
+def test_trained_at_32_px_evaluates_from_best_with_and_without_tome(tmp_path, capsys):
+    import json
+
+    import main_lambda
+
+    root = real_image_folder(tmp_path / "imgs", per_class=8, val_per_class=3)
+    out = tmp_path / "run"
+    assert main_lambda.main(_train_args(root, out, "--num-workers", "0")) == 0  # default --aa: RandAugment
+    data = json.loads((out / "best" / "config.json").read_text())["data_config"]
+    timm_cfg = timm.create_model("deit_tiny_patch16_224").pretrained_cfg  # timm's record says 224
+    assert data["input_size"] == [3, 32, 32] and timm_cfg["input_size"] == (3, 224, 224)
+    assert (data["crop_pct"], data["interpolation"], data["mean"]) == \
+        (timm_cfg["crop_pct"], timm_cfg["interpolation"], list(timm_cfg["mean"]))
+    capsys.readouterr()
+    best = str(out / "best")
+    assert main_lambda.main(["--eval", "--checkpoint", best, "--data-path", str(root), "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    assert any(line.split()[:2] == ["val", "images"] and line.split()[-1] == "6" for line in shown.splitlines()), shown
+    assert main_lambda.main(["--eval", "--checkpoint", best, "--data-path", str(root), "--tome-r", "1",
+                             "--no-progress"]) == 0
+    assert "ToMe r=1" in capsys.readouterr().out
+    assert main_lambda.main(["--eval", "--checkpoint", best, "--data-set", "synthetic", "--synthetic-images", "8",
+                             "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    assert any(line.split()[:2] == ["val", "images"] and line.split()[-1] == "8" for line in shown.splitlines()), shown
