@@ -138,7 +138,7 @@ class Family:
         return getattr(blk, self.attn)
 
     # ---- the two branches: residual contributions ----
-    def attention(self, blk: nn.Module, x: torch.Tensor, ctx: Ctx,
+    def attention_branch(self, blk: nn.Module, x: torch.Tensor, ctx: Ctx,
                   attn_call: Callable[[nn.Module, torch.Tensor, Ctx], torch.Tensor] | None = None) -> torch.Tensor:
         """The token-mixing branch's contribution to the residual stream.
 
@@ -148,7 +148,7 @@ class Family:
         y = attn(h, **ctx) if attn_call is None else attn_call(attn, h, ctx)
         return getattr(blk, self.drop1)(self._scale(blk, self.scale1, y))
 
-    def mlp(self, blk: nn.Module, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    def mlp_branch(self, blk: nn.Module, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         """The MLP branch's contribution to the residual stream (given the stream after attention)."""
         y = getattr(blk, self.mlp_name)(getattr(blk, self.norm2)(x))
         return getattr(blk, self.drop2)(self._scale(blk, self.scale2, y))
@@ -162,13 +162,13 @@ class Family:
                 probe: Any = None) -> torch.Tensor:
         """``lam`` None: the branch is gone (``x -> scale * x``); else the dilution rule above."""
         if lam is not None:
-            a = self.attention(blk, x, ctx)
+            a = self.attention_branch(blk, x, ctx)
             if probe is not None:
                 probe.attention(x, a)
             x = mix(x, a, lam, scale)
         elif scale != 1.0:
             x = x * scale
-        m = self.mlp(blk, x, ctx)
+        m = self.mlp_branch(blk, x, ctx)
         if probe is not None:
             probe.mlp(m)
         return x + m
@@ -214,12 +214,12 @@ class PostNormFamily(Family):
     layout = "post-norm"
     residual_scale = 1.0
 
-    def attention(self, blk, x, ctx, attn_call=None):
+    def attention_branch(self, blk, x, ctx, attn_call=None):
         attn = getattr(blk, self.attn)
         y = attn(x, **ctx) if attn_call is None else attn_call(attn, x, ctx)
         return getattr(blk, self.drop1)(getattr(blk, self.norm1)(y))
 
-    def mlp(self, blk, x, ctx):
+    def mlp_branch(self, blk, x, ctx):
         return getattr(blk, self.drop2)(getattr(blk, self.norm2)(getattr(blk, self.mlp_name)(x)))
 
     def merge_input(self, blk, x):
@@ -233,7 +233,7 @@ class WindowedFamily(Family):
     """The SAM ViT's block: tokens as ``(B, H, W, C)``, attention inside windows (window partition
     and unpartition around it when ``window_size > 0``), the MLP over ``(B, H*W, C)``."""
 
-    def attention(self, blk, x, ctx, attn_call=None):
+    def attention_branch(self, blk, x, ctx, attn_call=None):
         from timm.models.vision_transformer_sam import window_partition, window_unpartition
 
         B, H, W, _ = x.shape
@@ -248,9 +248,9 @@ class WindowedFamily(Family):
             h = window_unpartition(h, blk.window_size, (H, W), pad_hw)
         return h
 
-    def mlp(self, blk, x, ctx):
+    def mlp_branch(self, blk, x, ctx):
         B, H, W, C = x.shape
-        m = super().mlp(blk, x.reshape(B, H * W, C), ctx)
+        m = super().mlp_branch(blk, x.reshape(B, H * W, C), ctx)
         return m.reshape(B, H, W, C)
 
 
@@ -268,7 +268,7 @@ class ParallelThingsFamily(Family):
     def attention_module(self, blk):
         return blk.attns
 
-    def attention(self, blk, x, ctx, attn_call=None):
+    def attention_branch(self, blk, x, ctx, attn_call=None):
         outs = []
         for branch in blk.attns:
             h = branch.norm(x)
@@ -276,7 +276,7 @@ class ParallelThingsFamily(Family):
             outs.append(branch.drop_path(branch.ls(y)))
         return torch.stack(outs).sum(dim=0)
 
-    def mlp(self, blk, x, ctx):
+    def mlp_branch(self, blk, x, ctx):
         return torch.stack([ffn(x) for ffn in blk.ffns]).sum(dim=0)
 
     def merge_input(self, blk, x):
@@ -363,7 +363,7 @@ class ParallelScalingFamily(Family):
             return F.linear(h, w, blk.out_proj.bias)
         return blk.mlp_out_proj(h)
 
-    def mlp(self, blk, x, ctx):  # the attention-free block: in_proj / out_proj already hold MLP rows only
+    def mlp_branch(self, blk, x, ctx):  # the attention-free block: in_proj / out_proj already hold MLP rows only
         h = self._mlp_hidden(blk, blk.in_proj(blk.in_norm(x)))
         return blk.drop_path(blk.ls(self._mlp_out(blk, h, full=False)))
 
@@ -665,7 +665,7 @@ class AttentionFreeBlock(nn.Module):
         fam = FAMILIES[self.family]
         if self.residual_scale != 1.0:
             x = x * self.residual_scale
-        return x + fam.mlp(self, x, fam.context(args, kwargs))
+        return x + fam.mlp_branch(self, x, fam.context(args, kwargs))
 
     def extra_repr(self) -> str:
         return f"family={self.family}, residual_scale={self.residual_scale:g}"

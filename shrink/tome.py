@@ -205,7 +205,7 @@ class ToMeBlock(nn.Module):
                 x = x * self.residual_scale
             if self.tome_r > 0 and self.tome_policy == "hidden":
                 x = self._merge(x, fam.merge_input(self, x))
-            return x + fam.mlp(self, x, ctx)
+            return x + fam.mlp_branch(self, x, ctx)
         metrics: list[torch.Tensor | None] = []
         size = self._attn_size()
 
@@ -214,11 +214,11 @@ class ToMeBlock(nn.Module):
             metrics.append(metric)
             return y
 
-        a = fam.attention(self, x, ctx, attn_call=call)
+        a = fam.attention_branch(self, x, ctx, attn_call=call)
         x = mix(x, a, self.lam, self.residual_scale) if isinstance(self, DilutedBlock) else x + a
         if self.tome_r > 0:
             x = self._merge(x, metrics[0])
-        return x + fam.mlp(self, x, ctx)
+        return x + fam.mlp_branch(self, x, ctx)
 
     def extra_repr(self) -> str:
         base = self._tome_prev.extra_repr(self)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layers, bottom to top (docs/architecture.md): each may import only from the layers below it.
 MODEL_LAYER = "shrink.models"
 CHECKPOINT_ALLOWED = {"shrink.errors", "shrink.wrappers"}  # plus shrink.models.*
-CORE = {"shrink.dilution", "shrink.export", "shrink.tome", "shrink.tome_merge", "shrink.criteria", "shrink.selection"}
+CORE = {"shrink.blocks", "shrink.dilution", "shrink.export", "shrink.tome", "shrink.tome_merge", "shrink.criteria", "shrink.selection"}
 ABOVE_CORE = {"shrink.factory", "shrink.train", "shrink.engine", "shrink.recipe", "shrink.rundir", "shrink.report",
               "shrink.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.config",
               "shrink.cli", "shrink.select", "shrink.convert"}
@@ -85,6 +85,43 @@ def test_model_files_import_only_torch_timm_and_each_other(name):
 def test_checkpoint_io_sits_right_above_the_model_files():
     extra = {m for m in GRAPH["shrink.checkpoint"] if not m.startswith(MODEL_LAYER)} - CHECKPOINT_ALLOWED
     assert not extra, f"shrink.checkpoint imports {sorted(extra)}"
+
+
+def test_the_block_contract_imports_only_errors():
+    ours = {m for m in GRAPH["shrink.blocks"] if m.startswith("shrink")}
+    assert ours <= {"shrink.errors"}, f"shrink.blocks imports {sorted(ours)}"
+
+
+# Attributes of timm transformer blocks (their sublayers): only the block contract reads them.
+BLOCK_ATTRIBUTES = {"norm1", "norm2", "attn", "attns", "ls1", "ls2", "gamma_1", "gamma_2", "drop_path1",
+                    "drop_path2", "mlp", "ffns", "in_norm", "in_proj", "attn_out_proj", "mlp_out_proj", "mlp_bias"}
+
+
+def _block_attribute_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    """Attribute accesses (``x.norm1``) and getattr / hasattr / setattr with a literal block name;
+    names that merely start like one (``attn_mask``, ``attn_pool``) are not block attributes."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in BLOCK_ATTRIBUTES:
+            found.append((node.lineno, node.attr))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and node.args[1].value in BLOCK_ATTRIBUTES):
+            found.append((node.lineno, node.args[1].value))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not m.startswith(MODEL_LAYER)
+                                        and m != "shrink.blocks"))
+def test_only_the_block_contract_reads_block_attributes(name):
+    path, _ = MODULES[name]
+    found = _block_attribute_reads(ast.parse(path.read_text(encoding="utf-8")))
+    assert not found, f"{name} reads block attributes {found}: ask shrink.blocks instead"
+
+
+def test_block_attribute_check_can_fail():
+    src = "def f(b, attn_mask, m):\n    m.attn_pool\n    y = b.norm1(attn_mask)\n    return getattr(b, 'gamma_1')\n"
+    assert sorted(_block_attribute_reads(ast.parse(src))) == [(3, "norm1"), (4, "gamma_1")]
 
 
 @pytest.mark.parametrize("name", sorted(CORE))

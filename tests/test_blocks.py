@@ -1,0 +1,214 @@
+"""The block contract (shrink/blocks.py) on one tiny model per timm block class and per option that
+changes the block: lambda = 1 is timm, lambda = 0 is the export, the export loses exactly the
+attention-only parameters, save/load is exact, ToMe r = 0 is a no-op, selection and counting run."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import ParallelScalingBlock
+
+import shrink
+from shrink.blocks import (
+    FAMILIES,
+    AttentionFreeBlock,
+    block_family,
+    classify_block,
+    removed_parameter_count,
+)
+from shrink.bench.measure import count_macs, count_parameters
+
+from ._families import CASES, build, images
+
+KEYS = list(CASES)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_family_is_recognised(key):
+    model = build(key)
+    assert {block_family(b).name for b in model.blocks} == {CASES[key][3]}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_lambda1_is_timm_and_lambda0_is_export(key):
+    model, x = build(key), images(key)
+    ref = model(x)
+    layers = [0, 2]
+    d = shrink.dilute(copy.deepcopy(model), layers)
+    assert maxdiff(d(x), ref) <= 1e-5
+    shrink.set_lambda(d, 0.3)
+    mid = d(x)
+    assert torch.isfinite(mid).all() and maxdiff(mid, ref) > 1e-6  # lambda really acts
+    shrink.set_lambda(d, 0.0)
+    y0 = d(x)
+    small = shrink.export(d)
+    assert [classify_block(b) for b in small.blocks] == ["attention-free", "attention", "attention-free"]
+    assert maxdiff(small(x), y0) <= 1e-5
+    # exactly the attention-only parameters are gone
+    assert n_params(small) == n_params(model) - removed_parameter_count(model, layers)
+    assert removed_parameter_count(model, layers) > 0
+    # the MLP half of each block keeps its state-dict keys
+    kept = set(small.state_dict())
+    assert kept <= set(d.state_dict()) | set(model.state_dict())
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_every_layer_removed_drops_shared_tables(key):
+    model, x = build(key), images(key)
+    layers = list(range(len(model.blocks)))
+    d = shrink.dilute(copy.deepcopy(model), layers, lam=0.0)
+    small = shrink.export(d)
+    assert maxdiff(small(x), d(x)) <= 1e-5
+    assert n_params(small) == n_params(model) - removed_parameter_count(model, layers)
+    for attr in ("rel_pos_bias", "shared_rel_pos", "rope"):
+        if getattr(model, attr, None) is not None and type(model).__name__ in ("Beit", "VisionTransformerRelPos", "Eva"):
+            assert getattr(small, attr) is None, attr
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_diluted_block_trains(key):
+    model, x = build(key), images(key)
+    d = shrink.dilute(model, [1], lam=0.5).train()
+    d(x).sum().backward()
+    grads = [p.grad for n, p in d.named_parameters() if n.startswith("blocks.1.") and p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_save_load_exact(key, tmp_path):
+    model, x = build(key), images(key)
+    d = shrink.dilute(copy.deepcopy(model), [0, 2], lam=0.0)
+    small = shrink.export(d)
+    shrink.save(small, tmp_path / "m")
+    back = shrink.load(tmp_path / "m").eval()
+    assert maxdiff(back(x), small(x)) == 0.0
+    assert [classify_block(b) for b in back.blocks] == [classify_block(b) for b in small.blocks]
+    shrink.save(shrink.set_lambda(d, 0.25) or d, tmp_path / "diluted")
+    back = shrink.load(tmp_path / "diluted").eval()
+    assert maxdiff(back(x), d(x)) == 0.0
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_tome_r0_is_a_noop_and_merging_is_refused_or_works(key):
+    model, x = build(key), images(key)
+    ref = model(x)
+    shrink.apply_tome(model, r=0)
+    assert maxdiff(model(x), ref) == 0.0
+    shrink.remove_tome(model)
+    assert maxdiff(model(x), ref) == 0.0
+    small = shrink.export(shrink.dilute(copy.deepcopy(model), [0], lam=0.0))
+    y = small(x)
+    shrink.apply_tome(small, r=0)
+    assert maxdiff(small(x), y) == 0.0
+    if CASES[key][3] != "vit" or getattr(model, "attn_pool", None) is not None or key == "naflexvit":
+        with pytest.raises(shrink.ShrinkError) as e:
+            shrink.apply_tome(model, r=1)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_selection_runs(key):
+    model = build(key)
+    x = images(key, batch=6)
+    loader = [(x[:3], torch.zeros(3)), (x[3:], torch.zeros(3))]
+    for criterion in ("transfer_entropy", "cosine"):
+        layers = shrink.select_layers(model, loader, k=2, criterion=criterion, progress=False).layers
+        assert len(layers) == 2 and set(layers) <= set(range(len(model.blocks)))
+    assert len(layers) == 2 and set(layers) <= set(range(len(model.blocks)))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_counts(key):
+    model = build(key)
+    small = shrink.export(shrink.dilute(copy.deepcopy(model), [0, 2], lam=0.0))
+    size = (3, CASES[key][2], CASES[key][2])
+    dense_p, small_p = count_parameters(model), count_parameters(small)
+    removed = removed_parameter_count(model, [0, 2])
+    assert small_p["in_blocks"]["attention"] == dense_p["in_blocks"]["attention"] - removed
+    assert small_p["in_blocks"]["mlp"] == dense_p["in_blocks"]["mlp"]
+    dense_m, small_m = count_macs(model, size), count_macs(small, size)
+    assert 0 < small_m["total"] < dense_m["total"]
+
+
+def test_fused_out_proj_parallel_scaling():
+    model, x = build("parallel-scaling"), images("parallel-scaling")
+    torch.manual_seed(3)
+    for i in range(len(model.blocks)):
+        blk = ParallelScalingBlock(32, 2, qkv_bias=True, fuse_out_proj=True, init_values=0.5).eval()
+        with torch.no_grad():
+            for p in blk.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.blocks[i] = blk
+    ref = model(x)
+    d = shrink.dilute(copy.deepcopy(model), [0, 1])
+    assert maxdiff(d(x), ref) <= 1e-5
+    shrink.set_lambda(d, 0.0)
+    small = shrink.export(d)
+    assert maxdiff(small(x), d(x)) <= 1e-5
+    # q/k/v rows (with their biases) and the attention columns of out_proj are gone; the MLP's stay
+    assert small.blocks[0].in_proj.weight.shape == (4 * 32, 32)
+    assert small.blocks[0].out_proj.weight.shape == (32, 4 * 32)
+    assert n_params(small) == n_params(model) - removed_parameter_count(model, [0, 1])
+
+
+def test_post_norm_rule_is_identity_and_can_be_overridden():
+    model, x = build("respost"), images("respost")
+    d = shrink.dilute(copy.deepcopy(model), [0], lam=0.0)
+    assert d.blocks[0].residual_scale == 1.0  # post-norm: the branch fades to x, not 2x
+    ref_rule = shrink.dilute(copy.deepcopy(model), [0], lam=0.0, residual_scale=2.0)
+    assert ref_rule.blocks[0].residual_scale == 2.0
+    assert maxdiff(ref_rule(x), d(x)) > 1e-4
+    small = shrink.export(ref_rule)
+    assert small.blocks[0].residual_scale == 2.0 and maxdiff(small(x), ref_rule(x)) <= 1e-5
+
+
+def test_residual_scale_round_trips(tmp_path):
+    model, x = build("vit"), images("vit")
+    d = shrink.dilute(model, [1], lam=0.0, residual_scale=1.0)
+    shrink.save(shrink.export(d), tmp_path / "m")
+    back = shrink.load(tmp_path / "m").eval()
+    assert back.blocks[1].residual_scale == 1.0 and maxdiff(back(x), shrink.export(d)(x)) == 0.0
+    with pytest.raises(shrink.ShrinkError, match="residual_scale"):
+        shrink.dilute(build("vit"), [0], residual_scale=0)
+
+
+def test_unknown_blocks_are_refused_in_one_line():
+    import timm
+
+    mixer = timm.create_model("mixer_s16_224", img_size=32, num_classes=3)
+    with pytest.raises(shrink.ShrinkError) as e:
+        shrink.dilute(mixer, [0])
+    assert "MixerBlock" in str(e.value) and "block contract" in str(e.value) and "\n" not in str(e.value)
+
+    class MyBlock(type(build("vit").blocks[0])):  # a subclass with its own forward has no adapter
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return x
+
+    vit = build("vit")
+    vit.blocks[0].__class__ = MyBlock
+    with pytest.raises(shrink.ShrinkError, match="MyBlock"):
+        shrink.dilute(vit, [0])
+
+
+def test_every_family_is_in_the_table():
+    assert {c[3] for c in CASES.values()} == set(FAMILIES)
+
+
+def test_attention_free_block_needs_a_known_family():
+    with pytest.raises(shrink.ShrinkError, match="unknown block family"):
+        AttentionFreeBlock("nope", {})
