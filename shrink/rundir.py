@@ -31,7 +31,7 @@ RUN_ENTRIES = frozenset({CONFIG, "metrics.jsonl", "metrics.png", "summary.json",
 # Settings a resumed run may change; everything else must equal the saved run's.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every", "progress", "num_workers", "log_with", "compile", "data_path",
                                "resume", "output_dir", "eval", "checkpoint", "tome_r", "tome_start_idx",
-                               "tome_policy"})
+                               "tome_policy", "threads"})
 
 
 def _is_run_entry(name: str) -> bool:
@@ -121,7 +121,8 @@ def inspect_output_dir(output_dir: str, resume: bool) -> RunDir:
         if entries and not started and not all(n.startswith(".") for n in entries):
             raise ShrinkError(f"--output-dir {out} holds run files but no {CONFIG}; choose a new or empty folder")
     if resume and not started:
-        raise ShrinkError(f"nothing to resume in {out}: no run was started there")
+        hint = f" as this machine sees it ({SHARED_FS_HINT})" if _other_nodes() else ""
+        raise ShrinkError(f"nothing to resume in {out}: no run was started there{hint}")
     if not resume and started:
         raise ShrinkError(f"{out} already holds a run; pass --resume to continue it or choose another --output-dir")
     _check_writable(out)
@@ -134,6 +135,58 @@ def inspect_output_dir(output_dir: str, resume: bool) -> RunDir:
         if not isinstance(saved, dict):
             raise ShrinkError(f"{out / CONFIG} is not a mapping of settings")
     return RunDir(path=out, existed=out.is_dir(), started=started, saved_config=saved)
+
+
+def _other_nodes() -> bool:
+    """True under a launch over several machines (torchrun / accelerate set both variables)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                            os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return False
+
+
+SHARED_FS_HINT = ("a run over several machines needs an --output-dir on a file system that every machine mounts "
+                  "at the same path (NFS, Lustre, ...)")
+
+
+def check_shared_output_dir(out: Path, accelerator) -> None:
+    """Every process must see the run's folder that the main process writes: refuse the run otherwise.
+
+    Only the main process (rank 0) writes ``config.yaml``, the metrics, ``best/``, ``last/`` and swaps
+    ``state/`` in; every process writes its part of the state (its RNG file) and reads the state back
+    on ``--resume``. On machines that do not share the folder the other machines' parts would be lost
+    and a resume would find nothing there, so a multi-process run checks first: the main process writes
+    a probe file with a random token into ``out`` and every process must read it back. A collective:
+    every process calls it, after the main process created ``out``. Raises the same one-line
+    :class:`ShrinkError` on every process, naming the processes (and machines) that cannot see it."""
+    if accelerator.num_processes <= 1:
+        return
+    import secrets
+    import socket
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    main = accelerator.is_main_process
+    token = [secrets.token_hex(8) if main else None]
+    broadcast_object_list(token, from_process=0)
+    probe = out / f".shared-check.{token[0]}.tmp"  # a leftover of a kill is cleaned like any .tmp
+    if main:
+        atomic_write_text(probe, token[0])
+    accelerator.wait_for_everyone()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    views = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    accelerator.wait_for_everyone()
+    if main:
+        probe.unlink(missing_ok=True)
+    blind = sorted((rank, host) for rank, host, ok in views if not ok)
+    if blind:
+        shown = ", ".join(f"rank {r} on {h}" for r, h in blind[:4]) + (", ..." if len(blind) > 4 else "")
+        raise ShrinkError(f"--output-dir {out} is not shared by every process: {shown} cannot see what rank 0 "
+                          f"wrote there; {SHARED_FS_HINT}")
 
 
 def check_resume_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -56,7 +56,13 @@ from .recipe import (
     make_loader,
     resolve_layers,
 )
-from .rundir import check_resume_settings, create_run_dir, inspect_output_dir, remove_run_dir
+from .rundir import (
+    check_resume_settings,
+    check_shared_output_dir,
+    create_run_dir,
+    inspect_output_dir,
+    remove_run_dir,
+)
 from .sharding import export_for_training, mark_shard_units, whole_model
 from .wrappers import unwrap
 
@@ -117,6 +123,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if main and not rd.started:
         create_run_dir(rd, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
+        check_shared_output_dir(out, accelerator)  # several machines: every process must see the same folder
         return _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, train_ds, calib_ds, val_ds)
     except BaseException as e:
         # a new run that completed no epoch owns nothing worth keeping: leave the folder as it was found

@@ -1,18 +1,27 @@
 """shrink.rundir: who may write into an output folder, and leaving it as found."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from shrink.errors import ShrinkError
 from shrink.rundir import (
     check_outside_run,
     check_resume_settings,
+    check_shared_output_dir,
     create_run_dir,
     enclosing_run_dir,
     inspect_output_dir,
     is_run_dir,
     remove_run_dir,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tree(root):
@@ -131,3 +140,58 @@ def test_a_run_inside_a_run_is_refused(tmp_path):
         with pytest.raises(ShrinkError, match="inside the run folder"):
             inspect_output_dir(str(inner), resume=False)
     assert _tree(tmp_path) == before
+
+
+# --- several machines: every process must see the run's folder (README, "Several machines")
+
+def _two_machines(tmp_path, out: str) -> list[subprocess.CompletedProcess]:
+    """Two 'machines' of one process each (torchrun --nnodes 2 on this host), each in its own working
+    folder: a relative ``out`` is then a different folder on each, as without a shared file system."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    procs = []
+    for node in (0, 1):
+        cwd = tmp_path / f"machine{node}"
+        cwd.mkdir(exist_ok=True)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+             str(ROOT / "tests" / "rundir_main.py"), out],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return results
+
+
+@pytest.mark.slow
+def test_machines_without_a_shared_folder_are_refused(tmp_path):
+    """Issue 20: rank 0 of each machine wrote its own output folder. (The accepting path runs in every
+    multi-process test of the suite: train.run calls the check on every run of more than one process.)"""
+    blind = _two_machines(tmp_path, "out/run")  # relative: machine0/out/run and machine1/out/run
+    for r in blind:
+        assert r.returncode != 0, r.stderr[-2000:]
+        assert "is not shared by every process: rank 1 on" in r.stderr and "every machine mounts" in r.stderr
+    assert _tree(tmp_path / "machine0" / "out") == ["run"]  # the probe is gone
+
+
+def test_resume_on_a_machine_that_sees_no_run_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ShrinkError, match="nothing to resume .* every machine mounts"):
+        inspect_output_dir(str(tmp_path / "run"), resume=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # one machine: no such hint
+    with pytest.raises(ShrinkError, match=r"no run was started there$"):
+        inspect_output_dir(str(tmp_path / "run"), resume=True)
+
+
+def test_one_process_checks_nothing(tmp_path):
+    class One:
+        num_processes = 1
+
+    check_shared_output_dir(tmp_path / "missing", One())  # no collective, no file
+    assert _tree(tmp_path) == []
