@@ -403,6 +403,30 @@ def with_transform(dataset: Dataset, train_transform: bool, model: nn.Module | N
     return dataset
 
 
+class WorkerSeeder:
+    """A DataLoader ``worker_init_fn``: each worker's ``random``, numpy and torch streams from
+    (seed, rank, worker id, the loader's base seed for this pass).
+
+    Torch draws the base seed from the process's own torch RNG each time an iterator starts (each
+    epoch, with non-persistent workers), and that RNG is part of the saved state, so a resumed run
+    gives its workers the streams the uninterrupted run gave them. Persistent workers would keep
+    their streams across epochs, where a resume cannot restore them.
+    """
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed, self.rank = int(seed), int(rank)
+
+    def __call__(self, worker_id: int) -> None:
+        import random
+
+        info = torch.utils.data.get_worker_info()
+        base = (info.seed - worker_id) if info is not None else 0
+        words = np.random.SeedSequence([self.seed % 2**32, self.rank, worker_id, base % 2**64]).generate_state(4)
+        random.seed(int(words[0]) << 32 | int(words[1]))
+        np.random.seed(int(words[2]))
+        torch.manual_seed(int(words[3]) << 32 | int(words[1]))
+
+
 def calibration_subset(dataset: Dataset, n: int | None, seed: int = 0) -> Dataset:
     """A deterministic subset of ``n`` images (all of them if ``n`` is None or larger than the set)."""
     if n is None or n >= len(dataset):

@@ -6,6 +6,7 @@ Nothing here touches a device: :mod:`shrink.train` hands all of it to Accelerate
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .blocks import set_drop_path
 from .config import RunConfig
-from .data import build_dataset, calibration_subset, with_transform
+from .data import WorkerSeeder, build_dataset, calibration_subset, with_transform
 from .dilution import get_blocks, has_attention_layers, validate_layers
 from .errors import ShrinkError
 from .factory import create_model
@@ -89,9 +90,13 @@ def make_loader(ds: Dataset, cfg: RunConfig, *, train: bool) -> DataLoader:
         from timm.data.distributed_sampler import RepeatAugSampler
 
         sampler = RepeatAugSampler(ds, num_replicas=1, rank=0, shuffle=True, num_repeats=3)
+    # Workers start afresh for every pass (not persistent) and are seeded from (seed, rank, worker, the
+    # pass's base seed from this process's RNG): a resumed run's workers draw what the uninterrupted
+    # run's drew (persistent workers keep streams that no saved state holds).
+    rank = int(os.environ.get("RANK", "0"))
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
+                      persistent_workers=False, worker_init_fn=WorkerSeeder(cfg.seed, rank) if workers else None)
 
 
 def resolve_layers(cfg: RunConfig, model: nn.Module, calib_ds: Dataset, accelerator: Accelerator) -> dict[str, Any]:

@@ -8,6 +8,7 @@ wall-clock seconds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import shrink
@@ -186,3 +188,48 @@ def test_sigkill_then_resume(tmp_path):
     assert s["best_acc_reloaded"] == pytest.approx(s["deploy_acc_best"])
     assert shrink.attention_free_indices(shrink.load(out / "best")) == [1, 3]
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".*.old"))
+
+
+# --- issue 20 item 5: resume is exact with data-loader workers, on real image files ---------------------
+
+def _worker_run_args(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "main_lambda.py", "--model", "deit_tiny_patch16_224", "--no-pretrained",
+            "--data-path", str(data), "--input-size", "32", "--remove-layers", "1,3", "--epochs", "2",
+            "--dilution-epochs", "1", "--batch-size", "8", "--calib-images", "16", "--num-workers", "2",
+            "--no-progress", "--output-dir", str(out)]
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_first_epoch_then_resume_with_workers_is_exact(tmp_path):
+    """Real photos through the default RandAugment with 2 workers: a SIGKILL of the whole process group
+    (workers included) once epoch 0's state is saved, then --resume (epoch 1 is the lambda = 0 switch),
+    gives the uninterrupted run's metrics and last/ weights (persistent workers used to keep RNG
+    streams a resume cannot restore)."""
+    from .conftest import real_image_folder
+
+    data = real_image_folder(tmp_path / "imgs", per_class=12, val_per_class=3)
+    ref = tmp_path / "ref"
+    res = run(_worker_run_args(data, ref))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_worker_run_args(data, out), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    state = out / "state" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.loads(state.read_text())["epoch"] >= 0:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["epoch"] == 0 and len(metrics(out)) == 1, "killed in epoch 1"
+    res = run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _comparable(metrics(out)) == _comparable(metrics(ref))
+    a, b = (load_file(str(d / "last" / "model.safetensors")) for d in (out, ref))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
