@@ -21,7 +21,14 @@ from shrink.bench import (
     parse_runtimes,
     run,
 )
-from shrink.cli import OneLineArgumentParser, check_distinct, check_output_file, cli_main, parse_layers
+from shrink.cli import (
+    OneLineArgumentParser,
+    add_threads_argument,
+    check_distinct,
+    check_output_file,
+    cli_main,
+    parse_layers,
+)
 from shrink.errors import ShrinkError
 
 
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int, help="timed repeats; img/s is their median (default: 3)")
     m.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     m.add_argument("--train", action="store_true", help="also measure training-step images/s")
-    m.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(m)  # the one --threads of every command (shrink.cli)
     m.add_argument("--interleave", action="store_true",
                    help="set every configuration up first, then time them round-robin, repeat by repeat, "
                         "so load from other processes hits all alike (not with --compile)")

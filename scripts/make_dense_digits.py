@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from shrink.cli import OneLineArgumentParser, check_output_file, cli_main
+from shrink.cli import OneLineArgumentParser, add_threads_argument, check_output_file, cli_main
 from shrink.config import RunConfig
 from shrink.io import atomic_write
 from shrink.models.vit_digits import DENSE_WEIGHTS
@@ -33,12 +33,13 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DENSE_WEIGHTS))
+    add_threads_argument(p)
     args = p.parse_args(argv)
     check_output_file(args.out, "--out", suffixes=(".safetensors",))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(model="vit_digits", pretrained=False, remove_ratio=0.0, epochs=args.epochs, lr=args.lr,
                         warmup_epochs=5, mixup=0.0, cutmix=0.0, smoothing=0.1, seed=args.seed,
-                        output_dir=str(Path(tmp) / "run")).validate()
+                        output_dir=str(Path(tmp) / "run"), threads=args.threads).validate()
         summary = run(cfg)
         state = load_file(str(Path(tmp) / "run" / "best" / "model.safetensors"))
     atomic_write(args.out, lambda path: save_file(state, str(path), metadata={"format": "pt"}))

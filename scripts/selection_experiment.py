@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shrink.cli import OneLineArgumentParser, cli_main  # noqa: E402
+from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # name -> extra flags for `python -m shrink.select`
@@ -98,7 +98,10 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--train-args", default="", help="extra arguments for main_lambda.py, one quoted string; write it as --train-args=\"--epochs 10\"")
     p.add_argument("--fresh", action="store_true", help="redo runs whose results already exist")
     p.add_argument("--select-only", action="store_true", help="run the selections only (no training)")
+    add_threads_argument(p)  # this process and every selection / training it starts
     args = p.parse_args(argv)
+    apply_threads(args.threads)
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     runs = dict(REQUIRED, **(EXTRAS if args.extras else {}))
@@ -118,7 +121,7 @@ def _main(argv: list[str] | None) -> int:
         sel_json = sel_dir / "selection.json"
         if args.fresh or not sel_json.is_file():
             run_logged([py, "-m", "shrink.select", "--ratio", str(args.ratio), "--calib-images", str(args.calib_images),
-                        "--quiet", "--output-dir", str(sel_dir), *flags], out / "logs" / f"select_{name}.log")
+                        *threads, "--quiet", "--output-dir", str(sel_dir), *flags], out / "logs" / f"select_{name}.log")
         sel = json.loads(sel_json.read_text())
         layers = ",".join(str(i) for i in sel["layers"])
         skip_acc = skip_accuracy(sel["layers"], eval_cache)
@@ -131,7 +134,7 @@ def _main(argv: list[str] | None) -> int:
             summary_path = train_dir / "summary.json"
             train_seconds = None
             if args.fresh or not summary_path.is_file():
-                cmd = [py, "main_lambda.py", "--remove-layers", layers, "--output-dir", str(train_dir)]
+                cmd = [py, "main_lambda.py", "--remove-layers", layers, "--output-dir", str(train_dir), *threads]
                 if ts is not None:
                     cmd += ["--seed", str(ts)]
                 cmd += shlex.split(args.train_args)

@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 
 import timm  # noqa: E402
 
-from shrink.cli import OneLineArgumentParser, cli_main  # noqa: E402
+from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.precision import DTYPES  # noqa: E402
 from shrink.tome import apply_tome, tome_token_counts  # noqa: E402
@@ -185,8 +185,7 @@ def _device(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ShrinkError("--device cuda but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     return device
 
 
@@ -286,7 +285,7 @@ def _timing_args(p: argparse.ArgumentParser, batch: int, iters: int, repeats: in
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=iters)
     p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or this process's CPU time (CPU only; use with --threads 1 on a shared machine)")
 

@@ -80,6 +80,38 @@ def parse_layers(text: str, what: str = "layers") -> list[int]:
         raise ShrinkError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
+MAX_THREADS = 4096
+THREADS_HELP = ("torch CPU threads of each process (intra-op: torch.set_num_threads); default: torch's own "
+                "choice (the machine's cores, or OMP_NUM_THREADS when set)")
+
+
+def parse_threads(text: str | int) -> int:
+    """``--threads``: an integer from 1 to MAX_THREADS (argparse type and YAML check alike)."""
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got {text!r}") from None
+    if isinstance(text, bool) or not 1 <= n <= MAX_THREADS or str(n) != str(text).strip():
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got {text!r}")
+    return n
+
+
+def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The one ``--threads`` flag of every command that runs a model: same meaning, same default (None)."""
+    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N", help=THREADS_HELP)
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads for this process (``None``: leave torch's choice)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ShrinkError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def parse_device(name: str, flag: str = "--device") -> torch.device:
     """``cpu`` or ``cuda[:N]``, refused in one line when unknown or when CUDA is not there."""
     import torch
@@ -199,7 +231,7 @@ def _lost_a_peer(e: BaseException) -> bool:
 _SAY_WAIT_S = 1.0  # how long a failing process waits for the others' errors before it speaks
 
 
-def say_error(prefix: str, message: str) -> None:
+def say_error(prefix: str, message: str, *, rank: int | None = None, world: int | None = None) -> None:
     """Print this process's error as one line on stderr; under a multi-process launch, once per job.
 
     The processes meet through the launcher's c10d store (torchrun's, at ``MASTER_ADDR:MASTER_PORT``):
@@ -207,7 +239,8 @@ def say_error(prefix: str, message: str) -> None:
     message prints it: bare when every process has it, else naming the ranks that have it. Without
     the store every failing process prints its own line, with its rank.
     """
-    world, rank = _world()
+    env_world, env_rank = _world()
+    world, rank = world or env_world, env_rank if rank is None else rank
     if world == 1:
         print(f"{prefix}{message}", file=sys.stderr)
         return

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .cli import OneLineArgumentParser, parse_layers
+from .cli import MAX_THREADS, THREADS_HELP, OneLineArgumentParser, parse_layers
 from .data import DATA_SETS
 from .dilution import SCHEDULES
 from .errors import ShrinkError
@@ -100,6 +100,7 @@ class RunConfig:
     compile: bool = _f(False, "torch.compile the model", group="run")
     log_with: str | None = _f(None, "Accelerate tracker: tensorboard | wandb", group="run")
     progress: bool = _f(True, "progress bars", group="run")
+    threads: int | None = _f(None, THREADS_HELP, group="run")
     # evaluation only
     eval: bool = _f(False, "only evaluate --checkpoint on the val split", group="eval")
     checkpoint: str | None = _f(None, "model to evaluate: a directory written by shrink.save", group="eval")
@@ -147,6 +148,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model_ema_decay": (0, 1, False, False), "distill_alpha": (0, 1, True, True), "distill_tau": (0, None, False, True),
     "seed": (0, MAX_SEED, True, True), "eval_every": (1, _BIG, True, True), "tome_r": (0, _BIG, True, True),
     "tome_start_idx": (0, _BIG, True, True), "synthetic_images": (1, 100 * _BIG, True, True),
+    "threads": (1, MAX_THREADS, True, True),
 }
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import sys
 
 from .checkpoint import load_checkpoint
-from .cli import OneLineArgumentParser, check_input_file, check_output_dir, cli_main
+from .cli import (
+    OneLineArgumentParser,
+    add_threads_argument,
+    apply_threads,
+    check_input_file,
+    check_output_dir,
+    cli_main,
+)
 from .errors import ShrinkError
 from .factory import create_model, save
 
@@ -31,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entry", default=None, help="top-level entry holding the weights, e.g. model_ema")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a full unpickler for files that need one; only for files from a source you trust")
+    add_threads_argument(parser)
 
     def body(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
@@ -39,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ShrinkError(f"{flag} must be a positive integer, got {v}")
         check_input_file(args.checkpoint, "checkpoint")
         out = check_output_dir(args.output, "output", must_not_exist=True)
+        apply_threads(args.threads)
         kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size)) if v is not None}
         model = create_model(args.model, **kwargs)
         report = load_checkpoint(model, args.checkpoint, trusted=args.trust_checkpoint, entry=args.entry)

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .cli import OneLineArgumentParser, check_output_dir, cli_main, parse_device, parse_layers
+from .cli import (
+    OneLineArgumentParser,
+    add_threads_argument,
+    apply_threads,
+    check_output_dir,
+    cli_main,
+    parse_device,
+    parse_layers,
+)
 from .data import DATA_SETS
 from .errors import ShrinkError
 from .io import atomic_write_json
@@ -75,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="out/select", help="where selection.json and selection.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(p)
     add_data_args(p)
     return p
 
@@ -177,7 +186,9 @@ def run(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """The CLI: one line and exit code 2 for any input error, checked before the model is built."""
     def body(argv: list[str] | None) -> int:
-        run(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        apply_threads(args.threads)
+        run(args)
         return 0
 
     return cli_main(body, argv)

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cli import apply_threads
 from .config import RunConfig
 from .data import build_dataset, count_classes
 from .dilution import deploy_mode, dilute, lambda_at, set_lambda
@@ -88,6 +89,7 @@ class TrainerState:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train (or, with ``cfg.eval``, evaluate) and return the summary dict."""
+    apply_threads(cfg.threads)
     if cfg.eval:
         return evaluate_checkpoint(cfg)
     rd = inspect_output_dir(cfg.output_dir, cfg.resume)

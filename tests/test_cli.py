@@ -47,3 +47,142 @@ def test_cli_main_returns_the_body_code_and_keeps_bugs():
     assert cli_main(lambda argv: 0, [], verbose=False) == 0
     with pytest.raises(ZeroDivisionError):
         cli_main(lambda argv: 1 // 0, [], verbose=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-process errors (issue 20 item 8): every rank's first error is one line, said once per job
+
+def _launch_env(monkeypatch, rank: int, world: int, port: int | None) -> None:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    if port is None:
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+    else:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+
+
+@pytest.fixture
+def job_store(monkeypatch):
+    """A c10d store as torchrun's agent holds one (here in this process), with a quick wait."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    import shrink.cli
+
+    monkeypatch.setattr(shrink.cli, "_SAY_WAIT_S", 0.2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    yield store.port  # the store lives as long as the test
+
+
+def test_an_error_every_rank_meets_is_said_once_without_a_rank(capsys, monkeypatch, job_store):
+    import threading
+
+    from shrink.cli import say_error
+
+    _launch_env(monkeypatch, 0, 2, job_store)
+    ranks = [threading.Thread(target=say_error, args=("error: ", "cannot resume: saved by 1 process(es)"),
+                              kwargs={"rank": r, "world": 2}) for r in (0, 1)]  # both at once, as in a launch
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert capsys.readouterr().err.splitlines() == ["error: cannot resume: saved by 1 process(es)"]
+
+
+def test_an_error_of_one_rank_names_it_and_the_others_say_why_they_stopped(capsys, monkeypatch, job_store):
+    _launch_env(monkeypatch, 1, 2, job_store)
+
+    def fails_on_rank_1(argv):
+        raise OSError(5, "Input/output error", "/data/train/dog/7.png")
+
+    assert cli_main(fails_on_rank_1) == 2
+    _launch_env(monkeypatch, 0, 2, job_store)
+
+    def loses_its_peer(argv):
+        raise RuntimeError("[/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:57047. "
+                           "This is typically caused by a remote worker crashing.")
+
+    assert cli_main(loses_its_peer) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 1: /data/train/dog/7.png: Input/output error",
+        "error: rank 0: stopped because another process failed (Connection closed by peer [127.0.0.1]:57047)"]
+
+
+def test_without_the_launchers_store_each_rank_speaks_for_itself(capsys, monkeypatch):
+    from shrink.cli import say_error
+
+    _launch_env(monkeypatch, 1, 2, None)
+    say_error("error: ", "boom")
+    assert capsys.readouterr().err == "error: rank 1: boom\n"
+
+
+def test_a_bug_keeps_its_traceback_under_a_launch_too(monkeypatch):
+    _launch_env(monkeypatch, 1, 2, None)
+
+    def bug(argv):
+        raise RuntimeError("index out of range")
+
+    with pytest.raises(RuntimeError, match="index out of range"):
+        cli_main(bug)
+
+
+# ------------------------------------------------------------------------------------------------
+# --threads (issue 20 item 14): one flag, one meaning, one default, in every command that runs a model
+
+def test_threads_helpers():
+    import argparse
+
+    from shrink.cli import THREADS_HELP, add_threads_argument, apply_threads, parse_threads
+
+    p = argparse.ArgumentParser()
+    add_threads_argument(p)
+    assert p.parse_args([]).threads is None and p.parse_args(["--threads", "3"]).threads == 3
+    assert p._option_string_actions["--threads"].help == THREADS_HELP
+    for bad in ("0", "-1", "1.5", "x", "99999"):
+        with pytest.raises(argparse.ArgumentTypeError, match="from 1 to 4096"):
+            parse_threads(bad)
+    before = torch.get_num_threads()
+    try:
+        apply_threads(1)
+        assert torch.get_num_threads() == 1
+        apply_threads(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ShrinkError, match="--threads"):
+        apply_threads(0)
+
+
+def _script_main(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("entry, argv", [
+    ("main_lambda", []), ("shrink.select", []), ("shrink.convert", ["m", "c", "o"]), ("shrink.deploy", []),
+    ("benchmark", []), ("tome_visualize", ["--out", "x.png"]), ("tome_vs_official", ["speed"]),
+    ("make_dense_digits", []), ("selection_experiment", []),
+])
+def test_every_command_that_runs_a_model_takes_threads(capsys, entry, argv):
+    """--threads 0 is refused by each in one line naming the flag, before any work; --threads 2 parses."""
+    import importlib
+
+    if entry in ("tome_visualize", "tome_vs_official", "make_dense_digits", "selection_experiment"):
+        main = _script_main(entry)
+    else:
+        main = importlib.import_module("shrink.deploy.__main__" if entry == "shrink.deploy" else entry).main
+    try:
+        code = main([*argv, "--threads", "0"])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--threads" in err[0] and "from 1 to 4096" in err[0], err

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..cli import OneLineArgumentParser, cli_main, parse_layers
+from ..cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main, parse_layers
 from ..dilution import dilute, validate_layers
 from ..errors import ShrinkError
 from ..export import export
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help=f"ONNX opset (>= {MIN_OPSET}; default: the exporter's)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with eager PyTorch")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    add_threads_argument(p)
     return p
 
 
@@ -129,6 +130,7 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = _validate_args(args)  # every flag and the output path, before any model is built
     missing = [p for p in out.parents if not p.exists()]  # folders the write will make (deepest first)
+    apply_threads(args.threads)
     try:
         model = _load_model(args)
         meta = deploy(model, out, args.format, fold=args.fold, tome_r=args.tome_r,
