@@ -16,7 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shrink  # noqa: E402
-from shrink.cli import OneLineArgumentParser, check_input_file, check_output_file, cli_main  # noqa: E402
+from shrink.cli import (  # noqa: E402
+    OneLineArgumentParser,
+    add_threads_argument,
+    apply_threads,
+    check_input_file,
+    check_output_file,
+    cli_main,
+)
 from shrink.tome import POLICIES, apply_tome  # noqa: E402
 from shrink.tome_vis import save_merge_png  # noqa: E402
 
@@ -43,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="attention-free blocks: 'none' passes tokens through (reference), "
                    "'hidden' merges before the MLP on norm2(x)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random initialisation")
+    add_threads_argument(p)
     return p.parse_args(argv)
 
 
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(argv: list[str] | None) -> int:
         args = parse_args(argv)
         check_args(args)
+        apply_threads(args.threads)
         import torch
 
         torch.manual_seed(args.seed)
