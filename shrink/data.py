@@ -243,10 +243,13 @@ _TRUNCATED_SEEN: set[str] = set()
 def load_rgb(path: str):
     """An image file as RGB (grayscale, palette, CMYK, 16-bit, alpha converted); a truncated file is
     read as far as it goes (the rest grey, as Pillow's LOAD_TRUNCATED_IMAGES does), with a warning."""
-    from PIL import Image, ImageFile
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     with open(path, "rb") as f:
-        img = Image.open(f)
+        try:
+            img = Image.open(f)
+        except UnidentifiedImageError:
+            raise DataPipelineError(f"image {path}: not an image file Pillow can read") from None
         try:
             img.load()
         except OSError as e:

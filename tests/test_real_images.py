@@ -107,7 +107,7 @@ def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path, workers):
     with pytest.raises(ShrinkError) as info:
         list(loader)
     msg = str(info.value)
-    assert "\n" not in msg and str(bad) in msg and "cannot identify image file" in msg, msg
+    assert "\n" not in msg and str(bad) in msg and "not an image file Pillow can read" in msg, msg
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -175,3 +175,16 @@ def test_trained_at_32_px_evaluates_from_best_with_and_without_tome(tmp_path, ca
                              "--no-progress"]) == 0
     shown = capsys.readouterr().out
     assert any(line.split()[:2] == ["val", "images"] and line.split()[-1] == "8" for line in shown.splitlines()), shown
+
+
+def test_the_cli_stops_on_an_unreadable_image_in_one_line(tmp_path, capsys):
+    import main_lambda
+
+    root, bad = _corrupt_folder(tmp_path)
+    out = tmp_path / "run"
+    args = _train_args(root, out, "--num-workers", "1")
+    args[args.index("--batch-size") + 1] = "4"
+    assert main_lambda.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()  # a new run that failed before its first epoch leaves nothing
