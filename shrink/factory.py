@@ -328,7 +328,8 @@ def create_model(
             skeleton = build_from_config(config)
         _check_size(skeleton, config["architecture"])
         model = build_from_config(config)
-        load_checkpoint(model, Path(checkpoint) / MODEL_FILE, reset_head=True)
+        report = load_checkpoint(model, Path(checkpoint) / MODEL_FILE, reset_head=True)
+        model.shrink_head_reinitialised = report["reinitialised"]  # train.py reports it
         return model.eval()
     if name is None:
         raise ShrinkError("create_model needs a model name (or checkpoint= a folder written by shrink.save)")
@@ -351,7 +352,7 @@ def create_model(
         raise
     model.shrink_arch = {"name": name, "kwargs": _jsonable(kwargs)}
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        model.shrink_head_reinitialised = load_checkpoint(model, checkpoint)["reinitialised"]  # train.py reports it
     return model
 
 
