@@ -377,6 +377,15 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
 # Parsing
 # ----------------------------------------------------------------------------------------------
 
+def _warn(line: str) -> None:
+    """A warning about the settings, once per launch (the first process; every process parses them)."""
+    import logging
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger(__name__).warning(line)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return parse_layers(str(text), "value")
@@ -524,6 +533,11 @@ def config_from_args(argv: list[str] | None = None, description: str | None = No
     explicit = set(values)
     if "data_set" not in explicit and values.get("data_path") is not None:
         values["data_set"] = "folder"  # as in timm's train.py: a data path alone is an image folder
+    if values.get("finetune") is not None and values.get("pretrained", True) and not values.get("resume"):
+        values["pretrained"] = False  # --finetune gives the weights: config.yaml records what really happened
+        if "pretrained" in explicit:
+            _warn(f"{_name('pretrained', origin)} is ignored: --finetune {values['finetune']} gives the starting "
+                  f"weights (recorded as pretrained: false)")
     try:
         cfg = RunConfig(**values)
     except TypeError as e:

@@ -85,6 +85,8 @@ class TrainerState:
     params_dense: int = 0
     attention_free: bool = False  # the model was exported (lambda = 0 for good) when the state was saved
     num_processes: int = 1
+    weights: dict[str, Any] = field(default_factory=dict)  # where the starting weights came from (_weights_record)
+    warnings: list[str] = field(default_factory=list)  # the run's warnings, one line each, for summary.json
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -118,6 +120,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     # --- the model and the data (RunConfig.validate already checked the architecture on the meta device)
     num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
     model = build_model(cfg, num_classes, download=not resumed or cfg.distill)  # resume: the state has the weights
+    if not resumed:
+        ts.weights = _weights_record(cfg, model, num_classes, ts, main)
     train_ds, calib_ds, val_ds = build_datasets(cfg, model)
     if len(train_ds) < cfg.batch_size * accelerator.num_processes:
         raise ShrinkError(f"the train split ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size} "
@@ -144,6 +148,10 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         ts.params_dense = count_params(model)
         info = resolve_layers(cfg, model, calib_ds, accelerator)
         ts.layers, ts.selection = info["layers"], info
+        used = info.get("calib_images")
+        if isinstance(used, int) and used < cfg.calib_images:
+            _warn(ts, main, f"--calib-images {cfg.calib_images}: the train split has {len(calib_ds)} images, so the "
+                            f"layer selection used {used} (summary.json: calib_images_used)")
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill else None  # the dense model
     if ts.layers:
         dilute(model, ts.layers)
@@ -152,6 +160,9 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 512
+    if cfg.warmup_epochs >= cfg.epochs:
+        _warn(ts, main, f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the run ends inside the "
+                        f"warm-up, so the learning rate never reaches {lr:.3g} (metrics.jsonl: lr)")
     optimizer, scheduler = build_optimizer(cfg, model, lr)
     mixup_fn = build_mixup(cfg, num_classes)
     parts = TrainParts(model=model, raw=model, optimizer=optimizer, loss_fn=build_loss(cfg, mixup_fn is not None),
@@ -232,7 +243,8 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         row["seconds"] = round(stats.seconds, 3)
         whole = whole_model(parts.raw)  # under FSDP a collective: every process takes part
         if main:
-            save(export(whole), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers})
+            save(export(whole), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers,
+                                                     "weights": ts.weights})
             atomic_append_line(out / "metrics.jsonl", json.dumps(row))
         if cfg.log_with:
             accelerator.log({k: v for k, v in row.items() if v is not None}, step=epoch)
@@ -270,6 +282,39 @@ def epoch_line(row: dict[str, Any], epochs: int, phase: str, seconds: float) -> 
             f"deployable {pct('acc_deploy')}{ema}, lr {row['lr']:.3g}, {seconds:.1f} s")
 
 
+def _warn(ts: TrainerState, main: bool, line: str) -> None:
+    """A surprise worth a line: printed once (main process), kept in the run's warnings (summary.json)."""
+    if line in ts.warnings:
+        return
+    ts.warnings.append(line)
+    if main:
+        _logger.warning(line)
+
+
+def _weights_record(cfg: RunConfig, model: nn.Module, num_classes: int, ts: TrainerState, main: bool) -> dict:
+    """Where the starting weights came from (summary.json, best/ and last/ config.json): ``pretrained``
+    (timm's weights), ``finetune`` (--finetune PATH) or ``random``; and whether the classifier head was
+    re-initialised because the class count differs (a warning too)."""
+    if cfg.finetune is not None:
+        rec = {"pretrained": False, "source": "finetune", "path": str(cfg.finetune)}
+        reinit = list(getattr(model, "shrink_head_reinitialised", []))
+        had = "the --finetune checkpoint's"
+    elif cfg.pretrained:
+        pc = getattr(model, "pretrained_cfg", None) or {}
+        where = pc.get("hf_hub_id") or pc.get("url") or pc.get("file")
+        rec = {"pretrained": True, "source": "pretrained", "path": str(where) if where else None}
+        n = pc.get("num_classes")
+        reinit = ["head"] if isinstance(n, int) and n > 0 and n != num_classes else []
+        had = f"the pretrained {n}-class"
+    else:
+        rec, reinit, had = {"pretrained": False, "source": "random", "path": None}, [], ""
+    rec["head_reinitialised"] = bool(reinit)
+    if reinit:
+        _warn(ts, main, f"{had} classifier head does not fit the {num_classes} classes of the data: it starts "
+                        f"re-initialised ({', '.join(reinit)})")
+    return rec
+
+
 def _prepare(accelerator: Accelerator, cfg: RunConfig, raw: nn.Module, optimizer, *loaders):
     """The one path by which the training objects reach the device: at the start (with the loaders)
     and at the switch to the attention-free model (model and optimizer only; the loaders stay)."""
@@ -305,7 +350,7 @@ def _evaluate_epoch(cfg, accelerator, parts: TrainParts, val_loader, ts: Trainer
         whole = whole_model(best_model)  # under FSDP a collective: every process takes part
         if accelerator.is_main_process:
             save(export(whole), out / "best", extra={"epoch": epoch, "acc_deploy": acc, "source": source,
-                                                     "removed_layers": ts.layers})
+                                                     "removed_layers": ts.layers, "weights": ts.weights})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,6 +499,9 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
         "params_dense": ts.params_dense, "params_deploy": params_after,
         "seconds_training": round(seconds, 1),
         "num_processes": accelerator.num_processes,
+        "pretrained": ts.weights.get("pretrained"), "weights": ts.weights,
+        "calib_images_used": ts.selection.get("calib_images"),
+        "warnings": ts.warnings,
         "paths": {"summary": str(out / "summary.json"), "best": str(out / "best"), "last": str(out / "last"),
                   "state": str(out / "state"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png"),
                   "config": str(out / "config.yaml")},

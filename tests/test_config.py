@@ -38,3 +38,23 @@ def test_tracker_without_its_package_is_a_clear_error(monkeypatch):
                         lambda name, *a: None if name.startswith(("tensorboard", "wandb")) else real(name, *a))
     with pytest.raises(shrink.ShrinkError, match="pip install tensorboard"):
         RunConfig(log_with="tensorboard").validate()
+
+
+def test_finetune_records_pretrained_false_and_an_explicit_pretrained_is_warned_about(tmp_path, caplog):
+    """--finetune gives the weights: config.yaml must not say pretrained: true (issue 20 item 12)."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from shrink.config import config_from_args
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"x": __import__("torch").zeros(1)}, str(weights))
+    with caplog.at_level(logging.WARNING, logger="shrink.config"):
+        quiet = config_from_args(["--finetune", str(weights)])
+        assert quiet.pretrained is False and not caplog.records  # the default is not the user's word
+        loud = config_from_args(["--finetune", str(weights), "--pretrained"])
+    assert loud.pretrained is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--pretrained is ignored: --finetune {weights} gives the starting weights (recorded as pretrained: false)"]
+    assert config_from_args([]).pretrained is True  # without --finetune nothing changes

@@ -132,6 +132,12 @@ def test_image_folder_with_deit_pth_finetune(tmp_path):
     assert s["removed_layers"] == [0, 2, 4] and s["params_deploy"] < s["params_dense"]
     best = shrink.load(out / "best")
     assert best.num_classes == 2 and best.pos_embed.shape[1] == 1 + 4  # head re-initialised, pos_embed resampled
+    # what really happened is recorded (issue 20 item 12): the weights came from --finetune, the head is new
+    want = {"pretrained": False, "source": "finetune", "path": str(tmp_path / "deit_tiny.pth"),
+            "head_reinitialised": True}
+    assert s["weights"] == want and s["pretrained"] is False
+    assert json.loads((out / "best" / "config.json").read_text())["extra"]["weights"] == want
+    assert any("classifier head does not fit the 2 classes" in w for w in s["warnings"]), s["warnings"]
     assert not torch.equal(best.blocks[1].attn.qkv.weight.cpu(), deit.blocks[1].attn.qkv.weight)  # trained
 
 
@@ -214,3 +220,38 @@ def test_state_tensors_load_onto_the_accelerator_device_and_lose_wrapper_prefixe
         load_file(str(path), device="cpu:0")
     got = train_mod.load_state_tensors(path, torch.device("cpu:0"))
     assert set(got) == {"w", "b"} and got["w"].device.type == "cpu" and torch.equal(got["w"], torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# A run that talks (issue 20 items 11, 12): one line per epoch, a warning line per silent surprise
+
+def test_epoch_line_names_everything_and_dashes_what_was_not_measured():
+    row = {"epoch": 3, "lambda": 0.25, "lr": 0.000334, "train_loss": 0.41234, "train_acc": 88.5, "acc": 90.0,
+           "acc_deploy": 85.25, "ema_acc_deploy": 86.0}
+    assert train_mod.epoch_line(row, 40, "diluted", 12.34) == (
+        "epoch 3/40 diluted: lambda 0.250, loss 0.4123, top-1 train 88.50 eval 90.00 deployable 85.25 ema 86.00, "
+        "lr 0.000334, 12.3 s")
+    skipped = {"epoch": 4, "lambda": None, "lr": 1e-3, "train_loss": 1.0, "train_acc": 50.0}  # --eval-every 2
+    assert train_mod.epoch_line(skipped, 5, "dense", 1.0) == (
+        "epoch 4/5 dense: lambda -, loss 1.0000, top-1 train 50.00 eval - deployable -, lr 0.001, 1.0 s")
+
+
+def test_a_run_prints_each_epoch_and_warns_about_warmup_and_calibration(tmp_path, capsys, caplog):
+    """--no-progress: a line per epoch on stdout; --warmup-epochs >= --epochs and --calib-images beyond
+    the train split are one warning line each, kept in summary.json with the count really used."""
+    import logging
+
+    cfg = RunConfig(data_set="synthetic", synthetic_images=64, remove_ratio=0.25, calib_images=5000, epochs=2,
+                    dilution_epochs=1, warmup_epochs=2, output_dir=str(tmp_path / "o"), progress=False).validate()
+    with caplog.at_level(logging.WARNING, logger="shrink.train"):
+        s = train_mod.run(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0/2 diluted", "epoch 1/2 attention-free"], lines
+    assert all("top-1 train" in line and "deployable" in line and line.endswith(" s") for line in lines)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and warned == s["warnings"], warned
+    assert "--warmup-epochs 2 >= --epochs 2" in warned[0] or "--warmup-epochs 2 >= --epochs 2" in warned[1]
+    assert any("--calib-images 5000: the train split has 64 images" in w for w in warned)
+    assert s["calib_images_used"] == 64 and s["selection"]["calib_images"] == 64
+    assert s["weights"]["source"] == "pretrained" and s["pretrained"] is True
+    assert all("train_acc" in r for r in metrics(tmp_path / "o"))
