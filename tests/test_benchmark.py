@@ -30,7 +30,7 @@ def _cli():
     (["--model", "deit_tiny_patch16_224", "--checkpoint", "{tmp}/missing.pth"], "checkpoint not found"),
     (["--model", "mixer_s16_224", "--remove-layers", "0,2"], "mixer_s16_224 has no attention layers to remove"),
     (["--model", "resnet18", "--tome-r", "4"], "ToMe needs a model with a sequence of tokens"),
-    (["--model", "mixer_s16_224", "--tome-r", "2"], "not a timm VisionTransformer|ToMe not available"),
+    (["--model", "mixer_s16_224", "--tome-r", "2"], "not a timm VisionTransformer|ToMe not available|not supported by ToMe"),
     (["--model", "deit_tiny_patch16_224", "--remove-ratio", "0.25"], "--selection sel.json"),
     (["--model", "deit_tiny_patch16_224", "--compare", "dense,pruned"], "needs --remove-layers"),
     (["--model", "deit_tiny_patch16_224", "--tome-r", "4", "--compare", "dense"], r"no \+tome configuration"),
