@@ -2,7 +2,8 @@
 """Draw which patches token merging (ToMe) merges for one image, as a PNG.
 
 Example:
-    python scripts/tome_visualize.py --checkpoint out/best --image cat.jpg --r 16 --out merges.png
+    python scripts/tome_visualize.py --checkpoint out/run/best --digit 0 --r 1 --out out/merges.png   # the embedded run
+    python scripts/tome_visualize.py --checkpoint RUN/best --image cat.jpg --r 16 --out merges.png
     python scripts/tome_visualize.py --model deit_small_patch16_224 --checkpoint deit_small.pth \
         --image cat.jpg --r 13 --out merges.png
 """
@@ -27,6 +28,18 @@ from shrink.cli import (  # noqa: E402
 from shrink.tome import POLICIES, apply_tome  # noqa: E402
 from shrink.tome_vis import save_merge_png  # noqa: E402
 
+N_DIGITS = 1797  # images in scikit-learn's digits set
+
+
+def digit_image(n: int):
+    """Image ``n`` of scikit-learn's digits as an 8x8 grayscale PIL image (pixels 0-16 scaled to 0-255)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images[n]
+    return Image.fromarray(np.round(pixels * 255.0 / 16.0).astype(np.uint8), mode="L")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineArgumentParser(
@@ -35,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the same token (input crop | patch groups filled with their mean colour).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--image", required=True, help="input image file (any format PIL reads)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="input image file (any format PIL reads)")
+    src.add_argument("--digit", type=int, metavar="N",
+                     help=f"image N (0-{N_DIGITS - 1}) of scikit-learn's 8x8 digits, the embedded data set, "
+                          "instead of --image (for the vit_digits models of the embedded run)")
     p.add_argument("--out", required=True, help="output PNG path (written atomically)")
     p.add_argument("--model", default="deit_small_patch16_224",
                    help="timm model name (ignored when --checkpoint is a saved shrink model directory)")
@@ -65,21 +82,30 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < 2**32:
         raise shrink.ShrinkError(f"--seed must be an integer from 0 to {2**32 - 1}, got {args.seed}")
     check_output_file(args.out, "--out", suffixes=(".png",))
-    check_input_file(args.image, "--image")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(args.image) as im:
-            w, h = im.size
-            if not math.prod(im.size) <= 100_000_000:
-                raise shrink.ShrinkError(f"--image {args.image} is {w}x{h} pixels; too large")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise shrink.ShrinkError(f"--image {args.image} is not an image PIL can read ({type(e).__name__})") from None
+    if args.digit is not None:
+        if not 0 <= args.digit < N_DIGITS:
+            raise shrink.ShrinkError(f"--digit must be from 0 to {N_DIGITS - 1}, got {args.digit}")
+    else:
+        check_image(args.image)
     if args.checkpoint is not None:
         if not Path(args.checkpoint).exists():
             raise shrink.ShrinkError(f"--checkpoint: not found: {args.checkpoint}")
         if not Path(args.checkpoint).is_dir():
             check_input_file(args.checkpoint, "--checkpoint")
+
+
+def check_image(path: str) -> None:
+    """--image: a file PIL can open, of a sane size."""
+    check_input_file(path, "--image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if not math.prod(im.size) <= 100_000_000:
+                raise shrink.ShrinkError(f"--image {path} is {w}x{h} pixels; too large")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise shrink.ShrinkError(f"--image {path} is not an image PIL can read ({type(e).__name__})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         apply_tome(model, args.r, start_idx=args.start_idx, policy=args.policy)
         title = f"{name}  r={args.r} start_idx={args.start_idx} policy={args.policy}"
-        print(save_merge_png(model, args.image, args.out, title=title))
+        image = digit_image(args.digit) if args.digit is not None else args.image
+        print(save_merge_png(model, image, args.out, title=title))
         return 0
 
     return cli_main(body, argv)
