@@ -53,6 +53,7 @@ __all__ = [
     "block_family",
     "classify_block",
     "dilute_block",
+    "export_slices",
     "export_block",
     "get_blocks",
     "output_projections",
@@ -182,6 +183,10 @@ class Family:
     def strip(self, blk: nn.Module) -> dict[str, Any]:
         """The parts an attention-free block keeps, by name (modules, parameters, buffers)."""
         return {n: getattr(blk, n) for n in self.kept_names(blk)}
+
+    def export_slices(self, blk: nn.Module) -> dict[str, tuple[slice, ...]]:
+        """Kept parameters that export cuts (name in the block -> index of the kept part); none here."""
+        return {}
 
     def removed_parameters(self, blk: nn.Module) -> int:
         n = 0
@@ -390,6 +395,15 @@ class ParallelScalingFamily(Family):
                     out.bias.copy_(blk.out_proj.bias)
             parts["out_proj"] = out
         return parts
+
+    def export_slices(self, blk):
+        hidden = blk.in_split[0]
+        out = {"in_proj.weight": (slice(0, hidden),)}
+        if blk.in_proj.bias is not None:
+            out["in_proj.bias"] = (slice(0, hidden),)
+        if blk.out_proj is not None:
+            out["out_proj.weight"] = (slice(None), slice(blk.out_proj.weight.shape[1] - hidden, None))
+        return out
 
     def removed_parameters(self, blk):
         dim = blk.in_proj.in_features
@@ -726,6 +740,23 @@ def prune_shared_tables(model: nn.Module) -> list[str]:
         setattr(model, attr, None)
         dropped.append(attr)
     return dropped
+
+
+def export_slices(model: nn.Module) -> dict[str, tuple[slice, ...]]:
+    """For the diluted blocks of ``model``: the parameters that :func:`shrink.export` keeps only
+    in part (a parallel block's fused projections), by full name -> index of the kept part. Used to
+    carry optimizer state across the export."""
+    out: dict[str, tuple[slice, ...]] = {}
+    for i, b in enumerate(get_blocks(model)):
+        if isinstance(b, DilutedBlock):
+            prefix = f"{_blocks_prefix(model)}.{i}."
+            out.update({prefix + k: v for k, v in b._shrink_family.export_slices(b).items()})
+    return out
+
+
+def _blocks_prefix(model: nn.Module) -> str:
+    blocks = get_blocks(model)
+    return next(n for n, m in model.named_modules() if m is blocks)
 
 
 def removed_names() -> frozenset[str]:

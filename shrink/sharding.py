@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .blocks import export_slices
 from .dilution import get_blocks
 from .errors import ShrinkError
 from .export import export
@@ -108,14 +109,22 @@ def export_for_training(
     moments = {names[p]: inner.state[p] for g in inner.param_groups for p in g["params"]
                if p in inner.state and p in names}
     model = whole_model(raw)
+    cuts = export_slices(model)  # parameters export keeps in part (a parallel block's fused projections)
     export(model, inplace=True)
     prepared, new_optimizer = prepare(model)
     bare = unwrap(prepared)
     new_inner = getattr(new_optimizer, "optimizer", new_optimizer)
     carried = 0
     for name, p in bare.named_parameters():
-        if name in moments:
-            new_inner.state[p] = moments[name]
-            carried += 1
+        state = moments.get(name)
+        if state is None:
+            continue
+        if name in cuts:  # the moments of the kept rows / columns, cut the way the weight was
+            state = {k: v[cuts[name]].clone() if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                     for k, v in state.items()}
+        if any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape for v in state.values()):
+            continue  # a state this parameter cannot take (sharded differently): it starts afresh
+        new_inner.state[p] = state
+        carried += 1
     _logger.info("attention removed; optimizer state carried over for %d parameters", carried)
     return prepared, bare, new_optimizer

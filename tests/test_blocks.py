@@ -4,12 +4,15 @@ attention-only parameters, save/load is exact, ToMe r = 0 is a no-op, selection 
 from __future__ import annotations
 
 import copy
+import json
+import sys
 
 import pytest
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock
 
 import shrink
+from shrink.bench.measure import count_macs, count_parameters
 from shrink.blocks import (
     FAMILIES,
     AttentionFreeBlock,
@@ -17,7 +20,6 @@ from shrink.blocks import (
     classify_block,
     removed_parameter_count,
 )
-from shrink.bench.measure import count_macs, count_parameters
 
 from ._families import CASES, build, images
 
@@ -212,3 +214,65 @@ def test_every_family_is_in_the_table():
 def test_attention_free_block_needs_a_known_family():
     with pytest.raises(shrink.ShrinkError, match="unknown block family"):
         AttentionFreeBlock("nope", {})
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_pt2_and_onnx_match_eager(key):
+    pytest.importorskip("onnxruntime")
+    from shrink import deploy
+
+    model, x = build(key), images(key)
+    small = shrink.export(shrink.dilute(copy.deepcopy(model), [0, 2], lam=0.0))
+    prep = deploy.prepare_model(small)
+    y = prep(x)
+    ep = deploy.export_program(prep, input_size=tuple(x.shape[1:]), batch_size=2)
+    assert maxdiff(ep.module()(x), y) <= 1e-5
+    proto = deploy.to_onnx(prep, input_size=tuple(x.shape[1:]), batch_size=2)
+    deploy.check_attention_free(proto, [0, 2])  # the removed attention is not in the graph
+    assert deploy.attention_nodes(proto, [1])[1]  # the kept one is
+    sess = deploy.load_onnx_session(proto.SerializeToString())
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - y.detach().numpy()).max() <= 1e-5
+
+
+# one model per family (not per option): the training loop is the same code for all of them
+TRAIN_KEYS = sorted({fam: key for key, (_, _, _, fam) in reversed(list(CASES.items()))}.values())
+
+
+@pytest.mark.slow
+def test_main_job_trains_every_family_through_the_switch(tmp_path):
+    from .conftest import ROOT, run
+
+    res = run([sys.executable, str(ROOT / "tests" / "train_families_main.py"), str(tmp_path), *TRAIN_KEYS],
+              timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for key in TRAIN_KEYS:
+        run_dir = tmp_path / key / "run"
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["lambda"] for r in rows] == [1.0, 0.0]  # through the switch
+        best = shrink.load(run_dir / "best")
+        assert [classify_block(b) for b in best.blocks] == ["attention-free", "attention", "attention-free"], key
+        assert block_family(best.blocks[0]).name == CASES[key][3]
+        size = CASES[key][2]
+        assert torch.isfinite(best(torch.randn(1, 3, size, size))).all()
+
+
+def test_optimizer_state_follows_the_cut_of_fused_projections():
+    from shrink.sharding import export_for_training
+
+    model, x = build("parallel-scaling"), images("parallel-scaling")
+    d = shrink.dilute(model, [0], lam=0.0).train()
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-3)
+    d(x).sum().backward()
+    opt.step()
+    old = {n: opt.state[p]["exp_avg"].clone() for n, p in d.named_parameters() if p in opt.state}
+    hidden = d.blocks[0].in_split[0]
+
+    def prepare(m):
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+    _, bare, new_opt = export_for_training(d, opt, prepare)
+    state = {n: new_opt.state[p]["exp_avg"] for n, p in bare.named_parameters() if p in new_opt.state}
+    assert torch.equal(state["blocks.0.in_proj.weight"], old["blocks.0.in_proj.weight"][:hidden])
+    assert torch.equal(state["blocks.1.in_proj.weight"], old["blocks.1.in_proj.weight"])  # untouched block
+    assert len(state) == sum(1 for _ in bare.parameters())

@@ -420,12 +420,29 @@ def to_onnx(
         raise ShrinkError(f"opset must be >= {MIN_OPSET} for the dynamo exporter, got {opset}")
     model = unwrap(model).eval()
     size = model_input_size(model, input_size)
-    ep = export_program(model, input_size=size, batch_size=batch_size, dynamic_batch=dynamic_batch)
-    try:
+
+    def convert(m: nn.Module) -> Any:
+        ep = export_program(m, input_size=size, batch_size=batch_size, dynamic_batch=dynamic_batch)
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports its steps on stdout
-            program = torch.onnx.export(ep, (), dynamo=True, optimize=True, verbose=False, opset_version=opset,
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        custom_translation_table=_translation_table())
+            return torch.onnx.export(ep, (), dynamo=True, optimize=True, verbose=False, opset_version=opset,
+                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                     custom_translation_table=_translation_table())
+
+    try:
+        try:
+            program = convert(model)
+        except Exception:  # noqa: BLE001
+            # torch.onnx cannot lower some timm attentions' fused SDPA (BEiT's and the relative-position
+            # ViTs' bias, SAM's windows); their unfused path (the same math) exports
+            fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+            if not fused:
+                raise
+            _logger.info("ONNX: fused attention did not export; exporting the unfused attention path")
+            unfused = copy.deepcopy(model)
+            for m in unfused.modules():
+                if getattr(m, "fused_attn", False) is True:
+                    m.fused_attn = False
+            program = convert(unfused)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
         root = e
         while root.__cause__ is not None:
