@@ -226,7 +226,7 @@ def _saved_with_overrides(path: str | os.PathLike, name: str | None,
     if name is not None and name != arch:
         raise ShrinkError(f"{path} holds a {arch}, not a {name}; give --model {arch} or leave --model out")
     saved = dict(config.get("model_kwargs", {}))
-    overrides = {k: v for k, v in _jsonable(kwargs).items() if saved.get(k, _MISSING) != v}
+    overrides = {k: v for k, v in _jsonable(kwargs).items() if not _same_value(v, saved.get(k, _MISSING))}
     if not overrides:
         return config, {}
     merged = {**config, "model_kwargs": {**saved, **overrides}}
