@@ -53,7 +53,7 @@ def _y(v: Any) -> float:
 
 
 def metrics_figure(rows: list[dict[str, Any]], summary: Mapping[str, Any] | None = None):
-    """The figure of metrics.png: lambda, train loss and val top-1 per epoch.
+    """The figure of metrics.png: lambda, train loss and top-1 (validation; train where recorded) per epoch.
 
     With ``summary`` (the run's summary.json) the accuracy panel also gets the dense model's accuracy
     as a horizontal line (``dense_acc``) and the best deployable epoch from ``best_epoch`` /
@@ -85,6 +85,10 @@ def metrics_figure(rows: list[dict[str, Any]], summary: Mapping[str, Any] | None
     if any("ema_acc_deploy" in r for r in ev):
         ax.plot([r["epoch"] for r in ev], [_y(r.get("ema_acc_deploy")) for r in ev], marker=".",
                 label="EMA deployable (λ = 0)")
+    train = [r for r in rows if _number(r.get("train_acc")) is not None]
+    if train:
+        ax.plot([r["epoch"] for r in train], [r["train_acc"] for r in train], color="0.6", linestyle="-.",
+                linewidth=1, label="train (augmented batches)")
     dense = _number(summary.get("dense_acc"))
     if dense is not None:
         ax.axhline(dense, color="0.35", linestyle="--", linewidth=1.2, label=f"{DENSE_LABEL}: {dense:.2f}%")
@@ -96,8 +100,8 @@ def metrics_figure(rows: list[dict[str, Any]], summary: Mapping[str, Any] | None
         best = best_deployable(rows)
     if best is not None:
         ax.plot([best[0]], [best[1]], linestyle="none", marker="*", markersize=14, color="gold",
-                markeredgecolor="black", zorder=5, label=f"{BEST_LABEL}: {best[1]:.2f}% (epoch {best[0]})")
-    ax.set(title="validation top-1", xlabel="epoch", ylabel="top-1 accuracy (%)")
+                markeredgecolor="black", zorder=5, label=f"{BEST_LABEL}: {best[1]:.2f}% (epoch {best[0]}{', EMA' if summary.get('best_source') == 'ema' else ''})")
+    ax.set(title="top-1 accuracy (validation unless noted)", xlabel="epoch", ylabel="top-1 accuracy (%)")
 
     switch = switch_epoch(rows)
     for a in axes:

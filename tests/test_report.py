@@ -20,7 +20,7 @@ ROWS = [{"epoch": 0, "lambda": 1.0, "train_loss": 2.0, "acc": 50.0, "acc_deploy"
         {"epoch": 1, "lambda": 0.0, "train_loss": 1.5, "acc": 60.0, "acc_deploy": 60.0, "ema_acc_deploy": 61.0}]
 
 # a run of 6 epochs: lambda reaches 0 in epoch 3, the best deployable model is epoch 4's
-RUN = [{"epoch": e, "lambda": max(0.0, 1 - e / 3), "lr": 1e-3, "train_loss": 2.0 - 0.2 * e,
+RUN = [{"epoch": e, "lambda": max(0.0, 1 - e / 3), "lr": 1e-3, "train_loss": 2.0 - 0.2 * e, "train_acc": 50.0 + e,
         "acc": 90.0 - e, "acc_deploy": [40.0, 60.0, 75.0, 85.0, 88.5, 88.0][e], "seconds": 1.0} for e in range(6)]
 SUMMARY = {"model": "vit_digits", "removed_layers": [8, 6, 10], "dense_acc": 95.83, "best_epoch": 4,
            "deploy_acc_best": 88.5}
@@ -61,13 +61,18 @@ def test_the_plot_marks_dense_accuracy_best_epoch_and_the_switch():
     # the best deployable epoch: one marker at (best_epoch, deploy_acc_best)
     (best,) = _labelled(acc_ax, BEST_LABEL)
     assert list(best.get_xdata()) == [4] and list(best.get_ydata()) == [88.5] and best.get_marker() == "*"
-    assert "epoch 4" in best.get_label()
+    assert best.get_label().endswith("(epoch 4)")
+    ema = metrics_figure(RUN, {**SUMMARY, "best_source": "ema"}).axes[2]
+    assert _labelled(ema, BEST_LABEL)[0].get_label().endswith("(epoch 4, EMA)")
     # the switch to lambda = 0: a vertical line at epoch 3 on every panel
     for ax in fig.axes:
         (switch,) = _labelled(ax, SWITCH_LABEL)
         assert list(switch.get_xdata()) == [3, 3]
         assert any(t.get_text().startswith(SWITCH_LABEL) for t in ax.get_legend().get_texts())
-    assert [t.get_text() for t in acc_ax.get_legend().get_texts()][:2] == ["at the current λ", "deployable (λ = 0)"]
+    assert [t.get_text() for t in acc_ax.get_legend().get_texts()][:3] == [
+        "at the current λ", "deployable (λ = 0)", "train (augmented batches)"]
+    (train,) = _labelled(acc_ax, "train (")
+    assert list(train.get_ydata()) == [50.0 + e for e in range(6)]
 
 
 def test_without_a_summary_the_best_epoch_comes_from_the_rows_and_no_dense_line():
