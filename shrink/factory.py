@@ -445,14 +445,16 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
     cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "input_size": input_size(model)}
     if hasattr(model, "num_classes"):
         cfg["num_classes"] = int(model.num_classes)
-    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in DATA_CONFIG_KEYS if k in cfg}
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in DATA_CONFIG_KEYS
+            if cfg.get(k) is not None}
 
 
 def _apply_data_config(model: nn.Module, data: dict[str, Any] | None) -> None:
     """Put a saved data config into the model's pretrained_cfg, where timm's ``resolve_data_config``
     (and so the data pipeline) reads it; the input size is the one the model was built for."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in (data or {}).items() if k in DATA_CONFIG_KEYS})
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in (data or {}).items()
+                if k in DATA_CONFIG_KEYS and v is not None})
     model.pretrained_cfg = cfg
     cfg["input_size"] = input_size(model)
     if hasattr(model, "num_classes"):
@@ -463,8 +465,8 @@ def _apply_data_config(model: nn.Module, data: dict[str, Any] | None) -> None:
 def _check_data_config(data: dict[str, Any], where: str) -> None:
     for k, v in data.items():
         kind = DATA_CONFIG_KEYS.get(k)
-        if kind is None:
-            continue  # unknown keys are kept but never used
+        if kind is None or v is None:
+            continue  # unknown keys are kept but never used; null is timm's "not set"
         if isinstance(v, bool) or not isinstance(v, kind):
             raise ShrinkError(f"{where}: data_config.{k} has the wrong type ({type(v).__name__})")
         if kind is list and (not 1 <= len(v) <= 4 or not all(
@@ -472,8 +474,8 @@ def _check_data_config(data: dict[str, Any], where: str) -> None:
             raise ShrinkError(f"{where}: data_config.{k} must be a short list of numbers, got {str(v)[:60]}")
         if k == "input_size" and (len(v) != 3 or not all(isinstance(x, int) and 1 <= x <= 16384 for x in v)):
             raise ShrinkError(f"{where}: data_config.input_size must be [channels, height, width], got {str(v)[:60]}")
-        if k == "crop_pct" and not (math.isfinite(v) and 0 < v <= 1.0):
-            raise ShrinkError(f"{where}: data_config.crop_pct must be in (0, 1], got {v}")
+        if k == "crop_pct" and not (math.isfinite(v) and 0 < v <= 4.0):  # timm has 1.15 (VOLO at 448)
+            raise ShrinkError(f"{where}: data_config.crop_pct must be in (0, 4], got {v}")
         if k == "std" and any(x == 0 for x in v):
             raise ShrinkError(f"{where}: data_config.std holds a zero")
 

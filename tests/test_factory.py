@@ -149,7 +149,7 @@ def test_the_saved_data_config_is_the_model_as_built(tmp_path):
     back = shrink.load(tmp_path / "m")
     assert resolve_data_config({}, model=back)["input_size"] == (3, 64, 64)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    for bad in ({"input_size": [3, 0, 64]}, {"std": [0.0, 1.0, 1.0]}, {"crop_pct": 7}, {"mean": "x"}):
+    for bad in ({"input_size": [3, 0, 64]}, {"std": [0.0, 1.0, 1.0]}, {"crop_pct": 0}, {"mean": "x"}):
         cfg["data_config"] = {**data, **bad}
         (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(shrink.ShrinkError, match="data_config"):
