@@ -160,9 +160,6 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 512
-    if cfg.warmup_epochs >= cfg.epochs:
-        _warn(ts, main, f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the run ends inside the "
-                        f"warm-up, so the learning rate never reaches {lr:.3g} (metrics.jsonl: lr)")
     optimizer, scheduler = build_optimizer(cfg, model, lr)
     mixup_fn = build_mixup(cfg, num_classes)
     parts = TrainParts(model=model, raw=model, optimizer=optimizer, loss_fn=build_loss(cfg, mixup_fn is not None),
@@ -184,6 +181,14 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         if main:
             say(f"resumed after epoch {ts.epoch} of {cfg.epochs}" if ts.epoch >= 0 else
                 f"resumed after the set-up (layer selection and the first evaluations), before epoch 0 of {cfg.epochs}")
+    # settings that run but surprise (after the state loaded, so a resume that cannot load says only that)
+    if ts.layers and not ts.attention_free and cfg.dilution_epochs >= cfg.epochs:
+        _warn(ts, main, f"--dilution-epochs {cfg.dilution_epochs:g} >= --epochs {cfg.epochs}: lambda never reaches 0 in "
+                        f"this run, so the attention-free model is never trained (best/ is the diluted model "
+                        f"evaluated at lambda = 0)")
+    if cfg.warmup_epochs >= cfg.epochs:
+        _warn(ts, main, f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the run ends inside the "
+                        f"warm-up, so the learning rate never reaches {lr:.3g} (metrics.jsonl: lr)")
     if main and changes:  # the state loaded: record the allowed changes (more epochs, ...) of this resume
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _logger.info("resuming with changed settings: %s", ", ".join(changes))

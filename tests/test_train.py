@@ -111,8 +111,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train_mod, "build_loss", nan_after_first_epoch)
     out = tmp_path / "o"
     code = main_lambda.main(["--remove-layers", "0", "--epochs", "3", "--output-dir", str(out), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "loss is nan" in err[0]
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("WARNING ")]
+    assert code == 2 and len(err) == 1 and "loss is nan" in err[0]  # (warm-up as long as the run: a warning)
     assert (out / "best" / "model.safetensors").is_file()
     assert json.loads((out / "state" / "trainer_state.json").read_text())["epoch"] == 0
     assert len(metrics(out)) == 1
@@ -224,6 +224,19 @@ def test_state_tensors_load_onto_the_accelerator_device_and_lose_wrapper_prefixe
 
 # ------------------------------------------------------------------------------------------------
 # A run that talks (issue 20 items 11, 12): one line per epoch, a warning line per silent surprise
+
+def test_a_dilution_longer_than_the_run_is_warned_about(tmp_path, caplog):
+    import logging
+
+    cfg = RunConfig(data_set="synthetic", synthetic_images=64, remove_layers=[1], epochs=1, dilution_epochs=3,
+                    warmup_epochs=0, output_dir=str(tmp_path / "o"), progress=False).validate()
+    with caplog.at_level(logging.WARNING, logger="shrink.train"):
+        s = train_mod.run(cfg)
+    assert s["warnings"] == ["--dilution-epochs 3 >= --epochs 1: lambda never reaches 0 in this run, so the "
+                             "attention-free model is never trained (best/ is the diluted model evaluated at "
+                             "lambda = 0)"]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == s["warnings"]
+
 
 def test_epoch_line_names_everything_and_dashes_what_was_not_measured():
     row = {"epoch": 3, "lambda": 0.25, "lr": 0.000334, "train_loss": 0.41234, "train_acc": 88.5, "acc": 90.0,
