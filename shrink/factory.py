@@ -387,6 +387,17 @@ def recorded_kwargs(model: nn.Module) -> tuple[str, dict[str, Any]]:
     arch = getattr(model, "shrink_arch", None)
     name = arch["name"] if arch else (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     has_timm_args = hasattr(model, "_model_args")
+    if name is not None and arch is None and not has_timm_args and not hasattr(timm.models, "get_model_args"):
+        # a timm older than its argument record: what the model shows (save then checks the rebuild)
+        shown: dict[str, Any] = {}
+        if hasattr(model, "num_classes"):
+            shown["num_classes"] = int(model.num_classes)
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            shown["img_size"] = list(img_size)
+        if isinstance(getattr(model, "global_pool", None), str):
+            shown["global_pool"] = model.global_pool
+        return name, shown
     if name is None or not (arch or has_timm_args):
         raise ShrinkError(f"cannot tell how this {type(model).__name__} was built (no recorded timm name and "
                           f"arguments); build it with shrink.create_model or timm.create_model")
