@@ -154,3 +154,19 @@ def test_the_saved_data_config_is_the_model_as_built(tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(shrink.ShrinkError, match="data_config"):
             shrink.load(tmp_path / "m")
+
+
+def test_on_a_timm_without_its_argument_record_a_timm_model_still_saves(tmp_path, monkeypatch):
+    """pyproject allows timm >= 1.0.3, which has no get_model_args: what the model shows is recorded,
+    and save's rebuild check refuses what that cannot describe."""
+    m = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=4, global_pool="avg", depth=2).eval()
+    del m._model_args
+    monkeypatch.delattr(timm.models, "get_model_args")
+    with pytest.raises(shrink.ShrinkError, match="do not rebuild it"):  # depth=2 is not visible
+        shrink.save(m, tmp_path / "deep")
+    m = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=4, global_pool="avg").eval()
+    del m._model_args
+    shrink.save(m, tmp_path / "m")
+    back, x = shrink.load(tmp_path / "m"), torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (back(x) - m(x)).abs().max().item() == 0.0
