@@ -54,7 +54,7 @@ while [[ ! -e "$parent" ]]; do parent=$(dirname "$parent"); done
 [[ -d "$parent" && -w "$parent" && -x "$parent" ]] || stop "OUT=$OUT: $parent is not a writable folder"
 command -v "$PYTHON" >/dev/null 2>&1 || stop "no interpreter '$PYTHON' (set PYTHON=...)"
 [[ "$DRY" == "1" ]] && export CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU machine
-if ! NGPU=$("$PYTHON" -c "import torch, timm, accelerate, shrink; print(torch.cuda.device_count())" 2>&1); then
+if ! NGPU=$(PYTHONDONTWRITEBYTECODE=1 "$PYTHON" -c "import torch, timm, accelerate, shrink; print(torch.cuda.device_count())" 2>&1); then
   stop "cannot import torch, timm, accelerate and this clone's shrink with $PYTHON: $(tail -n 1 <<<"$NGPU")"
 fi
 NGPU=$(tail -n 1 <<<"$NGPU")

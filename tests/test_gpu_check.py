@@ -72,16 +72,21 @@ def test_the_clone_imports_its_own_models_without_the_install(clone):
     (["--dry-run"], {"OUT": "{tmp}/file/out"}, "not a writable folder"),
     (["--dry-run"], {"OUT": "{tmp}/file"}, "is a file"),
 ])
-def test_it_writes_nothing_when_it_cannot_run(tmp_path, args, env, match):
+def test_it_writes_nothing_when_it_cannot_run(clone, tmp_path, args, env, match):
+    """Issue 20: the script made its output folder before it found that there was no GPU."""
+    tree, python = clone
     if not args and _has_cuda():
         pytest.skip("this machine has a GPU")
     (tmp_path / "file").write_text("x")
-    env = {"PYTHON": sys.executable, "OUT": str(tmp_path / "out" / "gpu_check"),
-           **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
-    before = sorted(os.listdir(ROOT)), sorted(os.listdir(tmp_path))
-    r = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=300)
+    env = {"PYTHON": python, **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
+
+    def files():
+        return sorted(str(p) for p in tree.rglob("*")), sorted(str(p) for p in tmp_path.rglob("*"))
+
+    before = files()  # OUT is the default, out/gpu_check in the clone
+    r = subprocess.run(["bash", SCRIPT, *args], cwd=tree, env=_env(**env), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr, r.stderr
-    assert (sorted(os.listdir(ROOT)), sorted(os.listdir(tmp_path))) == before
+    assert files() == before  # not even a __pycache__
 
 
 def _has_cuda() -> bool:
