@@ -115,6 +115,9 @@ def inspect_output_dir(output_dir: str, resume: bool) -> RunDir:
         foreign = [n for n in entries if not _is_run_entry(n)]
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            if resume and (out / CONFIG).is_file():  # e.g. an export an older version put beside best/
+                raise ShrinkError(f"--output-dir {out} holds files no shrink run wrote ({shown}); move them out "
+                                  f"(or into {out / DEPLOY}, the folder a run keeps for other tools) to resume")
             raise ShrinkError(f"--output-dir {out} holds files no shrink run wrote ({shown}); "
                               f"choose a new or empty folder")
         started = (out / CONFIG).is_file()

@@ -107,6 +107,13 @@ def test_deploy_folder_is_part_of_a_run_and_resumes(tmp_path):
     assert is_run_dir(run) and inspect_output_dir(str(run), resume=True).started
 
 
+def test_a_resume_refused_for_foreign_files_says_where_they_may_go(tmp_path):
+    run = _run_folder(tmp_path)
+    (run / "best.onnx").write_text("x")  # where python -m shrink.deploy put its output before issue 20
+    with pytest.raises(ShrinkError, match=r"no shrink run wrote \(best.onnx\); move them out .*run/deploy"):
+        inspect_output_dir(str(run), resume=True)
+
+
 def test_output_paths_inside_a_run_are_refused_but_its_deploy_folder(tmp_path):
     run = _run_folder(tmp_path)
     for inside in (run / "best.onnx", run / "best" / "model.onnx", run / "sel" / "selection.json"):
