@@ -276,3 +276,25 @@ def test_optimizer_state_follows_the_cut_of_fused_projections():
     assert torch.equal(state["blocks.0.in_proj.weight"], old["blocks.0.in_proj.weight"][:hidden])
     assert torch.equal(state["blocks.1.in_proj.weight"], old["blocks.1.in_proj.weight"])  # untouched block
     assert len(state) == sum(1 for _ in bare.parameters())
+
+
+@pytest.mark.slow
+def test_benchmark_reports_params_and_gmacs_for_every_family(tmp_path):
+    from .conftest import ROOT, run
+
+    lines = []
+    for key in TRAIN_KEYS:
+        shrink.save(build(key), tmp_path / key)
+        lines.append(f"{CASES[key][0]} checkpoint={tmp_path / key}")
+    (tmp_path / "models.txt").write_text("\n".join(lines) + "\n")
+    res = run([sys.executable, str(ROOT / "benchmark.py"), "--model", str(tmp_path / "models.txt"),
+               "--remove-layers", "0,2", "--batch-size", "2", "--warmup", "0", "--iters", "1", "--repeats", "1",
+               "--no-latency", "--threads", "1", "--no-progress", "--json", str(tmp_path / "out.json")], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["results"]
+    for key in TRAIN_KEYS:
+        dense, pruned = (r for r in rows if r["checkpoint"] == str(tmp_path / key))
+        model = build(key)
+        assert dense["params"]["total"] == n_params(model)
+        assert pruned["params"]["total"] == n_params(model) - removed_parameter_count(model, [0, 2]), key
+        assert 0 < pruned["gmacs"] < dense["gmacs"], key
