@@ -298,3 +298,14 @@ def test_benchmark_reports_params_and_gmacs_for_every_family(tmp_path):
         assert dense["params"]["total"] == n_params(model)
         assert pruned["params"]["total"] == n_params(model) - removed_parameter_count(model, [0, 2]), key
         assert 0 < pruned["gmacs"] < dense["gmacs"], key
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "hiera_tiny_224", "pvt_v2_b0"])
+def test_hierarchical_transformers_are_refused_in_one_line(name):
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    with pytest.raises(shrink.ShrinkError) as e:
+        shrink.dilute(model, [0])
+    assert ("no `blocks`" in str(e.value) or "no adapter" in str(e.value)) and "\n" not in str(e.value)
