@@ -39,14 +39,18 @@ def _is_run_entry(name: str) -> bool:
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a run's output folder: its ``config.yaml`` and nothing a run does not write."""
+    """True when ``path`` is a run's output folder: nothing a run does not write, and a ``config.yaml``
+    that holds a run's settings (not some other project's config file)."""
     p = Path(path)
     if not (p / CONFIG).is_file():
         return False
     try:
-        return all(_is_run_entry(n) for n in os.listdir(p))
-    except OSError:
+        if not all(_is_run_entry(n) for n in os.listdir(p)):
+            return False
+        saved = yaml.safe_load((p / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
         return False
+    return isinstance(saved, dict) and {"output_dir", "epochs"} <= saved.keys()
 
 
 def enclosing_run_dir(path: str | os.PathLike) -> Path | None:

@@ -283,7 +283,7 @@ def _fake_run(tmp_path: Path) -> Path:
     """A run's folder as main_lambda.py leaves it (config.yaml, metrics, state/), with a pruned best/."""
     run = tmp_path / "run"
     (run / "state").mkdir(parents=True)
-    (run / "config.yaml").write_text("model: vit_digits\n")
+    (run / "config.yaml").write_text("model: vit_digits\nepochs: 2\noutput_dir: run\n")
     (run / "metrics.jsonl").write_text("{}\n")
     _digits_pruned(run)
     return run

@@ -94,7 +94,7 @@ def _run_folder(root):
     run = root / "run"
     for d in ("best", "state"):
         (run / d).mkdir(parents=True)
-    (run / "config.yaml").write_text("model: x\n")
+    (run / "config.yaml").write_text("model: x\nepochs: 2\noutput_dir: run\n")
     (run / "metrics.jsonl").write_text("{}\n")
     return run
 
@@ -126,6 +126,11 @@ def test_output_paths_inside_a_run_are_refused_but_its_deploy_folder(tmp_path):
     assert enclosing_run_dir(run / "a" / "b.png") == run and enclosing_run_dir(run) is None
     (run / "notes.txt").write_text("x")  # a folder with other files is no run: paths in it are not ours to refuse
     check_outside_run(run / "best.onnx", "--out")
+    other = tmp_path / "project"  # a config.yaml of something else (no run settings in it)
+    other.mkdir()
+    (other / "config.yaml").write_text("name: my project\n")
+    assert not is_run_dir(other)
+    check_outside_run(other / "results.json", "--out")
 
 
 def test_the_cli_output_checks_refuse_a_run_folder(tmp_path):
