@@ -172,7 +172,7 @@ def cli_main(
     return code
 
 
-class Terminated(Exception):
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, past every ``except Exception``
     """SIGTERM under a multi-process launch: the launcher stops the others when one process fails."""
 
 

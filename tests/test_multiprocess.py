@@ -20,7 +20,8 @@ ARGS = ["--remove-layers", "1,3", "--epochs", "4", "--dilution-epochs", "2", "--
 
 
 def _die_at(name: str, n: int, out: Path, *extra: str):
-    """tests/die_at_rename.py under a 2-process launch: rank 0 dies at its n-th rename onto ``name``."""
+    """tests/die_at_rename.py under a 2-process launch: rank 0 dies at its n-th rename onto ``name``
+    (``.last.old``: a last/ swap half done, which every epoch after the first makes)."""
     return run([*accelerate(2), "tests/die_at_rename.py", name, str(n), *extra, "--output-dir", str(out)])
 
 
@@ -30,7 +31,7 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_killed_twice_resume_with_ema_distillation_and_the_switch(tmp_path):
-    """Killed after epoch 0 (best/ swap half done in epoch 1), resumed and killed again after the switch
+    """Killed after epoch 0 (last/ swap half done in epoch 1), resumed and killed again after the switch
     (last/ swap half done in epoch 3, the state attention-free with its EMA), resumed again: the
     metrics of the uninterrupted 2-process run. Before the fix the first resume stopped with
     ``ema.safetensors does not load (device cpu:0 is invalid)``."""
@@ -38,7 +39,7 @@ def test_two_processes_killed_twice_resume_with_ema_distillation_and_the_switch(
     res = run([*accelerate(2), "main_lambda.py", *ARGS, "--output-dir", str(ref)])
     assert res.returncode == 0, res.stderr[-3000:]
 
-    killed = _die_at(".best.old", 1, out, *ARGS)  # epoch 1's best/ swap; the state is the one after epoch 0
+    killed = _die_at(".last.old", 1, out, *ARGS)  # epoch 1's last/ swap; the state is the one after epoch 0
     assert killed.returncode != 0 and [r["epoch"] for r in metrics(out)] == [0]
     # resumed from epoch 1: the third last/ swap is epoch 3's, after the state of epoch 2 (attention-free,
     # with the exported EMA) is in place
