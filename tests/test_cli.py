@@ -186,3 +186,33 @@ def test_every_command_that_runs_a_model_takes_threads(capsys, entry, argv):
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--threads" in err[0] and "from 1 to 4096" in err[0], err
+
+
+def test_the_launchers_sigterm_is_one_line_and_the_runs_clean_up_happens(tmp_path):
+    """Under a launch, SIGTERM (torchrun stopping the others when one process failed) raises past every
+    ``except Exception`` into the run's clean-up, then cli_main says it in one line (exit 143)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, subprocess_env
+
+    code = (
+        "import os, signal, time\n"
+        "from shrink.cli import cli_main\n"
+        "def body(argv):\n"
+        "    try:\n"
+        "        try:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            time.sleep(30)\n"
+        "        except Exception:\n"
+        "            print('swallowed')\n"
+        "    finally:\n"
+        f"        open({str(tmp_path / 'cleaned')!r}, 'w').close()\n"
+        "raise SystemExit(cli_main(body))\n")
+    env = dict(subprocess_env(), WORLD_SIZE="2", RANK="1")
+    env.pop("MASTER_PORT", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 143 and "swallowed" not in res.stdout
+    assert res.stderr.splitlines() == ["error: rank 1: stopped by SIGTERM (the launcher stops every process when one "
+                                       "fails, or the job was cancelled)"], res.stderr
+    assert (tmp_path / "cleaned").exists()
