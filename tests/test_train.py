@@ -268,3 +268,20 @@ def test_a_run_prints_each_epoch_and_warns_about_warmup_and_calibration(tmp_path
     assert s["calib_images_used"] == 64 and s["selection"]["calib_images"] == 64
     assert s["weights"]["source"] == "pretrained" and s["pretrained"] is True
     assert all("train_acc" in r for r in metrics(tmp_path / "o"))
+
+
+def test_run_applies_threads_first(tmp_path, monkeypatch):
+    """--threads reaches torch before anything is built, for training and for --eval (issue 20 item 14)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def apply(n):
+        seen.append(n)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "apply_threads", apply)
+    with pytest.raises(Stop):
+        train_mod.run(RunConfig(threads=1, output_dir=str(tmp_path / "o"), progress=False).validate())
+    assert seen == [1] and not (tmp_path / "o").exists()
