@@ -216,3 +216,17 @@ def test_the_launchers_sigterm_is_one_line_and_the_runs_clean_up_happens(tmp_pat
     assert res.stderr.splitlines() == ["error: rank 1: stopped by SIGTERM (the launcher stops every process when one "
                                        "fails, or the job was cancelled)"], res.stderr
     assert (tmp_path / "cleaned").exists()
+
+
+def test_no_entry_point_goes_without_threads():
+    """Every command (a script or module that runs through cli_main) declares shrink.cli's --threads, so a
+    new script cannot drift back to its own flag or none."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    entries = [*root.glob("scripts/*.py"), *root.glob("*.py"), root / "shrink" / "select.py",
+               root / "shrink" / "convert.py", root / "shrink" / "deploy" / "__main__.py"]
+    missing = [str(p.relative_to(root)) for p in entries
+               if "cli_main(" in p.read_text() and "add_threads_argument(" not in p.read_text()
+               and p.name != "main_lambda.py"]  # main_lambda: RunConfig.threads, the same help and check
+    assert not missing, missing
