@@ -632,6 +632,8 @@ def dilute_block(block: nn.Module, lam: float = 1.0, residual_scale: float | Non
         if residual_scale is not None:
             block.residual_scale = check_residual_scale(residual_scale)
         return block
+    if hasattr(type(block), "_tome_prev"):  # a ToMe block: its class would be swapped twice
+        raise ShrinkError("the model has token merging applied: call shrink.remove_tome(model) before diluting")
     fam = block_family(block)
     if fam is None or isinstance(block, AttentionFreeBlock):
         raise ShrinkError(unsupported_reason(block))

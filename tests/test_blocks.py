@@ -309,3 +309,24 @@ def test_hierarchical_transformers_are_refused_in_one_line(name):
     with pytest.raises(shrink.ShrinkError) as e:
         shrink.dilute(model, [0])
     assert ("no `blocks`" in str(e.value) or "no adapter" in str(e.value)) and "\n" not in str(e.value)
+
+
+def test_dilution_under_token_merging_is_refused():
+    model, x = build("eva02-rope"), images("eva02-rope")
+    shrink.apply_tome(model, r=0)
+    with pytest.raises(shrink.ShrinkError, match="remove_tome"):
+        shrink.dilute(model, [1])
+    shrink.remove_tome(model)
+    shrink.dilute(model, [1])
+    assert classify_block(model.blocks[1]) == "diluted"
+
+
+def test_compiled_and_checkpointed_diluted_models_match_eager():
+    model, x = build("eva02-rope"), images("eva02-rope")
+    d = shrink.dilute(model, [0, 2], lam=0.5)
+    y = d(x)
+    assert maxdiff(torch.compile(d, backend="eager")(x), y) == 0.0
+    d.set_grad_checkpointing(True)
+    d.train()
+    d(x).sum().backward()
+    assert all(p.grad is not None for n, p in d.named_parameters() if n.startswith("blocks.0.") and p.requires_grad)
