@@ -285,3 +285,18 @@ def test_run_applies_threads_first(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         train_mod.run(RunConfig(threads=1, output_dir=str(tmp_path / "o"), progress=False).validate())
     assert seen == [1] and not (tmp_path / "o").exists()
+
+
+def test_pretrained_weights_for_another_class_count_warn_that_the_head_is_new(tmp_path, caplog):
+    """vit_digits' shipped weights have 10 classes; --num-classes 5 gets a fresh head from timm, silently
+    before (issue 20 item 12); now a warning line and summary.json / best/config.json say so."""
+    import logging
+
+    cfg = RunConfig(data_set="synthetic", synthetic_images=64, num_classes=5, epochs=1, warmup_epochs=0,
+                    output_dir=str(tmp_path / "o"), progress=False).validate()
+    with caplog.at_level(logging.WARNING, logger="shrink.train"):
+        s = train_mod.run(cfg)
+    assert s["warnings"] == ["the pretrained 10-class classifier head does not fit the 5 classes of the data: it "
+                             "starts re-initialised (head)"]
+    assert s["weights"]["source"] == "pretrained" and s["weights"]["head_reinitialised"] is True
+    assert json.loads((tmp_path / "o" / "best" / "config.json").read_text())["extra"]["weights"] == s["weights"]
