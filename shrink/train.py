@@ -389,8 +389,9 @@ def _strip_wrappers(key: str) -> str:
 
 def _save_bare_model_state(accelerator: Accelerator) -> None:
     """``state/model.safetensors`` holds the bare model's keys, whatever wraps it (torch.compile, DDP), and
-    loads into the bare model, so a resume may switch ``--compile`` on or off. Under FSDP Accelerate
-    saves and loads the sharded model its own way."""
+    loads into the bare model through :func:`load_state_tensors` (onto ``accelerator.device``; keys of
+    older states lose their wrapper prefixes), so a resume may switch ``--compile`` on or off. Under
+    FSDP Accelerate saves and loads the sharded model its own way."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return
 
@@ -398,8 +399,12 @@ def _save_bare_model_state(accelerator: Accelerator) -> None:
         for i, sd in enumerate(weights):
             weights[i] = {_strip_wrappers(k): v for k, v in sd.items()}
 
-    def on_load(models, input_dir) -> None:
-        models[:] = [unwrap(accelerator.unwrap_model(m)) for m in models]
+    def on_load(models, input_dir) -> None:  # the weights go through load_state_tensors, as the EMA's do
+        for i, model in enumerate(list(models)):
+            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+            if path.is_file():
+                unwrap(accelerator.unwrap_model(model)).load_state_dict(load_state_tensors(path, accelerator.device))
+                models.remove(model)  # loaded: Accelerate goes on with the optimizer, scaler and RNG states
 
     accelerator.register_save_state_pre_hook(on_save)
     accelerator.register_load_state_pre_hook(on_load)
@@ -461,9 +466,10 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's, in s
 
 
 def load_state_tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The one reader of tensors a resume loads itself (``state/ema.safetensors``): safetensors, read on
-    the CPU and moved to ``device`` (``accelerator.device``; safetensors itself refuses names such as
-    ``cpu:0`` that a multi-process CPU run has), wrapper prefixes removed from the keys."""
+    """The one reader of the weights a resume loads (``state/model.safetensors``, ``state/ema.safetensors``):
+    safetensors, read on the CPU and moved to ``device`` (``accelerator.device``; safetensors itself
+    refuses names such as ``cpu:0`` that a multi-process CPU run has), wrapper prefixes removed from the
+    keys (torch.compile's ``_orig_mod.``, DDP's ``module.``, in states of older versions)."""
     return {_strip_wrappers(k): v.to(device) for k, v in load_file(str(path), device="cpu").items()}
 
 

@@ -300,3 +300,17 @@ def test_pretrained_weights_for_another_class_count_warn_that_the_head_is_new(tm
                              "starts re-initialised (head)"]
     assert s["weights"]["source"] == "pretrained" and s["weights"]["head_reinitialised"] is True
     assert json.loads((tmp_path / "o" / "best" / "config.json").read_text())["extra"]["weights"] == s["weights"]
+
+
+def test_a_state_saved_with_compiles_wrapper_keys_still_resumes(tmp_path):
+    """States written before the fix carry ``_orig_mod.`` keys; they load into the bare model too."""
+    from safetensors.torch import save_file
+
+    accelerator, raw, _ = _prepared_tiny(False, seed=0)
+    train_mod._save_state(accelerator, tmp_path, train_mod.TrainerState(), None)
+    path = tmp_path / "state" / "model.safetensors"
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in load_file(str(path)).items()}, str(path))
+    accelerator, other, _ = _prepared_tiny(True, seed=1)
+    train_mod._restore(accelerator, tmp_path / "state", train_mod.TrainerState(), None)
+    for k, v in raw.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
