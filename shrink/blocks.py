@@ -134,9 +134,9 @@ class Family:
             return s(y)
         return s * y
 
-    def attention_module(self, blk: nn.Module) -> nn.Module:
-        """The attention module (what ToMe and FLOPs counting look at)."""
-        return getattr(blk, self.attn)
+    def attention_modules(self, blk: nn.Module) -> list[nn.Module]:
+        """The attention modules the branch calls (ToMe checks it can run them with sizes)."""
+        return [getattr(blk, self.attn)]
 
     # ---- the two branches: residual contributions ----
     def attention_branch(self, blk: nn.Module, x: torch.Tensor, ctx: Ctx,
@@ -270,8 +270,8 @@ class ParallelThingsFamily(Family):
     def removed(self):
         return ("attns",)
 
-    def attention_module(self, blk):
-        return blk.attns
+    def attention_modules(self, blk):
+        return [branch.attn for branch in blk.attns]
 
     def attention_branch(self, blk, x, ctx, attn_call=None):
         outs = []
@@ -308,8 +308,8 @@ class ParallelScalingFamily(Family):
     def removed(self):
         return self.attention_only
 
-    def attention_module(self, blk):
-        return blk
+    def attention_modules(self, blk):
+        return [blk]  # attention is inlined in the block
 
     def _attend(self, blk, q, k, v, B, N, C, ctx):
         q = blk.q_norm(q.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)

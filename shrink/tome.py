@@ -216,8 +216,8 @@ class ToMeBlock(nn.Module):
 
         a = fam.attention_branch(self, x, ctx, attn_call=call)
         x = mix(x, a, self.lam, self.residual_scale) if isinstance(self, DilutedBlock) else x + a
-        if self.tome_r > 0:
-            x = self._merge(x, metrics[0])
+        if self.tome_r > 0:  # several attention branches (ParallelThingsBlock): their keys averaged
+            x = self._merge(x, metrics[0] if len(metrics) == 1 else torch.stack(metrics).mean(dim=0))
         return x + fam.mlp_branch(self, x, ctx)
 
     def extra_repr(self) -> str:
@@ -312,20 +312,32 @@ def _block_kinds(model: nn.Module) -> list[str]:
 
 
 def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> None:
-    """ShrinkError unless every block that merges (r > 0) is one ToMe can merge today."""
+    """ShrinkError unless every block that merges (r > 0) is one ToMe can merge today: its token
+    mixer is timm's ``Attention`` (one or several, as in ``ParallelThingsBlock``) on ``(B, N, C)``
+    tokens. Attention with positions of its own (RoPE, relative-position bias, windows) is not yet."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ShrinkError(f"token merging (r > 0) is not implemented yet for {type(model).__name__} models "
+                          "(timm VisionTransformer only); r = 0 works on every family")
     blocks = get_blocks(model)
-    for i, (b, kind, r) in enumerate(zip(blocks, kinds, schedule, strict=True)):
-        if r == 0:
+    first = next(i for i, r in enumerate(schedule) if r > 0)
+    for i, (b, kind) in enumerate(zip(blocks, kinds, strict=True)):
+        if i < first:  # blocks before the first merge see whole, unweighted tokens
             continue
         fam = block_family(b)
-        if fam.name != "vit":
+        if fam.layout == "parallel" or fam.name == "sam":
             raise ShrinkError(
                 f"block {i}: token merging (r > 0) is not implemented yet for {fam.name} blocks "
                 f"({fam.layout}); r = 0 works on every family"
             )
-        if kind == "attn" and not _supported_attention(fam.attention_module(b)):
-            raise ShrinkError(f"block {i}: attention {type(fam.attention_module(b)).__name__} is not supported "
-                              "by ToMe (timm Attention only)")
+        if kind == "attn":
+            bad = [type(a).__name__ for a in fam.attention_modules(b) if not _supported_attention(a)]
+            if bad:
+                raise ShrinkError(
+                    f"block {i}: token merging (r > 0) is not implemented yet for {fam.name} blocks with "
+                    f"{bad[0]} (timm Attention only); r = 0 works on every family"
+                )
 
 
 def is_tome(model: nn.Module) -> bool:
@@ -353,9 +365,9 @@ def apply_tome(
     schedule = tome_schedule(kinds, r, start_idx, policy)  # validate everything before changing the model
     merging = any(v > 0 for v in schedule)
     if merging:
+        _check_merging(model, kinds, schedule)
         if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
             raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
-        _check_merging(model, kinds, schedule)
         if getattr(model, "attn_pool", None) is not None:
             raise ShrinkError("attention pooling ('map'/'prr') does not support merged tokens yet; use token or "
                               "avg pooling (r = 0 works)")
