@@ -322,7 +322,7 @@ def test_hierarchical_transformers_are_refused_in_one_line(name):
 
 
 def test_dilution_under_token_merging_is_refused():
-    model, x = build("eva02-rope"), images("eva02-rope")
+    model = build("eva02-rope")
     shrink.apply_tome(model, r=0)
     with pytest.raises(shrink.ShrinkError, match="remove_tome"):
         shrink.dilute(model, [1])
