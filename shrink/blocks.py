@@ -376,24 +376,21 @@ class ParallelScalingFamily(Family):
         return blk.in_norm(x)
 
     def strip(self, blk):
-        hidden = blk.in_split[0]
-        dd = {"device": blk.in_proj.weight.device, "dtype": blk.in_proj.weight.dtype}
-        in_proj = nn.Linear(blk.in_proj.in_features, hidden, bias=blk.in_proj.bias is not None, **dd)
-        with torch.no_grad():
-            in_proj.weight.copy_(blk.in_proj.weight[:hidden])
-            if blk.in_proj.bias is not None:
-                in_proj.bias.copy_(blk.in_proj.bias[:hidden])
-        in_proj.weight.requires_grad_(blk.in_proj.weight.requires_grad)
         parts = {n: getattr(blk, n) for n in self.kept_names(blk)}
-        parts["in_proj"] = in_proj
-        if blk.out_proj is not None:
-            w = blk.out_proj.weight
-            out = nn.Linear(hidden, w.shape[0], bias=blk.out_proj.bias is not None, **dd)
+        cuts = self.export_slices(blk)
+        for name in ("in_proj", "out_proj"):  # new linears holding the MLP rows / columns only
+            old = getattr(blk, name, None)
+            if old is None:
+                continue
+            w = old.weight[cuts[f"{name}.weight"]]
+            b = None if old.bias is None else old.bias[cuts.get(f"{name}.bias", (slice(None),))]
+            new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
-                out.weight.copy_(w[:, w.shape[1] - hidden:])
-                if blk.out_proj.bias is not None:
-                    out.bias.copy_(blk.out_proj.bias)
-            parts["out_proj"] = out
+                new.weight.copy_(w)
+                if b is not None:
+                    new.bias.copy_(b)
+            new.requires_grad_(old.weight.requires_grad)
+            parts[name] = new
         return parts
 
     def export_slices(self, blk):
@@ -411,13 +408,7 @@ class ParallelScalingFamily(Family):
         n = 3 * dim * dim + (3 * dim if blk.in_proj.bias is not None else 0)
         if blk.out_proj is not None:
             n += blk.out_proj.weight.shape[0] * (blk.out_proj.weight.shape[1] - hidden)
-        for name in self.removed:
-            v = getattr(blk, name, None)
-            if isinstance(v, nn.Module):
-                n += sum(p.numel() for p in v.parameters())
-            elif isinstance(v, torch.Tensor):
-                n += v.numel()
-        return n
+        return n + super().removed_parameters(blk)  # q / k norms, attn_out_proj, lambdas
 
     def output_projections(self, blk, attention_free):
         if getattr(blk, "out_proj", None) is not None:
