@@ -602,6 +602,8 @@ def check_lambda(value: float) -> float:
 
 
 def check_residual_scale(value: float) -> float:
+    if isinstance(value, bool):
+        raise ShrinkError(f"residual_scale must be a positive number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -618,10 +620,11 @@ def _sync_after_load(module: DilutedBlock, incompatible_keys) -> None:
 def dilute_block(block: nn.Module, lam: float = 1.0, residual_scale: float | None = None) -> nn.Module:
     """Turn ``block`` (in place) into a diluted block at ``lam``; returns it. Already diluted: set lam."""
     v = check_lambda(lam)
+    scale = None if residual_scale is None else check_residual_scale(residual_scale)
     if isinstance(block, DilutedBlock):
         block.set_lambda(v)
-        if residual_scale is not None:
-            block.residual_scale = check_residual_scale(residual_scale)
+        if scale is not None:
+            block.residual_scale = scale
         return block
     if hasattr(type(block), "_tome_prev"):  # a ToMe block: its class would be swapped twice
         raise ShrinkError("the model has token merging applied: call shrink.remove_tome(model) before diluting")
@@ -633,7 +636,7 @@ def dilute_block(block: nn.Module, lam: float = 1.0, residual_scale: float | Non
     p = next(block.parameters(), None)
     block.register_buffer("lam", torch.tensor(v, dtype=torch.float32, device=p.device if p is not None else None))
     block.attn_active = v > 0
-    block.residual_scale = fam.residual_scale if residual_scale is None else check_residual_scale(residual_scale)
+    block.residual_scale = fam.residual_scale if scale is None else scale
     block.register_load_state_dict_post_hook(_sync_after_load)
     return block
 

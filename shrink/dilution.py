@@ -19,6 +19,7 @@ from .blocks import (  # noqa: F401 (DilutedBlock, get_blocks, attention_block_i
     DilutedBlock,
     attention_block_indices,
     check_lambda,
+    check_residual_scale,
     classify_block,
     dilute_block,
     get_blocks,
@@ -75,6 +76,8 @@ def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0,
     """
     layers = validate_layers(model, layers)
     lam = check_lambda(lam)
+    if residual_scale is not None:
+        residual_scale = check_residual_scale(residual_scale)  # before any block changes
     blocks = get_blocks(model)
     for i in layers:
         dilute_block(blocks[i], lam, residual_scale)

@@ -195,8 +195,11 @@ def test_residual_scale_round_trips(tmp_path):
     shrink.save(shrink.export(d), tmp_path / "m")
     back = shrink.load(tmp_path / "m").eval()
     assert back.blocks[1].residual_scale == 1.0 and maxdiff(back(x), shrink.export(d)(x)) == 0.0
-    with pytest.raises(shrink.ShrinkError, match="residual_scale"):
-        shrink.dilute(build("vit"), [0], residual_scale=0)
+    fresh = build("vit")
+    for bad in (0, -1, float("nan"), "two", True):
+        with pytest.raises(shrink.ShrinkError, match="residual_scale"):
+            shrink.dilute(fresh, [0, 1], residual_scale=bad)
+        assert all(classify_block(b) == "attention" for b in fresh.blocks)  # nothing half-done
 
 
 def test_unknown_blocks_are_refused_in_one_line():
