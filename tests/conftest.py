@@ -417,3 +417,41 @@ def real_image_folder(root: Path, per_class: int = 12, val_per_class: int = 4, s
                     data = path.read_bytes()
                     path.write_bytes(data[: len(data) * 2 // 3])
     return root
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, like a machine that loses power: each is stopped first
+    (so none starts a new child or notices the others dying), then all are killed. A process group is
+    not enough under ``accelerate launch`` with several processes: torchrun starts each rank in a
+    session of its own, and ranks outlive a killed launcher."""
+    def children() -> dict[int, list[int]]:
+        kids: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(stat.parent.name))
+        return kids
+
+    stopped: list[int] = []
+    for _ in range(3):  # a child started while we looked is found on the next pass
+        kids, todo, tree = children(), [pid], []
+        while todo:
+            p = todo.pop()
+            tree.append(p)
+            todo.extend(kids.get(p, []))
+        new = [p for p in tree if p not in stopped]
+        if not new:
+            break
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+                stopped.append(p)
+            except ProcessLookupError:
+                pass
+    for p in stopped:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
