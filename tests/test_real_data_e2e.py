@@ -74,7 +74,8 @@ def _kill_after_epoch_0(cmd: list[str], out: Path) -> None:
     """Start the launch and SIGKILL it whole (launcher, both ranks and their data-loader workers) as soon
     as state/ holds epoch 0. Not by process group: torchrun starts each rank in a session of its own, and
     a rank outlives a killed launcher (it would finish the run behind the test's back)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    log = open(out.parent / f"{out.name}.killed.log", "w+")  # a file, not a pipe nobody reads while it runs
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     state = out / "state" / "trainer_state.json"
     deadline = time.time() + 300
@@ -86,14 +87,15 @@ def _kill_after_epoch_0(cmd: list[str], out: Path) -> None:
             except (OSError, ValueError, KeyError):
                 pass
             if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-3000:]}")
+                log.seek(0)
+                pytest.fail(f"the run ended before it could be killed: {log.read()[-3000:]}")
             time.sleep(0.02)
         else:
             pytest.fail("no state after epoch 0 within 300 s")
     finally:
         kill_process_tree(proc.pid)
         proc.wait()
-        proc.stderr.close()
+        log.close()
     assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists(), "killed before the end"
     time.sleep(0.5)
     assert not _running_with(str(out)), "a process of the killed run is still running"
