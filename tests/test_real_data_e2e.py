@@ -20,9 +20,7 @@ and without ``--tome-r 1`` in 2 processes and in 1, equal to each other and to t
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from safetensors.torch import load_file
 
 import shrink
 
-from .conftest import ROOT, accelerate, kill_process_tree, metrics, real_image_folder, run, subprocess_env
+from .conftest import accelerate, metrics, real_image_folder, run
 
 
 def _train(data: Path, out: Path) -> list[str]:
@@ -59,46 +57,12 @@ def _table(stdout: str) -> dict[str, str]:
     return rows
 
 
-def _running_with(text: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().decode(errors="replace").split("\0"):
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            pass
-    return found
-
-
-def _kill_after_epoch_0(cmd: list[str], out: Path) -> None:
-    """Start the launch and SIGKILL it whole (launcher, both ranks and their data-loader workers) as soon
-    as state/ holds epoch 0. Not by process group: torchrun starts each rank in a session of its own, and
-    a rank outlives a killed launcher (it would finish the run behind the test's back)."""
-    log = open(out.parent / f"{out.name}.killed.log", "w+")  # a file, not a pipe nobody reads while it runs
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    state = out / "state" / "trainer_state.json"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            try:
-                if json.loads(state.read_text())["epoch"] >= 0:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the run ended before it could be killed: {log.read()[-3000:]}")
-            time.sleep(0.02)
-        else:
-            pytest.fail("no state after epoch 0 within 300 s")
-    finally:
-        kill_process_tree(proc.pid)
-        proc.wait()
-        log.close()
-    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists(), "killed before the end"
-    time.sleep(0.5)
-    assert not _running_with(str(out)), "a process of the killed run is still running"
+def _die_after_epoch_0(cmd: list[str]) -> subprocess.CompletedProcess:
+    """The launch, with rank 0 dying (no clean-up, like SIGKILL) at its first ``.last.old`` rename: the
+    last/ swap of epoch 1, half done, after epoch 0's state was saved (tests/die_at_rename.py; the
+    launcher then stops rank 1). A fixed point in the run, not a race with a polling test."""
+    i = cmd.index("main_lambda.py")
+    return run([*cmd[:i], "tests/die_at_rename.py", ".last.old", "1", *cmd[i + 1:]], timeout=300)
 
 
 @pytest.mark.slow
@@ -121,7 +85,8 @@ def test_a_few_hundred_real_files_deit_recipe_two_processes_kill_resume_and_eval
             recipe["repeated_aug"], recipe["model_ema"], recipe["drop_path"]) == \
         (0.8, 1.0, "rand-m9-mstd0.5-inc1", 0.25, 0.1, True, True, 0.1)
 
-    _kill_after_epoch_0(_train(data, out), out)
+    res = _die_after_epoch_0(_train(data, out))
+    assert res.returncode != 0 and not (out / "summary.json").exists(), res.stderr[-3000:]
     assert [r["epoch"] for r in metrics(out)] == [0]
     res = run([*accelerate(2), "main_lambda.py", "--resume", "--threads", "1", "--no-progress",
                "--output-dir", str(out)], timeout=300)
