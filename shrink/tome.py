@@ -266,8 +266,10 @@ def _tome_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -
     size = st.size
     if size is None or size.shape[:2] != x.shape[:2]:
         return type(self).pool(self, x, pool_type)
-    if self.attn_pool is not None:
-        raise ShrinkError("attention pooling ('map'/'prr') does not support merged tokens; use token or avg pooling")
+    if self.attn_pool is not None:  # MAP: proportional attention in the pool, log(size) on each key
+        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        x, size = x[:, p:], size[:, p:]
+        return self.attn_pool(x, attn_mask=size.log().to(x.dtype).transpose(1, 2).unsqueeze(1))
     pool_type = self.global_pool if pool_type is None else pool_type
     if pool_type not in ("avg", "avgmax"):
         return type(self).pool(self, x, pool_type)
@@ -340,6 +342,18 @@ def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> N
                 )
 
 
+def _check_attention_pool(pool: nn.Module | None) -> None:
+    """ShrinkError unless merged tokens can go through ``pool``: none, or timm's attention-pool
+    (MAP) head without a positional table of its own (it weighs merged tokens by size)."""
+    from timm.layers import AttentionPoolLatent
+
+    if pool is None:
+        return
+    if type(pool) is not AttentionPoolLatent or getattr(pool, "pos_embed", None) is not None:
+        raise ShrinkError(f"attention pooling {type(pool).__name__} does not support merged tokens yet (timm's "
+                          "MAP head without its own pos_embed does); use token or avg pooling (r = 0 works)")
+
+
 def is_tome(model: nn.Module) -> bool:
     """True when apply_tome has been applied to ``model``."""
     return getattr(unwrap(model), "_tome_state", None) is not None
@@ -368,9 +382,7 @@ def apply_tome(
         _check_merging(model, kinds, schedule)
         if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
             raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
-        if getattr(model, "attn_pool", None) is not None:
-            raise ShrinkError("attention pooling ('map'/'prr') does not support merged tokens yet; use token or "
-                              "avg pooling (r = 0 works)")
+        _check_attention_pool(getattr(model, "attn_pool", None))
     if is_tome(model):
         remove_tome(model)
     blocks = get_blocks(model)

@@ -24,8 +24,8 @@ from shrink.blocks import (
 from ._families import CASES, build, images
 
 KEYS = list(CASES)
-# cases where ToMe merges (r > 0) today: timm VisionTransformer token mixers (no MAP head, not NaFlexVit)
-MERGING = {"vit", "vit-qknorm-reg-ls", "deit-distilled", "respost", "parallel-things"}
+# cases where ToMe merges (r > 0) today: timm VisionTransformer token mixers (MAP heads too; not NaFlexVit)
+MERGING = {"vit", "vit-qknorm-reg-ls", "vit-map-head", "deit-distilled", "respost", "parallel-things"}
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -343,3 +343,21 @@ def test_compiled_and_checkpointed_diluted_models_match_eager():
     d.train()
     d(x).sum().backward()
     assert all(p.grad is not None for n, p in d.named_parameters() if n.startswith("blocks.0.") and p.requires_grad)
+
+
+def test_map_head_weighs_merged_tokens_by_size():
+    """Pooling tokens [a, b] of sizes [2, 1] in the MAP head equals pooling [a, a, b] of size 1 each."""
+    from shrink.tome import tome_state
+
+    model = build("vit-map-head")
+    shrink.apply_tome(model, r=1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 32, generator=g)
+    prefix = torch.randn(2, model.num_prefix_tokens, 32, generator=g)
+    merged = torch.cat([prefix, a, b], dim=1)
+    state = tome_state(model)
+    state.size = torch.tensor([1.0] * model.num_prefix_tokens + [2.0, 1.0]).expand(2, -1).unsqueeze(-1)
+    pooled = model.forward_head(merged, pre_logits=True)
+    state.size = None
+    whole = model.forward_head(torch.cat([prefix, a, a, b], dim=1), pre_logits=True)
+    assert maxdiff(pooled, whole) <= 1e-5

@@ -326,7 +326,7 @@ def test_schedule_forms():
 @pytest.mark.parametrize("make", [
     lambda: timm.create_model("mixer_s16_224", img_size=IMG, num_classes=10),
     lambda: timm.create_model("resnet18", num_classes=10),
-    lambda: _tiny_vit(global_pool="map"),
+    lambda: _tiny_vit(global_pool="prr"),  # a MAP head ("map") merges: tests/test_blocks.py
 ])
 def test_apply_on_unsupported_models_raises(make):
     model = make()
