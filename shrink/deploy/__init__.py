@@ -1,7 +1,7 @@
 """Deploy a (pruned, token-merged) model: ``torch.export`` programs (.pt2) and ONNX files, with metadata.
 
-    python -m shrink.deploy --checkpoint out/best --format onnx --batch-size 32     (the CLI: __main__.py)
-    python -m shrink.deploy --checkpoint out/best --format pt2 --tome-r 8 --tome-start-idx 1
+    python -m shrink.deploy --checkpoint out/run/best --format onnx --batch-size 32     (the CLI: __main__.py)
+    python -m shrink.deploy --checkpoint out/run/best --format pt2 --tome-r 8 --tome-start-idx 1
 
 Works for dense timm ViTs, diluted models at lambda = 0 (exported to attention-free blocks
 first), attention-free models with or without the folded factor, and token-merged models (ToMe

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "program (.pt2), check it against eager PyTorch, and write it with its metadata.",
         epilog="Details and measured ONNX Runtime speed: docs/deploy.md",
     )
-    p.add_argument("--checkpoint", help="a directory written by shrink.save (e.g. out/best), or with --model "
+    p.add_argument("--checkpoint", help="a directory written by shrink.save (e.g. out/run/best), or with --model "
                                         "a weights file (.pth/.safetensors)")
     p.add_argument("--model", help="timm model name (random init unless --checkpoint FILE); for a saved "
                                    "directory it is read from config.json")
