@@ -697,6 +697,9 @@ def removed_parameter_count(model: nn.Module, layers: Iterable[int]) -> int:
     that no remaining attention block would use)."""
     blocks = get_blocks(model)
     layers = set(layers)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(blocks)]
+    if bad:
+        raise ShrinkError(f"layer index {bad[0]!r} is not a block of this model (0..{len(blocks) - 1})")
     n = 0
     for i in layers:
         fam = block_family(blocks[i])

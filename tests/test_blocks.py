@@ -361,3 +361,20 @@ def test_map_head_weighs_merged_tokens_by_size():
     state.size = None
     whole = model.forward_head(torch.cat([prefix, a, a, b], dim=1), pre_logits=True)
     assert maxdiff(pooled, whole) <= 1e-5
+
+
+def test_bad_layers_and_hostile_residual_scales_are_one_line_errors(tmp_path):
+    import json as _json
+
+    model = build("vit")
+    for bad in ([3], [-1], ["0"], [True]):
+        with pytest.raises(shrink.ShrinkError):
+            removed_parameter_count(model, bad)
+    shrink.save(shrink.export(shrink.dilute(model, [0], lam=0.0)), tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    good = _json.loads(cfg_path.read_text())
+    for scales in ({"0": "two"}, {"0": 0}, {"0": True}, {"1": 2.0}, {"x": 2.0}, ["0"]):
+        cfg_path.write_text(_json.dumps({**good, "residual_scales": scales}))
+        with pytest.raises(shrink.ShrinkError) as e:
+            shrink.load(tmp_path / "m")
+        assert "residual_scales" in str(e.value) and "\n" not in str(e.value)
