@@ -84,10 +84,11 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], timeout: float = 600, threads: int = 1) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 600, threads: int = 1, cwd: Path = ROOT,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout the whole group (launcher + workers) dies."""
-    proc = subprocess.Popen(args, cwd=ROOT, env=subprocess_env(threads), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(args, cwd=cwd, env=subprocess_env(threads) if env is None else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

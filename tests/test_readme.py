@@ -19,13 +19,14 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -135,15 +136,7 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def _run(cmd: str, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(["bash", "-c", "set -euo pipefail\n" + cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"README command did not finish in {timeout} s: {cmd}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run(["bash", "-c", "set -euo pipefail\n" + cmd], timeout=timeout, cwd=cwd, env=env)
 
 
 # ------------------------------------------------------------------------------------------------
