@@ -30,9 +30,10 @@ front, so token pooling is unchanged; average pooling is weighted by token size.
 and is reset when a block runs that does not come after the last one that ran, i.e. at the start
 of every forward however it is entered (``forward``, ``forward_features``, ``forward_intermediates``
 or blocks called one by one). One model must therefore not run two forwards at once (threads,
-``nn.DataParallel``); DDP is fine. Gradient checkpointing (which re-runs blocks out of order) and
-``forward_intermediates(output_fmt='NCHW')`` (which needs the full patch grid) are refused with a
-ShrinkError while any block merges; ``output_fmt='NLC'`` works and returns the merged tokens.
+``nn.DataParallel``); DDP is fine. Gradient checkpointing (which re-runs blocks out of order) is
+refused with a ShrinkError while any block merges. ``forward_intermediates`` unmerges through the
+source map: ``output_fmt='NCHW'`` returns the full patch grid (each patch takes the value of the
+token it went into), ``'NLC'`` the merged tokens unless ``unmerge=True``.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class ToMeState:
         self.last_block = sys.maxsize  # index of the block that ran last; a lower or equal one starts anew
         self.size: torch.Tensor | None = None  # (B, N, 1) patches per token; None = all ones
         self.source: torch.Tensor | None = None  # (B, N, N0) 0/1: input tokens of each token
+        self.sources: dict[int, torch.Tensor] | None = None  # block -> source after it (forward_intermediates)
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a new forward pass on tokens ``x`` ``(B, N0, C)``."""
@@ -193,6 +195,13 @@ class ToMeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._begin(x)
+        out = self._tome_forward(x, *args, **kwargs)
+        st = self._tome_state
+        if st.sources is not None:  # forward_intermediates unmerges through the source after each block
+            st.sources[self.tome_index] = st.source
+        return out
+
+    def _tome_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.tome_plain:
             return self._tome_prev.forward(self, x, *args, **kwargs)
         fam = block_family(self)
@@ -281,15 +290,67 @@ def _tome_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -
     return 0.5 * (x.amax(dim=1) + mean)
 
 
-def _tome_forward_intermediates(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any):
-    """forward_intermediates that refuses the NCHW grid when tokens merge (bound to the model)."""
-    fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
-    if fmt == "NCHW" and self._tome_state.merging:
-        raise ShrinkError(
-            "forward_intermediates(output_fmt='NCHW') needs the full patch grid, but ToMe merges tokens: "
-            "use output_fmt='NLC' or remove_tome(model)"
-        )
-    return type(self).forward_intermediates(self, x, *args, **kwargs)
+def _tome_forward_intermediates(
+    self: nn.Module,
+    x: torch.Tensor,
+    indices: int | Sequence[int] | None = None,
+    return_prefix_tokens: bool = False,
+    norm: bool = False,
+    stop_early: bool = False,
+    output_fmt: str = "NCHW",
+    intermediates_only: bool = False,
+    output_dict: bool = False,
+    unmerge: bool | None = None,
+    **kwargs: Any,
+):
+    """timm's ``forward_intermediates`` under ToMe (bound to the model).
+
+    While tokens merge, each intermediate is unmerged through the source map: every original patch
+    takes the value of the token it was merged into, so ``NCHW`` always returns the full patch grid
+    (dense heads work as on the plain model). ``NLC`` returns the merged tokens unless
+    ``unmerge=True``. Prefix tokens never merge and come back as they are.
+    """
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ShrinkError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    unmerge = output_fmt == "NCHW" if unmerge is None else bool(unmerge)
+    st: ToMeState = self._tome_state
+    plain = type(self).forward_intermediates
+    if not (st.merging and unmerge):
+        return plain(self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
+                     output_dict, **kwargs)
+    from timm.models._features import feature_take_indices
+
+    take, _ = feature_take_indices(len(get_blocks(self)), indices)
+    traced = st.trace_source
+    st.trace_source, st.sources = True, {}
+    try:
+        out = plain(self, x, indices, True, norm, stop_early, "NLC", False, False, **kwargs)
+        sources = st.sources
+    finally:
+        st.trace_source, st.sources = traced, None
+    final, inter = out
+    npt = self.num_prefix_tokens
+    pairs = [(t, None) if not npt else t for t in inter]
+    B, _, height, width = x.shape
+    patches, prefixes = [], []
+    for i, (tokens, prefix) in zip(sorted(take), pairs, strict=True):
+        where = sources[i][:, npt:, npt:].argmax(dim=1)  # (B, patches): the token each patch is in now
+        full = tokens.gather(1, where.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            full = full.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+        patches.append(full)
+        prefixes.append(prefix)
+    if output_dict:
+        result: dict[str, Any] = {"image_intermediates": patches}
+        if npt and return_prefix_tokens:
+            result["image_intermediates_prefix"] = prefixes
+        if not intermediates_only:
+            result["image_features"] = final
+        return result
+    if npt and return_prefix_tokens:
+        patches = list(zip(patches, prefixes, strict=True))
+    return patches if intermediates_only else (final, patches)
 
 
 # --------------------------------------------------------------------------------------------------

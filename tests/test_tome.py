@@ -362,17 +362,45 @@ def test_gradient_checkpointing_is_refused_and_training_works_without_it():
     model(x).sum().backward()
 
 
-def test_forward_intermediates_nlc_works_nchw_is_refused():
+def test_forward_intermediates_nlc_merged_nchw_unmerged_to_the_full_grid():
     model = _tiny_vit()
-    apply_tome(model, 3)
     x = torch.randn(1, 3, IMG, IMG)
     with torch.no_grad():
+        apply_tome(model, 0)  # r = 0: exactly timm's
+        ref_final, ref = model.forward_intermediates(x)
+        remove_tome(model)
+        plain_final, plain = model.forward_intermediates(x)
+        assert torch.equal(ref_final, plain_final) and all(torch.equal(a, b) for a, b in zip(ref, plain, strict=True))
+        apply_tome(model, 3)
         final, inter = model.forward_intermediates(x, output_fmt="NLC")
         assert [t.shape[1] for t in inter] == [61, 58, 55, 52]  # 64 patches - 3 per block, class token split off
-        with pytest.raises(shrink.ShrinkError, match="NCHW"):
-            model.forward_intermediates(x)
-        remove_tome(model)
-        assert model.forward_intermediates(x)[1][0].shape == (1, 64, 8, 8)
+        _, full = model.forward_intermediates(x, output_fmt="NLC", unmerge=True)
+        assert [t.shape[1] for t in full] == [64] * 4
+        final2, grid = model.forward_intermediates(x)  # NCHW: always the whole grid
+        assert torch.equal(final, final2) and [t.shape for t in grid] == [(1, 64, 8, 8)] * 4
+        # every patch holds the value of the token it went into: the unmerged grid has as many
+        # distinct columns as the merged sequence has tokens, and they are those tokens
+        for merged, g in zip(inter, grid, strict=True):
+            cols = g.flatten(2).transpose(1, 2)[0]
+            assert torch.equal(torch.unique(cols, dim=0), torch.unique(merged[0], dim=0))
+        feats = model.forward_intermediates(x, indices=[1], intermediates_only=True, return_prefix_tokens=True)
+        assert feats[0][0].shape == (1, 64, 8, 8) and feats[0][1].shape == (1, 1, 64)
+
+
+def test_unmerging_a_merge_of_identical_tokens_is_exact():
+    """All patch tokens equal (constant patch embedding, no position table): merged or not, every
+    patch of every intermediate is the same vector, so the unmerged grid equals the plain model's."""
+    model = _tiny_vit()
+    with torch.no_grad():
+        model.patch_embed.proj.weight.zero_()
+        model.patch_embed.proj.bias.normal_()
+        model.pos_embed.zero_()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        _, plain = model.forward_intermediates(x)
+        apply_tome(model, 8)
+        _, grid = model.forward_intermediates(x)
+    assert max((a - b).abs().max().item() for a, b in zip(grid, plain, strict=True)) <= 1e-5
 
 
 def test_bad_reapply_keeps_the_previous_settings():
