@@ -431,3 +431,15 @@ def test_official_comparison_script_needs_the_official_code(tmp_path, capsys):
         assert mod.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_features_only_models_give_full_maps_under_tome():
+    fm = timm.create_model("vit_tiny_patch16_224", features_only=True, img_size=32, patch_size=8, embed_dim=32,
+                           depth=3, num_heads=2, out_indices=(1, 2)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = fm(x)
+        apply_tome(fm.model, 0)
+        assert all(torch.equal(a, b) for a, b in zip(fm(x), ref, strict=True))
+        apply_tome(fm.model, 2)
+        assert [t.shape for t in fm(x)] == [t.shape for t in ref]  # the full 4x4 grid after merging
