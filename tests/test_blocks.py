@@ -378,3 +378,20 @@ def test_bad_layers_and_hostile_residual_scales_are_one_line_errors(tmp_path):
         with pytest.raises(shrink.ShrinkError) as e:
             shrink.load(tmp_path / "m")
         assert "residual_scales" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", sorted(MERGING))
+def test_merged_models_export_to_pt2_and_onnx(key):
+    pytest.importorskip("onnxruntime")
+    from shrink import deploy
+
+    model, x = build(key), images(key)
+    small = shrink.export(shrink.dilute(copy.deepcopy(model), [0], lam=0.0))
+    prep = deploy.prepare_model(small, tome_r=2, tome_policy="hidden")
+    y = prep(x)
+    ep = deploy.export_program(prep, input_size=tuple(x.shape[1:]), batch_size=2)
+    assert maxdiff(ep.module()(x), y) <= 1e-5
+    proto = deploy.to_onnx(prep, input_size=tuple(x.shape[1:]), batch_size=2)
+    sess = deploy.load_onnx_session(proto.SerializeToString())
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - y.detach().numpy()).max() <= 1e-5
