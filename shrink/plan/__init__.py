@@ -1,0 +1,9 @@
+"""Planning: choose which attention layers to remove and how to merge tokens for a target speed.
+
+``candidate`` (what a plan is and the token counts it implies), ``cost`` (the measured cost table and
+the latency prediction), ``proxy`` (the training-free accuracy proxy), ``search`` (the Pareto search
+and the plan files); ``python -m shrink.plan`` is the command line.
+"""
+from .candidate import Candidate, block_kinds, token_counts
+
+__all__ = ["Candidate", "block_kinds", "token_counts"]
