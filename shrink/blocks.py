@@ -93,6 +93,7 @@ class Family:
 
     layout = "pre-norm"
     residual_scale = 2.0
+    tome_refusal = ""  # why token merging (r > 0) cannot apply to this family; empty when it can
 
     def __init__(self, name: str, classes: Sequence[type], *, context: Sequence[str] = (),
                  norm1: str = "norm1", attn: str = "attn", scale1: str | None = "ls1", drop1: str = "drop_path1",
@@ -238,6 +239,9 @@ class WindowedFamily(Family):
     """The SAM ViT's block: tokens as ``(B, H, W, C)``, attention inside windows (window partition
     and unpartition around it when ``window_size > 0``), the MLP over ``(B, H*W, C)``."""
 
+    tome_refusal = ("its tokens are a (B, H, W, C) grid cut into attention windows, and a merged token "
+                    "has no place in the grid")
+
     def attention_branch(self, blk, x, ctx, attn_call=None):
         from timm.models.vision_transformer_sam import window_partition, window_unpartition
 
@@ -315,6 +319,8 @@ class ParallelScalingFamily(Family):
         q = blk.q_norm(q.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
         k = blk.k_norm(k.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
         v = v.view(B, N, blk.num_heads, blk.head_dim).transpose(1, 2)
+        if ctx.get("_keys") is not None:  # ToMe's matching metric: the keys averaged over heads
+            ctx["_keys"].append(k.mean(dim=1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.get("attn_mask"),
                                            dropout_p=blk.attn_drop.p if blk.training else 0.0,
                                            is_causal=bool(ctx.get("is_causal", False)))
@@ -357,6 +363,17 @@ class ParallelScalingFamily(Family):
         if scale == 1.0:
             return x + y
         return (scale - (scale - 1.0) * lam) * x + y
+
+    def merged_forward(self, blk, x, lam, scale, ctx, call):
+        """The block on merged tokens (ToMe): proportional attention (``log(size)`` added to every key's
+        logit, as an additive mask of the fused attention); returns (output, keys averaged over heads,
+        or None when ``call.metric`` is False or the attention is gone, ``lam`` None)."""
+        keys: list[torch.Tensor] = []
+        ctx = {**ctx, "_keys": keys if call.metric else None}
+        if call.size is not None:  # (B, 1, 1, N): the same bias for every query and head
+            ctx["attn_mask"] = call.size.log().to(x.dtype).squeeze(-1)[:, None, None, :]
+        out = self.forward(blk, x, lam, scale, ctx)
+        return out, (keys[0] if keys else None)
 
     @staticmethod
     def _mlp_out(blk, h, full: bool):
@@ -429,6 +446,8 @@ class DiffParallelScalingFamily(ParallelScalingFamily):
         k = k.reshape(B, N, 2 * H, hd).transpose(1, 2)
         v = v.reshape(B, N, H, 2 * hd).transpose(1, 2)
         q, k = blk.q_norm(q), blk.k_norm(k)
+        if ctx.get("_keys") is not None:  # ToMe's matching metric: the keys averaged over both maps' heads
+            ctx["_keys"].append(k.mean(dim=1))
         lambda_full = blk._compute_lambda().type_as(q)
         q1, q2 = q.reshape(B, H, 2, N, hd).unbind(2)
         k1, k2 = k.reshape(B, H, 2, N, hd).unbind(2)

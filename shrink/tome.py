@@ -45,7 +45,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.layers import Attention
 from torch import nn
 
 from .blocks import (
@@ -58,13 +57,20 @@ from .blocks import (
     unsupported_reason,
 )
 from .errors import ShrinkError
+from .tome_kernels import (
+    AttentionCall,
+    ModelSupport,
+    attention_kernel,
+    attention_with_metric,
+    model_support,
+    register_model_support,
+)
 from .tome_merge import (
     POLICIES,
     bipartite_soft_matching,
     init_source,
     merge_source,
     merge_wavg,
-    proportional_attention,
     tome_schedule,
     weighted_mean,
 )
@@ -90,7 +96,8 @@ _logger = logging.getLogger(__name__)
 
 
 class ToMeState:
-    """Per-forward ToMe state of one model: token sizes and (optionally) the source map."""
+    """Per-forward ToMe state of one model: token sizes, (optionally) the source map, and per-token
+    quantities that follow the merges (``tracked``: e.g. patch coordinates for rotary embeddings)."""
 
     def __init__(self, model: nn.Module, num_protected: int, prop_attn: bool = True, trace_source: bool = False):
         self.model = model  # read for grad_checkpointing; a plain attribute, not a submodule
@@ -102,6 +109,11 @@ class ToMeState:
         self.size: torch.Tensor | None = None  # (B, N, 1) patches per token; None = all ones
         self.source: torch.Tensor | None = None  # (B, N, N0) 0/1: input tokens of each token
         self.sources: dict[int, torch.Tensor] | None = None  # block -> source after it (forward_intermediates)
+        self.grid: tuple[int, int] | None = None  # the patch grid (H, W) of the current input, when known
+        # name -> fn(x (B, N0, C), state) -> (B, N0, k): per-token quantities set at the start of a forward
+        # and merged by size-weighted mean with the tokens (registered by a ModelSupport's install)
+        self.trackers: dict[str, Any] = {}
+        self.tracked: dict[str, torch.Tensor] = {}
 
     def begin(self, x: torch.Tensor) -> None:
         """Start a new forward pass on tokens ``x`` ``(B, N0, C)``."""
@@ -112,37 +124,12 @@ class ToMeState:
             )
         self.size = None
         self.source = init_source(x.shape[0], x.shape[1], x.device) if self.trace_source else None
+        self.tracked = {name: fn(x, self) for name, fn in self.trackers.items()} if self.merging else {}
 
 
 def _check_no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
         raise ShrinkError("ToMe blocks take no attn_mask / is_causal (merging changes the tokens); remove_tome first")
-
-
-def attention_with_metric(
-    attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None = None, *, metric: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """timm ``Attention`` forward with proportional attention; returns (output, keys mean over heads),
-    the second None with ``metric=False``."""
-    B, N, _ = x.shape
-    gate = getattr(attn, "gate", None)
-    gate = gate(x).sigmoid() if gate is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
-        out = proportional_attention(q, k, v, size, fused=True,
-                                     dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        out = proportional_attention(q, k, v, size, fused=False, scale=attn.scale, dropout=attn.attn_drop)
-    out = out.transpose(1, 2).reshape(B, N, getattr(attn, "attn_dim", attn.num_heads * attn.head_dim))
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
-    return out, (k.mean(dim=1) if metric else None)
 
 
 class ToMeBlock(nn.Module):
@@ -188,6 +175,8 @@ class ToMeBlock(nn.Module):
         m = bipartite_soft_matching(metric, self.tome_r, st.num_protected)
         if m is None:
             return x
+        for name, t in st.tracked.items():  # before the sizes change: weighted by the sizes going in
+            st.tracked[name] = merge_wavg(m, t, st.size)[0]
         x, st.size = merge_wavg(m, x, st.size)
         if st.source is not None:
             st.source = merge_source(m, st.source)
@@ -209,6 +198,8 @@ class ToMeBlock(nn.Module):
         _check_no_mask(ctx.get("attn_mask"), bool(ctx.get("is_causal", False)))
         ctx = {k: v for k, v in ctx.items() if k not in ("attn_mask", "is_causal")}
         free = isinstance(self, AttentionFreeBlock) or (isinstance(self, DilutedBlock) and not self.attn_active)
+        if fam.layout == "parallel" and not isinstance(self, AttentionFreeBlock):
+            return self._parallel_forward(fam, x, ctx, free)
         if free:
             if self.residual_scale != 1.0:
                 x = x * self.residual_scale
@@ -216,10 +207,10 @@ class ToMeBlock(nn.Module):
                 x = self._merge(x, fam.merge_input(self, x))
             return x + fam.mlp_branch(self, x, ctx)
         metrics: list[torch.Tensor | None] = []
-        size = self._attn_size()
+        call_info = AttentionCall(self._attn_size(), self.tome_r > 0, self.tome_index, ctx, self._tome_state)
 
         def call(attn: nn.Module, h: torch.Tensor, _ctx: dict) -> torch.Tensor:
-            y, metric = attention_with_metric(attn, h, size, metric=self.tome_r > 0)
+            y, metric = attention_kernel(attn)(attn, h, call_info)
             metrics.append(metric)
             return y
 
@@ -228,6 +219,20 @@ class ToMeBlock(nn.Module):
         if self.tome_r > 0:  # several attention branches (ParallelThingsBlock): their keys averaged
             x = self._merge(x, metrics[0] if len(metrics) == 1 else torch.stack(metrics).mean(dim=0))
         return x + fam.mlp_branch(self, x, ctx)
+
+    def _parallel_forward(self, fam: Any, x: torch.Tensor, ctx: dict, free: bool) -> torch.Tensor:
+        """A block whose attention and MLP read the same normed input (ParallelScalingBlock): run it
+        whole (proportional attention) and merge its output, matched on its keys; when its attention is
+        gone (diluted to lambda 0) policy "hidden" matches on the shared normed input."""
+        diluted = isinstance(self, DilutedBlock)
+        lam = None if free else (self.lam if diluted else 1.0)
+        scale = self.residual_scale if diluted else 1.0
+        want = self.tome_r > 0 and not free
+        call_info = AttentionCall(self._attn_size(), want, self.tome_index, ctx, self._tome_state)
+        out, metric = fam.merged_forward(self, x, lam, scale, ctx, call_info)
+        if self.tome_r > 0 and free and self.tome_policy == "hidden":
+            metric = fam.merge_input(self, x)
+        return self._merge(out, metric) if metric is not None and self.tome_r > 0 else out
 
     def extra_repr(self) -> str:
         base = self._tome_prev.extra_repr(self)
@@ -357,10 +362,6 @@ def _tome_forward_intermediates(
 # apply / remove
 # --------------------------------------------------------------------------------------------------
 
-def _supported_attention(attn: nn.Module) -> bool:
-    return isinstance(attn, Attention) and type(attn).forward is Attention.forward
-
-
 def _block_kinds(model: nn.Module) -> list[str]:
     """'attn' or 'free' per block; a ShrinkError for any block the contract does not know."""
     kinds = []
@@ -374,33 +375,34 @@ def _block_kinds(model: nn.Module) -> list[str]:
     return kinds
 
 
-def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> None:
-    """ShrinkError unless every block that merges (r > 0) is one ToMe can merge today: its token
-    mixer is timm's ``Attention`` (one or several, as in ``ParallelThingsBlock``) on ``(B, N, C)``
-    tokens. Attention with positions of its own (RoPE, relative-position bias, windows) is not yet."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise ShrinkError(f"token merging (r > 0) is not implemented yet for {type(model).__name__} models "
-                          "(timm VisionTransformer only); r = 0 works on every family")
+def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> ModelSupport:
+    """The model's support, or a one-line ShrinkError unless every block from the first merge on can
+    run merged tokens: its family merges (not windowed attention) and each of its attention modules
+    has a kernel (:mod:`shrink.tome_kernels`)."""
+    support = model_support(model)
+    if support is None:
+        raise ShrinkError(f"token merging (r > 0) is not implemented for {type(model).__name__} models "
+                          "(see docs/tome.md for the supported families); r = 0 works on every family")
+    if support.check is not None:
+        support.check(model)
     blocks = get_blocks(model)
     first = next(i for i, r in enumerate(schedule) if r > 0)
     for i, (b, kind) in enumerate(zip(blocks, kinds, strict=True)):
         if i < first:  # blocks before the first merge see whole, unweighted tokens
             continue
         fam = block_family(b)
-        if fam.layout == "parallel" or fam.name == "sam":
-            raise ShrinkError(
-                f"block {i}: token merging (r > 0) is not implemented yet for {fam.name} blocks "
-                f"({fam.layout}); r = 0 works on every family"
-            )
-        if kind == "attn":
-            bad = [type(a).__name__ for a in fam.attention_modules(b) if not _supported_attention(a)]
+        reason = fam.tome_refusal
+        if reason:
+            raise ShrinkError(f"block {i}: token merging (r > 0) does not apply to {fam.name} blocks ({reason}); "
+                              "r = 0 works on every family")
+        if kind == "attn" and fam.layout != "parallel":
+            bad = [type(a).__name__ for a in fam.attention_modules(b) if attention_kernel(a) is None]
             if bad:
                 raise ShrinkError(
-                    f"block {i}: token merging (r > 0) is not implemented yet for {fam.name} blocks with "
-                    f"{bad[0]} (timm Attention only); r = 0 works on every family"
+                    f"block {i}: token merging (r > 0) is not implemented for {fam.name} blocks with "
+                    f"{bad[0]} attention; r = 0 works on every family"
                 )
+    return support
 
 
 def _check_attention_pool(pool: nn.Module | None) -> None:
@@ -411,8 +413,56 @@ def _check_attention_pool(pool: nn.Module | None) -> None:
     if pool is None:
         return
     if type(pool) is not AttentionPoolLatent or getattr(pool, "pos_embed", None) is not None:
-        raise ShrinkError(f"attention pooling {type(pool).__name__} does not support merged tokens yet (timm's "
+        raise ShrinkError(f"attention pooling {type(pool).__name__} does not support merged tokens (timm's "
                           "MAP head without its own pos_embed does); use token or avg pooling (r = 0 works)")
+
+
+def bind_methods(model: nn.Module, **methods: Any):
+    """Bind ``methods`` on ``model`` (instance attributes over the class's); returns the undo callable."""
+    for name, fn in methods.items():
+        setattr(model, name, types.MethodType(fn, model))
+
+    def undo() -> None:
+        for name in methods:
+            model.__dict__.pop(name, None)
+
+    return undo
+
+
+def _install_vit(model: nn.Module, state: ToMeState):
+    methods = {}
+    if hasattr(type(model), "pool"):
+        methods["pool"] = _tome_pool
+    if hasattr(type(model), "forward_intermediates"):
+        methods["forward_intermediates"] = _tome_forward_intermediates
+    return bind_methods(model, **methods)
+
+
+def _timm_vit_classes() -> tuple[type, ...]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return (VisionTransformer,)
+
+
+register_model_support(ModelSupport(
+    "vit", _timm_vit_classes(), check=lambda m: _check_attention_pool(getattr(m, "attn_pool", None)),
+    install=_install_vit,
+))
+
+
+def _record_grid(state: ToMeState):
+    """A patch_embed forward pre-hook that records the patch grid (H, W) of each input image."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        img = args[0] if args else None
+        if not isinstance(img, torch.Tensor) or img.dim() != 4:
+            state.grid = None
+            return
+        size = (int(img.shape[-2]), int(img.shape[-1]))
+        feat = getattr(module, "dynamic_feat_size", None)
+        state.grid = tuple(int(v) for v in feat(size)) if feat is not None else tuple(module.grid_size)
+
+    return hook
 
 
 def is_tome(model: nn.Module) -> bool:
@@ -439,15 +489,16 @@ def apply_tome(
     kinds = _block_kinds(model)
     schedule = tome_schedule(kinds, r, start_idx, policy)  # validate everything before changing the model
     merging = any(v > 0 for v in schedule)
+    support = model_support(model)
     if merging:
-        _check_merging(model, kinds, schedule)
-        if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "patch_embed"):
-            raise ShrinkError(f"{type(model).__name__} is not a timm VisionTransformer (no patch tokens / prefix tokens)")
-        _check_attention_pool(getattr(model, "attn_pool", None))
+        support = _check_merging(model, kinds, schedule)
+        if not hasattr(model, "patch_embed"):
+            raise ShrinkError(f"{type(model).__name__} has no patch_embed: token merging needs patch tokens")
     if is_tome(model):
         remove_tome(model)
     blocks = get_blocks(model)
-    state = ToMeState(model, getattr(model, "num_prefix_tokens", 0), prop_attn=prop_attn, trace_source=trace_source)
+    protected = support.num_protected(model) if support is not None else int(getattr(model, "num_prefix_tokens", 0))
+    state = ToMeState(model, protected, prop_attn=prop_attn, trace_source=trace_source)
     state.merging = merging
     for i, b in enumerate(blocks):
         sized = prop_attn and any(v > 0 for v in schedule[:i])  # tokens may arrive merged
@@ -456,10 +507,16 @@ def apply_tome(
     model._tome_state = state
     model._tome_info = {"r": r, "start_idx": start_idx, "policy": policy, "prop_attn": prop_attn,
                         "schedule": schedule}
-    if merging and hasattr(type(model), "pool"):
-        model.pool = types.MethodType(_tome_pool, model)
-    if merging and hasattr(type(model), "forward_intermediates"):
-        model.forward_intermediates = types.MethodType(_tome_forward_intermediates, model)
+    undo: list[Any] = []
+    if merging:
+        pe = getattr(model, "patch_embed", None)
+        if isinstance(pe, nn.Module):
+            undo.append(pe.register_forward_pre_hook(_record_grid(state)).remove)
+        if support.install is not None:
+            u = support.install(model, state)
+            if u is not None:
+                undo.append(u)
+    object.__setattr__(model, "_tome_undo", undo)  # a plain list, not a submodule
     _logger.info("ToMe applied: r per block %s (start_idx=%d, policy=%s)", schedule, start_idx, policy)
     return model
 
@@ -474,7 +531,9 @@ def remove_tome(model: nn.Module) -> nn.Module:
             b.__class__ = b._tome_prev
             for name in ("tome_r", "tome_index", "tome_policy", "tome_sized", "_tome_state"):
                 b.__dict__.pop(name, None)
-    for name in ("pool", "forward_intermediates", "_tome_state", "_tome_info"):
+    for fn in reversed(model.__dict__.get("_tome_undo", [])):
+        fn()
+    for name in ("_tome_state", "_tome_info", "_tome_undo"):
         model.__dict__.pop(name, None)
     return model
 
