@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import numbers
 import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +61,7 @@ from .tome_kernels import (
     ModelSupport,
     attention_kernel,
     attention_with_metric,
+    bind_methods,
     model_support,
     register_model_support,
 )
@@ -321,15 +321,18 @@ def _tome_forward_intermediates(
     st: ToMeState = self._tome_state
     plain = type(self).forward_intermediates
     if not (st.merging and unmerge):
-        return plain(self, x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
-                     output_dict, **kwargs)
+        if output_dict:
+            kwargs["output_dict"] = True
+        return plain(self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                     stop_early=stop_early, output_fmt=output_fmt, intermediates_only=intermediates_only, **kwargs)
     from timm.models._features import feature_take_indices
 
     take, _ = feature_take_indices(len(get_blocks(self)), indices)
     traced = st.trace_source
     st.trace_source, st.sources = True, {}
     try:
-        out = plain(self, x, indices, True, norm, stop_early, "NLC", False, False, **kwargs)
+        out = plain(self, x, indices=indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early,
+                    output_fmt="NLC", intermediates_only=False, **kwargs)
         sources = st.sources
     finally:
         st.trace_source, st.sources = traced, None
@@ -417,25 +420,8 @@ def _check_attention_pool(pool: nn.Module | None) -> None:
                           "MAP head without its own pos_embed does); use token or avg pooling (r = 0 works)")
 
 
-def bind_methods(model: nn.Module, **methods: Any):
-    """Bind ``methods`` on ``model`` (instance attributes over the class's); returns the undo callable."""
-    for name, fn in methods.items():
-        setattr(model, name, types.MethodType(fn, model))
-
-    def undo() -> None:
-        for name in methods:
-            model.__dict__.pop(name, None)
-
-    return undo
-
-
 def _install_vit(model: nn.Module, state: ToMeState):
-    methods = {}
-    if hasattr(type(model), "pool"):
-        methods["pool"] = _tome_pool
-    if hasattr(type(model), "forward_intermediates"):
-        methods["forward_intermediates"] = _tome_forward_intermediates
-    return bind_methods(model, **methods)
+    return bind_methods(model, pool=_tome_pool) if hasattr(type(model), "pool") else None
 
 
 def _timm_vit_classes() -> tuple[type, ...]:
@@ -512,6 +498,8 @@ def apply_tome(
         pe = getattr(model, "patch_embed", None)
         if isinstance(pe, nn.Module):
             undo.append(pe.register_forward_pre_hook(_record_grid(state)).remove)
+        if hasattr(type(model), "forward_intermediates"):  # dense outputs unmerge through the source map
+            undo.append(bind_methods(model, forward_intermediates=_tome_forward_intermediates))
         if support.install is not None:
             u = support.install(model, state)
             if u is not None:
@@ -592,3 +580,7 @@ def tome_token_counts(
             hk.remove()
         model.train(was_training)
     return counts
+
+
+# the families' kernels and model supports register themselves on import
+from . import tome_cait, tome_relpos, tome_rope  # noqa: E402, F401  isort: skip

@@ -32,6 +32,7 @@ from .tome_merge import proportional_attention
 
 __all__ = [
     "AttentionCall",
+    "bind_methods",
     "ModelSupport",
     "attention_kernel",
     "attention_with_metric",
@@ -115,6 +116,20 @@ def model_support(model: nn.Module) -> ModelSupport | None:
             if klass in s.classes:
                 return s
     return None
+
+
+def bind_methods(model: nn.Module, **methods: Callable) -> Callable[[], None]:
+    """Bind ``methods`` on ``model`` (instance attributes over the class's); returns the undo callable."""
+    import types
+
+    for name, fn in methods.items():
+        setattr(model, name, types.MethodType(fn, model))
+
+    def undo() -> None:
+        for name in methods:
+            model.__dict__.pop(name, None)
+
+    return undo
 
 
 # --------------------------------------------------------------------------------------------------

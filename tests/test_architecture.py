@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layers, bottom to top (docs/architecture.md): each may import only from the layers below it.
 MODEL_LAYER = "shrink.models"
 CHECKPOINT_ALLOWED = {"shrink.errors", "shrink.wrappers"}  # plus shrink.models.*
-CORE = {"shrink.blocks", "shrink.dilution", "shrink.export", "shrink.tome", "shrink.tome_merge", "shrink.criteria", "shrink.selection"}
+CORE = {"shrink.blocks", "shrink.dilution", "shrink.export", "shrink.tome", "shrink.tome_merge", "shrink.tome_kernels",
+        "shrink.tome_rope", "shrink.tome_relpos", "shrink.tome_cait", "shrink.criteria", "shrink.selection"}
 ABOVE_CORE = {"shrink.factory", "shrink.train", "shrink.engine", "shrink.recipe", "shrink.rundir", "shrink.report",
               "shrink.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.config",
               "shrink.cli", "shrink.select", "shrink.convert"}
