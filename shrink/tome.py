@@ -337,7 +337,7 @@ def _tome_forward_intermediates(
     finally:
         st.trace_source, st.sources = traced, None
     final, inter = out
-    npt = self.num_prefix_tokens
+    npt = st.num_protected  # prefix tokens of the block sequence (CaiT: none; its class token comes later)
     pairs = [(t, None) if not npt else t for t in inter]
     B, _, height, width = x.shape
     patches, prefixes = [], []
