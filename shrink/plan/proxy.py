@@ -17,7 +17,8 @@ search removes prefixes of it.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -132,18 +133,24 @@ class Proxy:
         for i, b in blocks.items():
             b.set_lambda(0.0 if i in cand.removed else 1.0)
 
-    def log_probs(self, cand: Candidate) -> torch.Tensor:
-        """The candidate's log-probabilities on the calibration images (float64, CPU)."""
+    @contextlib.contextmanager
+    def built(self, cand: Candidate) -> Iterator[nn.Module]:
+        """The model as ``cand`` (removed blocks at lambda = 0, ToMe attached) inside the ``with``; dense after."""
         self._configure(cand)
-        if cand.tome_r:
-            apply_tome(self.model, cand.r_arg, cand.tome_start_idx, cand.tome_policy)
         try:
-            return self._log_probs()
+            if cand.tome_r:
+                apply_tome(self.model, cand.r_arg, cand.tome_start_idx, cand.tome_policy)
+            yield self.model
         finally:
             if is_tome(self.model):
                 remove_tome(self.model)
             for b in diluted_blocks(self.model).values():
                 b.set_lambda(1.0)
+
+    def log_probs(self, cand: Candidate) -> torch.Tensor:
+        """The candidate's log-probabilities on the calibration images (float64, CPU)."""
+        with self.built(cand):
+            return self._log_probs()
 
     def score(self, cand: Candidate) -> ProxyScore:
         """KL(dense || candidate), top-1 agreement with the dense model and top-1 accuracy on the labels."""
