@@ -20,8 +20,7 @@ def _table(summary: dict) -> str:
                 ("top-1 (%)", f"{summary['acc']:.2f}")]
         if "acc_tome" in summary:
             t = summary["tome"]
-            rows += [(f"top-1 with ToMe r={t['r']} start_idx={t['start_idx']} ({t['policy']})",
-                      f"{summary['acc_tome']:.2f}"),
+            rows += [(f"top-1 with ToMe {_tome_name(t)}", f"{summary['acc_tome']:.2f}"),
                      ("tokens after each block", summary["tokens_per_block"])]
     else:
         def pct(v):
@@ -35,10 +34,26 @@ def _table(summary: dict) -> str:
                 ("best reloaded from disk (%)", pct(summary["best_acc_reloaded"])),
                 ("parameters dense -> deployable", f"{summary['params_dense']:,} -> "
                                                    f"{(summary['params_deploy'] or 0):,}"),
+                *_tome_rows(summary, pct),
                 ("training time (s)", summary["seconds_training"]),
                 ("best model", summary["paths"]["best"]), ("summary", summary["paths"]["summary"])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _tome_name(t: dict) -> str:
+    ramp = f" inflection={t['inflection']:g}" if t.get("inflection") else ""
+    return f"r={t['r']}{ramp} start_idx={t['start_idx']} ({t['policy']})"
+
+
+def _tome_rows(summary: dict, pct) -> list[tuple[str, object]]:
+    t = summary.get("tome")
+    if not t:
+        return []
+    how = "in training and every evaluation" if t["train"] else "evaluation only"
+    return [(f"token merging ({how})", _tome_name(t)), ("tokens after each block", summary["tokens_per_block"]),
+            ("best with / without ToMe (%)", f"{pct(summary.get('best_acc_with_tome'))} / "
+                                             f"{pct(summary.get('best_acc_without_tome'))}")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,10 +104,22 @@ class RunConfig:
     # evaluation only
     eval: bool = _f(False, "only evaluate --checkpoint on the val split", group="eval")
     checkpoint: str | None = _f(None, "model to evaluate: a directory written by shrink.save", group="eval")
-    tome_r: int = _f(0, "with --eval: also evaluate with token merging, r tokens per block", group="eval")
-    tome_start_idx: int = _f(0, "first attention-bearing block (counted among those) that merges", group="eval")
-    tome_policy: str = _f("none", "ToMe in attention-free blocks: none (tokens pass, the reference) | hidden (merge before the MLP on norm2(x))",
-                          group="eval", choices=("none", "hidden"))
+    # token merging (shrink.tome): the deployable model's merging, used by --eval and recorded by a training run
+    tome_r: int = _f(0, "token merging (ToMe): r tokens merged per merging block, 0 = off. With --eval: the "
+                        "checkpoint is also evaluated with merging. In a training run: with --tome-train every "
+                        "forward merges; without it the run trains as usual and also reports the deployable model's "
+                        "top-1 with merging at every evaluation (metrics.jsonl: acc_deploy_tome)", group="tome")
+    tome_start_idx: int = _f(0, "first attention-bearing block (counted among those of the deployable model) that "
+                                "merges", group="tome")
+    tome_inflection: float = _f(0.0, "r per merging block as the official (r, inflection) ramp "
+                                     "(shrink.tome_merge.ramp), in [-1, 1]: 0 = r in every merging block, "
+                                     "-1 = from 2r down to 0, 1 = from 0 up to 2r", group="tome")
+    tome_policy: str = _f("none", "ToMe in attention-free blocks: none (tokens pass, the reference) | hidden (merge "
+                                  "before the MLP on norm2(x))", group="tome", choices=("none", "hidden"))
+    tome_train: bool = _f(False, "also merge tokens while training, the 'trained with ToMe' setting: every forward "
+                                 "of the run (train and every evaluation) merges with --tome-r/--tome-start-idx/"
+                                 "--tome-policy (and --tome-inflection); best/ is chosen with merging and saved "
+                                 "without it", group="tome")
 
     # ------------------------------------------------------------------------------------------
     def validate(self, origin: Mapping[str, str] | None = None, explicit: set[str] | None = None) -> RunConfig:
@@ -147,7 +159,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "cutmix": (0, None, True, True), "color_jitter": (0, None, True, True), "reprob": (0, 1, True, True),
     "model_ema_decay": (0, 1, False, False), "distill_alpha": (0, 1, True, True), "distill_tau": (0, None, False, True),
     "seed": (0, MAX_SEED, True, True), "eval_every": (1, _BIG, True, True), "tome_r": (0, _BIG, True, True),
-    "tome_start_idx": (0, _BIG, True, True), "synthetic_images": (1, 100 * _BIG, True, True),
+    "tome_start_idx": (0, _BIG, True, True), "tome_inflection": (-1, 1, True, True),
+    "synthetic_images": (1, 100 * _BIG, True, True),
     "threads": (1, MAX_THREADS, True, True),
 }
 
@@ -276,9 +289,13 @@ def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] 
         if cfg.checkpoint:
             raise ShrinkError(f"{n('checkpoint')} is the model for --eval; to start training from weights use "
                               f"--finetune")
-        for key, default in (("tome_r", 0), ("tome_start_idx", 0), ("tome_policy", "none")):
-            if getattr(cfg, key) != default:
-                raise ShrinkError(f"{n(key)} is only used with --eval")
+    if cfg.tome_train and cfg.tome_r == 0:
+        raise ShrinkError(f"{n('tome_train')} merges tokens while training: give {n('tome_r')} > 0 (tokens merged "
+                          f"per block)")
+    if cfg.tome_r == 0:
+        for key in ("tome_start_idx", "tome_inflection", "tome_policy"):
+            if getattr(cfg, key) != getattr(RunConfig, key):
+                _warn(f"{n(key)} is ignored: {n('tome_r')} is 0 (no token merging)")
 
     # --- files ---
     if cfg.finetune is not None:
@@ -304,6 +321,8 @@ def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] 
         if cfg.input_size is not None and size is not None and tuple(size) != (cfg.input_size, cfg.input_size):
             raise ShrinkError(f"{n('input_size')} {cfg.input_size}: {cfg.checkpoint} was saved for input size "
                               f"{size[0]}; leave --input-size out")
+        if cfg.tome_r > 0:  # the merging the evaluation will apply, tried on the skeleton
+            _check_tome(saved, [], cfg, n)
 
 
 def _check_aa(aa: str, name: str) -> None:
@@ -367,10 +386,60 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
                 validate_layers(model, cfg.remove_layers)
             except ShrinkError as e:
                 raise ShrinkError(f"{n('remove_layers')}: {e}") from None
+    if cfg.tome_r > 0:  # the deployable model's merging: the removed layers' attention is gone there
+        removed = cfg.remove_layers
+        if removed is None:  # --remove-ratio: which layers is not known yet, how many is (the count is what matters)
+            from .blocks import attention_block_indices, get_blocks
+            from .selection import ratio_to_k
+
+            attn = attention_block_indices(model) if cfg.remove_ratio > 0 else []
+            k = min(len(attn), ratio_to_k(cfg.remove_ratio, len(get_blocks(model)))) if attn else 0
+            removed = attn[len(attn) - k:]
+        _check_tome(model, removed, cfg, n)
     if cfg.pretrained and cfg.finetune is None and not cfg.resume:  # after the cheap checks: can the weights be had?
         from .factory import check_hub
 
         check_hub(cfg.model, model)
+
+
+def tome_r_arg(cfg: RunConfig) -> int | tuple[int, float]:
+    """The ``r`` argument of :func:`shrink.tome.apply_tome` for these settings: ``tome_r``, or the
+    ``(tome_r, tome_inflection)`` ramp when the inflection is not 0."""
+    return (cfg.tome_r, float(cfg.tome_inflection)) if cfg.tome_inflection else cfg.tome_r
+
+
+def tome_schedule_for(cfg: RunConfig, model, removed) -> list[int]:
+    """r of every block of the *deployable* model, the blocks in ``removed`` attention-free there.
+
+    ``main_lambda.py --eval --checkpoint RUN/best`` with the same settings applies exactly this
+    schedule to the exported model; a training run applies it, as a per-block list, to the diluted
+    model as well, so a run merges the same tokens at every lambda (a removed block merges only with
+    policy 'hidden'). Raises ShrinkError (one line) when the settings do not fit the model.
+    """
+    from .blocks import classify_block, get_blocks
+    from .tome_merge import tome_schedule
+
+    removed = set(removed or ())
+    kinds = []
+    for i, b in enumerate(get_blocks(model)):
+        kind = classify_block(b)
+        free = i in removed or kind == "attention-free" or (kind == "diluted" and not b.attn_active)
+        kinds.append("free" if free else "attn")
+    return tome_schedule(kinds, tome_r_arg(cfg), cfg.tome_start_idx, cfg.tome_policy)
+
+
+def _check_tome(model, removed, cfg: RunConfig, n) -> None:
+    """The merging settings fit the (meta-device) model: start index, ramp, family, pooling."""
+    from .tome import apply_tome, remove_tome
+
+    where = f"{n('tome_r')} {cfg.tome_r}" + (f" (on the deployable model, {len(removed)} attention layer(s) "
+                                             f"removed)" if removed else "")
+    try:
+        schedule = tome_schedule_for(cfg, model, removed)
+        apply_tome(model, schedule, policy=cfg.tome_policy)  # class swaps only: family and pooling checks
+        remove_tome(model)
+    except ShrinkError as e:
+        raise ShrinkError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

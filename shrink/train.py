@@ -11,6 +11,12 @@ first optimizer update whose lambda is 0, at an epoch start or within an epoch.
 "best" is the best *deployable* model: the diluted blocks evaluated at lambda = 0, saved as an
 attention-free model. A run resumes (``--resume``) from the state saved after its last completed
 epoch, or after its set-up; see :func:`_restore`.
+
+Token merging (``--tome-r``): the deployable model's merging schedule (:func:`shrink.config.tome_schedule_for`)
+is fixed once. With ``--tome-train`` it is applied to the training model (after dilution) and to the
+EMA, so every forward merges, and again after the switch to the attention-free model; best/ and
+last/ are saved without the ToMe classes, the settings recorded in their config.json. Without
+``--tome-train`` the run trains as usual and evaluates a merging copy of the deployable model too.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .cli import apply_threads
-from .config import RunConfig
+from .config import RunConfig, tome_r_arg, tome_schedule_for
 from .data import build_dataset, count_classes
 from .dilution import deploy_mode, dilute, lambda_at, set_lambda
 from .engine import TrainingDiverged, TrainParts, evaluate, train_one_epoch
@@ -65,6 +71,7 @@ from .rundir import (
     remove_run_dir,
 )
 from .sharding import export_for_training, mark_shard_units, whole_model
+from .tome import apply_tome, is_tome, remove_tome, tome_token_counts
 from .wrappers import unwrap
 
 _logger = logging.getLogger(__name__)
@@ -157,6 +164,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         dilute(model, ts.layers)
     if ts.attention_free:
         export(model, inplace=True)
+    tome = _tome_setup(cfg, model, ts.layers)  # None without --tome-r; with --tome-train the model merges from here on
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 512
@@ -172,6 +180,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         from timm.utils import ModelEmaV3
 
         parts.ema = ModelEmaV3(parts.raw, decay=cfg.model_ema_decay)  # a copy of the model already on the device
+        _merge_as_trained(cfg, tome, parts.ema.module)
     if teacher is not None:
         parts.teacher = teacher.to(accelerator.device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)  # optimizer updates per epoch, per process
@@ -189,6 +198,11 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
     if cfg.warmup_epochs >= cfg.epochs:
         _warn(ts, main, f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the run ends inside the "
                         f"warm-up, so the learning rate never reaches {lr:.3g} (metrics.jsonl: lr)")
+    if main and tome is not None:
+        how = "in every forward of the run" if cfg.tome_train else \
+            "in an extra evaluation of the deployable model (acc_deploy_tome)"
+        say(f"token merging {how}: r per block {tome['r_per_block']}, tokens after each block "
+            f"{tome['tokens_per_block']}")
     if main and changes:  # the state loaded: record the allowed changes (more epochs, ...) of this resume
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _logger.info("resuming with changed settings: %s", ", ".join(changes))
@@ -211,6 +225,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
 
         def prepare(model: nn.Module):
             nonlocal scheduler
+            _merge_as_trained(cfg, tome, model)  # the exported blocks are new objects: merge as before the switch
             optimizer, scheduler = build_optimizer(cfg, model, lr)
             scheduler.step(epoch)
             prepared, optimizer, _ = _prepare(accelerator, cfg, model, optimizer)
@@ -219,6 +234,7 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         parts.model, parts.raw, parts.optimizer = export_for_training(parts.raw, parts.optimizer, prepare)
         if parts.ema is not None:
             export(parts.ema.module, inplace=True)
+            _merge_as_trained(cfg, tome, parts.ema.module)
         ts.attention_free = True
         _logger.info("lambda reached 0 at epoch %d: attention removed from blocks %s", epoch,
                      attention_free_indices(parts.raw))
@@ -244,12 +260,12 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         row: dict[str, Any] = {"epoch": epoch, "lambda": stats.lam, "lr": stats.lr, "train_loss": stats.loss,
                                "train_acc": stats.acc}
         if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            _evaluate_epoch(cfg, accelerator, parts, val_loader, ts, epoch, row, out)
+            _evaluate_epoch(cfg, accelerator, parts, val_loader, ts, epoch, row, out, tome)
         row["seconds"] = round(stats.seconds, 3)
         whole = whole_model(parts.raw)  # under FSDP a collective: every process takes part
         if main:
-            save(export(whole), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers,
-                                                     "weights": ts.weights})
+            save(deployable(whole), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers,
+                                                         "weights": ts.weights, **_tome_extra(tome)})
             atomic_append_line(out / "metrics.jsonl", json.dumps(row))
         if cfg.log_with:
             accelerator.log({k: v for k, v in row.items() if v is not None}, step=epoch)
@@ -257,9 +273,10 @@ def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, trai
         _save_state(accelerator, out, ts, parts.ema)
         if main:
             phase = "attention-free" if ts.attention_free else "diluted" if ts.layers else "dense"
+            phase += " + ToMe" if cfg.tome_train else ""
             say(epoch_line(row, cfg.epochs, phase, time.perf_counter() - t_epoch))
 
-    summary = _finish(accelerator, cfg, ts, out, val_loader, time.perf_counter() - t_run)
+    summary = _finish(accelerator, cfg, ts, out, val_loader, time.perf_counter() - t_run, tome)
     if cfg.log_with:
         accelerator.end_training()
     return summary
@@ -282,9 +299,10 @@ def epoch_line(row: dict[str, Any], epochs: int, phase: str, seconds: float) -> 
 
     lam = row.get("lambda")
     ema = f" ema {pct('ema_acc_deploy')}" if "ema_acc_deploy" in row else ""
+    tome = f" (with ToMe {pct('acc_deploy_tome')})" if "acc_deploy_tome" in row else ""
     return (f"epoch {row['epoch']}/{epochs} {phase}: lambda {'-' if lam is None else f'{lam:.3f}'}, "
             f"loss {row['train_loss']:.4f}, top-1 train {pct('train_acc')} eval {pct('acc')} "
-            f"deployable {pct('acc_deploy')}{ema}, lr {row['lr']:.3g}, {seconds:.1f} s")
+            f"deployable {pct('acc_deploy')}{tome}{ema}, lr {row['lr']:.3g}, {seconds:.1f} s")
 
 
 def _warn(ts: TrainerState, main: bool, line: str) -> None:
@@ -338,13 +356,22 @@ def _eval(model, loader, accelerator, cfg, desc, *, deploy: bool) -> float:
 
 
 def _evaluate_epoch(cfg, accelerator, parts: TrainParts, val_loader, ts: TrainerState, epoch: int,
-                    row: dict[str, Any], out: Path) -> None:
-    """Accuracy at the current lambda and deployable (lambda = 0); keep the best deployable model."""
+                    row: dict[str, Any], out: Path, tome: dict[str, Any] | None = None) -> None:
+    """Accuracy at the current lambda and deployable (lambda = 0); keep the best deployable model.
+
+    With --tome-train the model (and the EMA) merge, so every accuracy is with merging; with --tome-r
+    alone ``acc_deploy_tome`` is the deployable model's accuracy with merging (a merging copy of it)."""
     raw = parts.raw
     row["acc"] = _eval(raw, val_loader, accelerator, cfg, f"eval {epoch}", deploy=False)
     diluted = ts.layers and not ts.attention_free
     row["acc_deploy"] = _eval(raw, val_loader, accelerator, cfg, f"deploy {epoch}", deploy=True) if diluted \
         else row["acc"]
+    if tome is not None and not cfg.tome_train:
+        merging = deployable(whole_model(raw)).to(accelerator.device)  # under FSDP a collective, as below
+        apply_tome(merging, tome["r_per_block"], policy=cfg.tome_policy)
+        row["acc_deploy_tome"] = evaluate(merging, val_loader, accelerator, desc=f"deploy+tome {epoch}",
+                                          progress=cfg.progress)
+        del merging
     candidates = [("model", row["acc_deploy"], raw)]
     if parts.ema is not None:
         row["ema_acc_deploy"] = _eval(parts.ema.module, val_loader, accelerator, cfg, f"ema {epoch}", deploy=True)
@@ -354,8 +381,52 @@ def _evaluate_epoch(cfg, accelerator, parts: TrainParts, val_loader, ts: Trainer
         ts.best_acc, ts.best_epoch, ts.best_source = acc, epoch, source
         whole = whole_model(best_model)  # under FSDP a collective: every process takes part
         if accelerator.is_main_process:
-            save(export(whole), out / "best", extra={"epoch": epoch, "acc_deploy": acc, "source": source,
-                                                     "removed_layers": ts.layers, "weights": ts.weights})
+            save(deployable(whole), out / "best", extra={"epoch": epoch, "acc_deploy": acc, "source": source,
+                                                         "removed_layers": ts.layers, "weights": ts.weights,
+                                                         **_tome_extra(tome)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Token merging in a run (--tome-r, --tome-train)
+# ----------------------------------------------------------------------------------------------
+
+def _tome_setup(cfg: RunConfig, model: nn.Module, layers: list[int]) -> dict[str, Any] | None:
+    """The run's merging settings (None without --tome-r): the deployable model's r per block and the
+    tokens left after each block. With --tome-train the (diluted) model merges from here on."""
+    if cfg.tome_r <= 0:
+        return None
+    schedule = tome_schedule_for(cfg, model, layers)
+    tome = {"r": cfg.tome_r, "inflection": cfg.tome_inflection, "start_idx": cfg.tome_start_idx,
+            "policy": cfg.tome_policy, "train": cfg.tome_train, "r_per_block": schedule}
+    apply_tome(model, schedule, policy=cfg.tome_policy)  # after dilution (a ToMe model refuses to be diluted)
+    tome["tokens_per_block"] = tome_token_counts(model)  # the same at every lambda: r per block is fixed
+    if not cfg.tome_train:
+        remove_tome(model)
+    _logger.info("token merging (%s): r per block %s, tokens after each block %s",
+                 "training" if cfg.tome_train else "evaluation", schedule, tome["tokens_per_block"])
+    return tome
+
+
+def _merge_as_trained(cfg: RunConfig, tome: dict[str, Any] | None, model: nn.Module) -> None:
+    """With --tome-train: ``model`` (the EMA, a newly exported model) merges with the run's schedule."""
+    if cfg.tome_train and tome is not None:
+        apply_tome(model, tome["r_per_block"], policy=cfg.tome_policy)
+
+
+def _tome_extra(tome: dict[str, Any] | None) -> dict[str, Any]:
+    """The merging settings recorded in best/ and last/ config.json (``extra.tome``)."""
+    if tome is None:
+        return {}
+    return {"tome": {k: tome[k] for k in ("r", "inflection", "start_idx", "policy", "train", "r_per_block",
+                                          "tokens_per_block")}}
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """The attention-free copy of ``model`` that best/ and last/ hold: exported, without ToMe classes."""
+    out = export(model)
+    if is_tome(out):
+        remove_tome(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,15 +558,25 @@ def _truncate_metrics(path: Path, start_epoch: int) -> None:
         atomic_write_text(path, "".join(r + "\n" for r in keep))
 
 
-def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader, seconds: float) -> dict[str, Any]:
-    """Evaluate the saved best model, write summary.json and the plot (main process)."""
+def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader, seconds: float,
+            tome: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the saved best model, write summary.json and the plot (main process).
+
+    ``best_acc_reloaded`` is best/ reloaded from disk and evaluated the way it was chosen (with merging
+    under --tome-train, applied as ``main_lambda.py --eval --tome-r ...`` applies it); with --tome-r
+    the summary also has ``best_acc_with_tome`` and ``best_acc_without_tome``."""
     from .report import plot_metrics, read_metrics
 
     best_acc_reloaded = params_after = None
+    with_tome = without_tome = None
     if (out / "best").is_dir():
         best = load(out / "best", device=accelerator.device)
         params_after = count_params(best)
-        best_acc_reloaded = evaluate(best, val_loader, accelerator, desc="best", progress=cfg.progress)
+        without_tome = evaluate(best, val_loader, accelerator, desc="best", progress=cfg.progress)
+        if tome is not None:  # exactly what --eval --checkpoint best --tome-r ... does
+            apply_tome(best, tome_r_arg(cfg), cfg.tome_start_idx, cfg.tome_policy)
+            with_tome = evaluate(best, val_loader, accelerator, desc="best+tome", progress=cfg.progress)
+        best_acc_reloaded = with_tome if cfg.tome_train else without_tome
     final = read_metrics(out / "metrics.jsonl")
     summary = {
         "kind": "train",
@@ -505,6 +586,8 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
         "dense_acc": ts.dense_acc, "deploy_acc_start": ts.deploy_acc_start,
         "deploy_acc_best": ts.best_acc if ts.best_epoch >= 0 else None, "best_epoch": ts.best_epoch,
         "best_source": ts.best_source, "best_acc_reloaded": best_acc_reloaded,
+        "tome": None if tome is None else {k: v for k, v in tome.items() if k != "tokens_per_block"},
+        "tokens_per_block": None if tome is None else tome["tokens_per_block"],
         "final_acc": final[-1].get("acc") if final else None,
         "final_acc_deploy": final[-1].get("acc_deploy") if final else None,
         "params_dense": ts.params_dense, "params_deploy": params_after,
@@ -513,6 +596,7 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
         "pretrained": ts.weights.get("pretrained"), "weights": ts.weights,
         "calib_images_used": ts.selection.get("calib_images"),
         "warnings": ts.warnings,
+        **({"best_acc_with_tome": with_tome, "best_acc_without_tome": without_tome} if tome is not None else {}),
         "paths": {"summary": str(out / "summary.json"), "best": str(out / "best"), "last": str(out / "last"),
                   "state": str(out / "state"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png"),
                   "config": str(out / "config.yaml")},
@@ -543,10 +627,9 @@ def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
                               "attention_free_blocks": attention_free_indices(raw) if hasattr(raw, "blocks") else []}
     result["acc"] = evaluate(model, loader, accelerator, desc="eval", progress=cfg.progress)
     if cfg.tome_r > 0:
-        from .tome import apply_tome, remove_tome, tome_token_counts
-
-        apply_tome(raw, r=cfg.tome_r, start_idx=cfg.tome_start_idx, policy=cfg.tome_policy)
-        result["tome"] = {"r": cfg.tome_r, "start_idx": cfg.tome_start_idx, "policy": cfg.tome_policy}
+        apply_tome(raw, r=tome_r_arg(cfg), start_idx=cfg.tome_start_idx, policy=cfg.tome_policy)
+        result["tome"] = {"r": cfg.tome_r, "inflection": cfg.tome_inflection, "start_idx": cfg.tome_start_idx,
+                          "policy": cfg.tome_policy}
         result["acc_tome"] = evaluate(model, loader, accelerator, desc="eval+tome", progress=cfg.progress)
         result["tokens_per_block"] = tome_token_counts(raw)
         remove_tome(raw)
