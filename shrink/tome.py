@@ -331,8 +331,8 @@ def _tome_forward_intermediates(
     traced = st.trace_source
     st.trace_source, st.sources = True, {}
     try:
-        out = plain(self, x, indices=indices, return_prefix_tokens=True, norm=norm, stop_early=stop_early,
-                    output_fmt="NLC", intermediates_only=False, **kwargs)
+        out = plain(self, x, indices=indices, return_prefix_tokens=bool(st.num_protected), norm=norm,
+                    stop_early=stop_early, output_fmt="NLC", intermediates_only=False, **kwargs)
         sources = st.sources
     finally:
         st.trace_source, st.sources = traced, None
