@@ -19,10 +19,12 @@ CORE = {"shrink.blocks", "shrink.dilution", "shrink.export", "shrink.tome", "shr
         "shrink.tome_rope", "shrink.tome_relpos", "shrink.tome_cait", "shrink.criteria", "shrink.selection"}
 ABOVE_CORE = {"shrink.factory", "shrink.train", "shrink.engine", "shrink.recipe", "shrink.rundir", "shrink.report",
               "shrink.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.config",
-              "shrink.cli", "shrink.select", "shrink.convert"}
-ENTRY_POINTS = {"shrink.select", "shrink.convert", "shrink.deploy.__main__", "main_lambda", "benchmark"}
+              "shrink.cli", "shrink.select", "shrink.convert", "shrink.plan"}
+ENTRY_POINTS = {"shrink.select", "shrink.convert", "shrink.deploy.__main__", "shrink.plan.__main__", "main_lambda",
+                "benchmark"}
 # where argument parsing and printing live: the runner, the run's flags, and the `python -m` entry points
-CLI_LAYER = {"shrink.cli", "shrink.config", "shrink.select", "shrink.convert", "shrink.deploy.__main__"}
+CLI_LAYER = {"shrink.cli", "shrink.config", "shrink.select", "shrink.convert", "shrink.deploy.__main__",
+             "shrink.plan.__main__"}
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
