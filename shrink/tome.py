@@ -115,6 +115,10 @@ class ToMeState:
         self.trackers: dict[str, Any] = {}
         self.tracked: dict[str, torch.Tensor] = {}
 
+    def restart(self) -> None:
+        """The next block to run starts a new forward."""
+        self.last_block = sys.maxsize
+
     def begin(self, x: torch.Tensor) -> None:
         """Start a new forward pass on tokens ``x`` ``(B, N0, C)``."""
         if self.merging and torch.is_grad_enabled() and getattr(self.model, "grad_checkpointing", False):
@@ -127,9 +131,33 @@ class ToMeState:
         self.tracked = {name: fn(x, self) for name, fn in self.trackers.items()} if self.merging else {}
 
 
-def _check_no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise ShrinkError("ToMe blocks take no attn_mask / is_causal (merging changes the tokens); remove_tome first")
+def key_validity(attn_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``(B, N)`` bool: the tokens a padding mask lets be attended to.
+
+    ToMe takes the masks of padded batches (NaFlexVit's, symmetric or key-only, boolean or additive
+    with 0 / -inf or the dtype's minimum): a merged token has no row or column of an arbitrary mask,
+    so any other mask is a one-line ShrinkError."""
+    m = attn_mask
+    if m.dtype == torch.bool:
+        allowed = m
+    else:
+        low = torch.finfo(m.dtype).min / 2
+        if bool(((m != 0) & (m > low)).any()):
+            raise ShrinkError("ToMe takes padding masks only (0 where allowed, -inf where not); this attn_mask "
+                              "holds other values (a bias): remove_tome or pass no mask")
+        allowed = m > low
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    if allowed.shape[-1] != num_tokens:
+        raise ShrinkError(f"attn_mask covers {allowed.shape[-1]} tokens but the block sees {num_tokens}")
+    allowed = allowed.expand(-1, -1, num_tokens if allowed.shape[-2] != 1 else 1, -1).any(dim=1)  # (B, Q, K)
+    valid = allowed.any(dim=-2)  # (B, K): attended by some query
+    key_only = allowed == valid.unsqueeze(1)
+    symmetric = allowed == (valid.unsqueeze(-1) & valid.unsqueeze(1)) if allowed.shape[1] == num_tokens else key_only
+    if not bool((key_only.all(dim=(1, 2)) | symmetric.all(dim=(1, 2))).all()):
+        raise ShrinkError("ToMe takes padding masks only (a token is attended by all or by none); this attn_mask "
+                          "is not one: remove_tome or pass no mask")
+    return valid
 
 
 class ToMeBlock(nn.Module):
@@ -167,12 +195,19 @@ class ToMeBlock(nn.Module):
         st.last_block = self.tome_index
 
     def _attn_size(self) -> torch.Tensor | None:
+        """The sizes proportional attention weighs keys by; 0 for padding (log 0 = -inf masks it)."""
         st = self._tome_state
-        return st.size if st.prop_attn else None
+        size = st.size if st.prop_attn else None
+        valid = st.tracked.get("valid")
+        if valid is not None:
+            size = valid if size is None else size * valid
+        return size
 
     def _merge(self, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
         st = self._tome_state
-        m = bipartite_soft_matching(metric, self.tome_r, st.num_protected)
+        valid = st.tracked.get("valid")
+        m = bipartite_soft_matching(metric, self.tome_r, st.num_protected,
+                                    None if valid is None else valid[..., 0] > 0.5)
         if m is None:
             return x
         for name, t in st.tracked.items():  # before the sizes change: weighted by the sizes going in
@@ -195,8 +230,12 @@ class ToMeBlock(nn.Module):
             return self._tome_prev.forward(self, x, *args, **kwargs)
         fam = block_family(self)
         ctx = fam.context(args, kwargs)
-        _check_no_mask(ctx.get("attn_mask"), bool(ctx.get("is_causal", False)))
-        ctx = {k: v for k, v in ctx.items() if k not in ("attn_mask", "is_causal")}
+        mask, causal = ctx.pop("attn_mask", None), bool(ctx.pop("is_causal", False))
+        if causal:
+            raise ShrinkError("ToMe blocks take no is_causal (merging changes the tokens); remove_tome first")
+        st = self._tome_state
+        if mask is not None and "valid" not in st.tracked:  # a padded batch: padding follows the merges
+            st.tracked["valid"] = key_validity(mask, x.shape[1]).unsqueeze(-1).to(torch.float32)
         free = isinstance(self, AttentionFreeBlock) or (isinstance(self, DilutedBlock) and not self.attn_active)
         if fam.layout == "parallel" and not isinstance(self, AttentionFreeBlock):
             return self._parallel_forward(fam, x, ctx, free)
@@ -380,14 +419,8 @@ def _block_kinds(model: nn.Module) -> list[str]:
 
 def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> ModelSupport:
     """The model's support, or a one-line ShrinkError unless every block from the first merge on can
-    run merged tokens: its family merges (not windowed attention) and each of its attention modules
-    has a kernel (:mod:`shrink.tome_kernels`)."""
-    support = model_support(model)
-    if support is None:
-        raise ShrinkError(f"token merging (r > 0) is not implemented for {type(model).__name__} models "
-                          "(see docs/tome.md for the supported families); r = 0 works on every family")
-    if support.check is not None:
-        support.check(model)
+    run merged tokens (its family merges: not windowed attention; each of its attention modules has a
+    kernel, :mod:`shrink.tome_kernels`) and the model class has a support."""
     blocks = get_blocks(model)
     first = next(i for i, r in enumerate(schedule) if r > 0)
     for i, (b, kind) in enumerate(zip(blocks, kinds, strict=True)):
@@ -405,6 +438,12 @@ def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> M
                     f"block {i}: token merging (r > 0) is not implemented for {fam.name} blocks with "
                     f"{bad[0]} attention; r = 0 works on every family"
                 )
+    support = model_support(model)
+    if support is None:
+        raise ShrinkError(f"token merging (r > 0) is not implemented for {type(model).__name__} models "
+                          "(see docs/tome.md for the supported families); r = 0 works on every family")
+    if support.check is not None:
+        support.check(model)
     return support
 
 
@@ -434,6 +473,53 @@ register_model_support(ModelSupport(
     "vit", _timm_vit_classes(), check=lambda m: _check_attention_pool(getattr(m, "attn_pool", None)),
     install=_install_vit,
 ))
+
+
+def _naflex_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None,
+                 patch_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """NaFlexVit._pool on merged tokens: weights = size, 0 for padding (bound to the model)."""
+    st: ToMeState = self._tome_state
+    size, valid = st.size, st.tracked.get("valid")
+    if size is None and valid is None or (size if size is not None else valid).shape[1] != x.shape[1]:
+        return type(self)._pool(self, x, pool_type, patch_valid)
+    w = size if size is not None else torch.ones_like(valid)
+    if valid is not None:
+        w = w * valid
+    npt = self.num_prefix_tokens
+    p = 0 if self.pool_include_prefix else npt
+    if self.attn_pool is not None:  # MAP: log(weight) on each key, -inf for padding
+        return self.attn_pool(x[:, p:], attn_mask=w[:, p:].log().to(x.dtype).transpose(1, 2).unsqueeze(1))
+    pool_type = self.global_pool if pool_type is None else pool_type
+    if pool_type not in ("avg", "avgmax", "max"):
+        return type(self)._pool(self, x, pool_type, None)
+    x, w = x[:, p:], w[:, p:]
+    mean = weighted_mean(x, w)
+    if pool_type == "avg":
+        return mean
+    peak = x.masked_fill(w == 0, torch.finfo(x.dtype).min).amax(dim=1)
+    return peak if pool_type == "max" else 0.5 * (mean + peak)
+
+
+def _check_naflex(model: nn.Module) -> None:
+    _check_attention_pool(getattr(model, "attn_pool", None))
+    if getattr(model, "rope", None) is not None:
+        raise ShrinkError("token merging (r > 0) is not implemented for NaFlexVit with RoPE (per-patch rotary "
+                          "coordinates); r = 0 works")
+
+
+def _naflex_classes() -> tuple[type, ...]:
+    try:
+        from timm.models.naflexvit import NaFlexVit
+    except ImportError:
+        return ()
+    return (NaFlexVit,)
+
+
+if _naflex_classes():
+    register_model_support(ModelSupport(
+        "naflexvit", _naflex_classes(), check=_check_naflex,
+        install=lambda model, state: bind_methods(model, _pool=_naflex_pool),
+    ))
 
 
 def _record_grid(state: ToMeState):
@@ -478,8 +564,6 @@ def apply_tome(
     support = model_support(model)
     if merging:
         support = _check_merging(model, kinds, schedule)
-        if not hasattr(model, "patch_embed"):
-            raise ShrinkError(f"{type(model).__name__} has no patch_embed: token merging needs patch tokens")
     if is_tome(model):
         remove_tome(model)
     blocks = get_blocks(model)
@@ -493,7 +577,9 @@ def apply_tome(
     model._tome_state = state
     model._tome_info = {"r": r, "start_idx": start_idx, "policy": policy, "prop_attn": prop_attn,
                         "schedule": schedule}
-    undo: list[Any] = []
+    # every call of the model starts a forward: under torch.compile this keeps the state that the
+    # previous call left (last block, sizes) out of the guards, so a second batch does not recompile
+    undo: list[Any] = [model.register_forward_pre_hook(lambda _m, _a: state.restart()).remove]
     if merging:
         pe = getattr(model, "patch_embed", None)
         if isinstance(pe, nn.Module):

@@ -67,12 +67,19 @@ def split_ab(x: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.T
     return rest[:, ::2], rest[:, 1::2]
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1) -> Matching | None:
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, num_protected: int = 1, valid: torch.Tensor | None = None
+) -> Matching | None:
     """Pick the ``r`` best (A, B) pairs by cosine similarity of ``metric`` ``(B, N, C)``.
 
     A and B as in :func:`split_ab`; ``r`` is capped at half of the unprotected tokens (as in the
     official code, ``(N - num_protected) // 2``); returns None when nothing merges. Ties are broken
     by position (stable sort), the lower index first.
+
+    ``valid`` ``(B, N)`` bool (padded batches, NaFlexVit): a real token and a padding token never
+    merge. Pairs of different kinds are excluded, padding pairs go first (so what real tokens do does
+    not depend on what the padding holds), and ``r`` is further capped at the number of A tokens that
+    have a partner of their own kind in every sample (so no sample is forced into a mixed pair).
     """
     if metric.dim() != 3:
         raise ValueError(f"metric must be (batch, tokens, channels), got shape {tuple(metric.shape)}")
@@ -85,6 +92,15 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 1
     with torch.no_grad():
         a, b = split_ab(F.normalize(metric.float(), dim=-1), num_protected)
         scores = a @ b.transpose(-1, -2)  # (B, n_a, n_b) cosine similarities
+        if valid is not None:
+            va, vb = split_ab(valid.unsqueeze(-1), num_protected)
+            same = va == vb.transpose(-1, -2)  # (B, n_a, n_b): both real or both padding
+            scores = scores.masked_fill(~same, -math.inf)
+            # padding merges with padding first, whatever it holds: what real tokens do never depends on it
+            scores = scores.masked_fill(same & ~va, 2.0)
+            r = min(r, int(same.any(dim=-1).sum(dim=-1).min()))
+            if r <= 0:
+                return None
         best, best_b = scores.max(dim=-1)  # each A token's most similar B token
         order = best.argsort(dim=-1, descending=True, stable=True)
         src_idx = order[:, :r]

@@ -26,7 +26,7 @@ from ._families import CASES, build, images
 KEYS = list(CASES)
 # cases where ToMe merges (r > 0) today: timm VisionTransformer token mixers (MAP heads too; not NaFlexVit)
 MERGING = {"vit", "vit-qknorm-reg-ls", "vit-map-head", "deit-distilled", "respost", "parallel-things",
-           "parallel-scaling", "diff-parallel-scaling"}
+           "parallel-scaling", "diff-parallel-scaling", "naflexvit"}
 
 
 def n_params(m: torch.nn.Module) -> int:

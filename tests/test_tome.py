@@ -412,13 +412,19 @@ def test_bad_reapply_keeps_the_previous_settings():
     assert tome_token_counts(model) == [62, 59, 56, 53]
 
 
-def test_attn_mask_is_refused_and_remove_without_apply_raises():
+def test_only_padding_masks_are_taken_and_remove_without_apply_raises():
     model = _tiny_vit()
     with pytest.raises(shrink.ShrinkError):
         remove_tome(model)
     apply_tome(model, 1)
-    with pytest.raises(shrink.ShrinkError):
-        model.blocks[0](torch.randn(1, 17, 64), attn_mask=torch.zeros(17, 17))
+    x = torch.randn(1, 17, 64)
+    with torch.no_grad():
+        plain = model.blocks[0](x)
+        assert torch.equal(model.blocks[0](x, attn_mask=torch.zeros(17, 17)), plain)  # pads nothing
+        with pytest.raises(shrink.ShrinkError, match="padding masks only"):  # a bias is not a padding mask
+            model.blocks[0](x, attn_mask=torch.randn(17, 17))
+        with pytest.raises(shrink.ShrinkError, match="is_causal"):
+            model.blocks[0](x, is_causal=True)
     assert isinstance(model.blocks[0], Block)  # ToMe blocks remain timm Blocks for isinstance checks
 
 
