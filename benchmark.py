@@ -19,6 +19,7 @@ from shrink.bench import (
     parse_compare,
     parse_models,
     parse_runtimes,
+    read_plan,
     run,
 )
 from shrink.cli import (
@@ -41,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="JSON schema, metrics and measured numbers: docs/benchmarks.md",
     )
     g = p.add_argument_group("models")
-    g.add_argument("--model", required=True,
+    g.add_argument("--plan", metavar="PLAN.yaml",
+                   help="measure the dense model and this plan (a main_lambda.py config written by python -m "
+                        "shrink.plan: model, remove_layers, tome_r, tome_inflection, tome_start_idx, tome_policy) "
+                        "side by side, interleaved; the table and JSON get the measured 'speedup' and the "
+                        "planner's 'predicted_speedup' from PLAN.json beside it (null without it). Instead of "
+                        "--model and the configuration flags")
+    g.add_argument("--model",
                    help="timm model name(s), comma-separated, or a list file with one "
                         "'name [checkpoint=PATH remove=0,2,4 selection=F ratio=R tome_r=R tome_start=S "
                         "tome_policy=P compare=dense,pruned]' per line (# comments); the flags below are the defaults")
@@ -114,25 +121,21 @@ def _main(argv: list[str] | None = None) -> int:
     logging.getLogger("shrink").setLevel(logging.WARNING)
     try:
         check_outputs(args)
-        defaults = ModelSpec(
-            name="",
-            remove_layers=parse_layers(args.remove_layers, "--remove-layers") if args.remove_layers else None,
-            selection=args.selection, remove_ratio=args.remove_ratio, tome_r=args.tome_r,
-            tome_start_idx=args.tome_start_idx, tome_policy=args.tome_policy, compare=parse_compare(args.compare) if args.compare else None,
-        )
-        specs = parse_models(args.model, defaults)
-        if args.checkpoint is not None:
-            if len(specs) != 1:
-                raise ShrinkError("--checkpoint needs exactly one model; use a list file with checkpoint=PATH per line")
-            specs[0].checkpoint = args.checkpoint
+        plan_info = None
+        if args.plan is not None:
+            specs, plan_info = _plan_specs(args)
+        elif args.model is None:
+            raise ShrinkError("give --model (or --plan PLAN.yaml)")
+        else:
+            specs = _model_specs(args)
         cfg = BenchConfig(
             models=specs, device=args.device, batch_size=args.batch_size, precision=args.precision,
             compile=args.compile, channels_last=args.channels_last, img_size=args.img_size, warmup=args.warmup,
             iters=args.iters, repeats=args.repeats, latency=not args.no_latency, train=args.train,
-            threads=args.threads, interleave=args.interleave, runtimes=parse_runtimes(args.runtime),
-            baseline=args.baseline,
+            threads=args.threads, interleave=args.interleave or (plan_info is not None and not args.compile),
+            runtimes=parse_runtimes(args.runtime), baseline=args.baseline,
             json_path=args.json, csv_path=args.csv, plot_path=args.plot,
-            progress=not args.no_progress,
+            progress=not args.no_progress, plan=plan_info,
             command=shlex.join(["python", "benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
         )
         report = run(cfg)
@@ -141,6 +144,35 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     sys.stdout.write(format_markdown(report))
     return 0
+
+
+_PLAN_CONFLICTS = ("model", "checkpoint", "remove_layers", "selection", "remove_ratio", "tome_r", "compare", "baseline")
+
+
+def _plan_specs(args: argparse.Namespace) -> tuple[list[ModelSpec], dict]:
+    """--plan: the dense model and the plan of PLAN.yaml (the configuration flags must not be given)."""
+    given = [f"--{k.replace('_', '-')}" for k in _PLAN_CONFLICTS if getattr(args, k) is not None]
+    given += [f for f, v, d in (("--tome-start-idx", args.tome_start_idx, 0), ("--tome-policy", args.tome_policy, "none"))
+              if v != d]
+    if given:
+        raise ShrinkError(f"--plan takes the model and its configuration from the plan file; drop {', '.join(given)}")
+    spec, info = read_plan(args.plan)
+    return [spec], info
+
+
+def _model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    defaults = ModelSpec(
+        name="",
+        remove_layers=parse_layers(args.remove_layers, "--remove-layers") if args.remove_layers else None,
+        selection=args.selection, remove_ratio=args.remove_ratio, tome_r=args.tome_r,
+        tome_start_idx=args.tome_start_idx, tome_policy=args.tome_policy, compare=parse_compare(args.compare) if args.compare else None,
+    )
+    specs = parse_models(args.model, defaults)
+    if args.checkpoint is not None:
+        if len(specs) != 1:
+            raise ShrinkError("--checkpoint needs exactly one model; use a list file with checkpoint=PATH per line")
+        specs[0].checkpoint = args.checkpoint
+    return specs
 
 
 if __name__ == "__main__":

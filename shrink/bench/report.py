@@ -62,8 +62,10 @@ def format_markdown(report: dict[str, Any]) -> str:
     runtimes = _has_runtimes(report)
     baseline = s.get("baseline")
     noted = bool(report["skipped"]) or any(r["notes"] for r in report["results"])
+    planned = "plan" in report  # benchmark.py --plan: the planner's predicted speed-up beside the measured one
     head = ["model", "configuration"] + (["runtime"] if runtimes else []) + [
         "params (M)", "GMACs", f"img/s (batch {s['batch_size']})", "speedup"] + (
+        ["predicted"] if planned else []) + (
         [f"vs {baseline}"] if baseline else []) + ["latency b1 (ms)", mem] + (
         ["train img/s"] if s["train"] else []) + (["note"] if noted else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -79,6 +81,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         cells = [r["model"], r["label"]] + ([r.get("runtime", "torch")] if runtimes else []) + [
             f"{r['params']['total'] / 1e6:.2f}", f"{r['gmacs']:.4g}", ips,
             "-" if r["speedup_vs_dense"] is None else f"{r['speedup_vs_dense']:.2f}x"]
+        if planned:
+            cells.append("-" if r.get("predicted_speedup") is None else f"{r['predicted_speedup']:.2f}x")
         if baseline:
             v = r.get("speedup_vs_baseline")
             cells.append("-" if v is None else f"{v:.2f}x")
@@ -108,6 +112,13 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += [f"speedup: over the model's own dense row; vs {baseline}: over {baseline}'s dense row"
                   + (" in the same runtime" if runtimes else "") + "."]
     lines += [f"skipped: {k['model']} {k['variant']}: {k['reason']}" for k in report["skipped"]]
+    if planned:
+        pl = report["plan"]
+        lines += [f"plan {pl['path']}: measured speed-up "
+                  + ("-" if pl["speedup"] is None else f"{pl['speedup']:.2f}x") + ", predicted "
+                  + ("- (no plan record beside it)" if pl["predicted_speedup"] is None else
+                     f"{pl['predicted_speedup']:.2f}x ({pl['record_path']}, cost table "
+                     f"{(pl['cost_key'] or {}).get('runtime', '?')}, batch {(pl['cost_key'] or {}).get('batch_size', '?')})")]
     return "\n".join(lines) + "\n"
 
 

@@ -54,7 +54,8 @@ def _label(p: _Planned, model: nn.Module) -> str:
         parts.append("dense")
     if p.variant.endswith("+tome"):
         policy = "" if p.spec.tome_policy == "none" else f" policy={p.spec.tome_policy}"
-        parts.append(f"ToMe r={p.spec.tome_r} start={p.spec.tome_start_idx}{policy}")
+        ramp = f" inflection={p.spec.tome_inflection:g}" if p.spec.tome_inflection else ""
+        parts.append(f"ToMe r={p.spec.tome_r}{ramp} start={p.spec.tome_start_idx}{policy}")
     return " + ".join(parts)
 
 
@@ -192,7 +193,8 @@ def _models(planned: list[_Planned], img_size: int | None, device: torch.device)
             base, key = None, id(p.spec)
             _free(device)
             base = _build_base(p.spec, img_size)
-        yield p, build_variant(base, p.variant, p.layers, p.spec.tome_r, p.spec.tome_start_idx, p.spec.tome_policy)
+        yield p, build_variant(base, p.variant, p.layers, p.spec.tome_r, p.spec.tome_start_idx, p.spec.tome_policy,
+                               p.spec.tome_inflection)
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -274,9 +276,12 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     _free(device)
     _add_speedups(results, cfg.baseline)
     _add_skip_notes(results, skipped)
+    plan_entry = _add_plan(results, cfg.plan, settings) if cfg.plan is not None else None
     report = {"schema": SCHEMA, "date": started,
               "command": cfg.command, "environment": environment, "settings": settings,
               "results": results, "skipped": skipped}
+    if plan_entry is not None:  # only in benchmark.py --plan runs (schema unchanged otherwise)
+        report["plan"] = plan_entry
     write_outputs(report, cfg.json_path, cfg.csv_path, cfg.plot_path)
     return report
 
@@ -284,6 +289,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 def _tome_entry(model: nn.Module, spec: ModelSpec, img_size: int | None) -> dict[str, Any]:
     tome = _tome_module()
     return {"r": spec.tome_r, "start_idx": spec.tome_start_idx, "policy": spec.tome_policy,
+            **({"inflection": spec.tome_inflection} if spec.tome_inflection else {}),
             "r_per_block": tome.tome_info(model)["schedule"],
             "tokens_per_block": tome.tome_token_counts(model, input_size(model, img_size))}
 
@@ -317,3 +323,41 @@ def _add_skip_notes(results: list[dict[str, Any]], skipped: list[dict[str, str]]
     """Each measured row of a model says which of its configurations were skipped, and why."""
     for r in results:
         r["notes"] += [f"{k['variant']} skipped: {k['reason']}" for k in skipped if k["model"] == r["model"]]
+
+
+_COST_RUNTIME = {"eager": "torch", "compile": "torch", "onnxruntime": "onnxruntime"}
+
+
+def _add_plan(results: list[dict[str, Any]], plan: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """benchmark.py --plan: every row gets ``speedup`` (measured, = speedup_vs_dense) and
+    ``predicted_speedup`` (the planner's, on the plan's rows in the runtime its cost table was
+    measured in; null elsewhere or without PLAN.json); returns the report's ``plan`` entry."""
+    rec = plan.get("record")
+    key = (rec or {}).get("cost_key") or {}
+    rt = _COST_RUNTIME.get(key.get("runtime"), None)
+    predicted = rec["predicted_speedup"] if rec else None
+    measured: dict[str, float | None] = {}
+    for r in results:
+        is_plan = r["variant"] == plan["variant"]
+        runtime = r.get("runtime", "torch")
+        r["speedup"] = r["speedup_vs_dense"]
+        r["predicted_speedup"] = (predicted if is_plan and runtime == rt else 1.0 if r["variant"] == "dense"
+                                  and predicted is not None and runtime == rt else None)
+        if is_plan:
+            measured[runtime] = r["speedup_vs_dense"]
+    notes = []
+    if rec:
+        for name, mine in (("batch_size", settings["batch_size"]), ("device", settings["device"]),
+                           ("dtype", settings["precision"])):
+            if key.get(name) is not None and key.get(name) != mine:
+                notes.append(f"the prediction is for {name} {key.get(name)}, measured with {mine}")
+        if rt is not None and rt not in measured:
+            notes.append(f"the prediction is for runtime {key.get('runtime')}, which was not measured")
+    for r in results:
+        r["notes"] += notes
+    speedup = measured.get(rt) if rt in measured else next(iter(measured.values()), None)
+    return {"path": plan["path"], "record_path": plan["record_path"], "config": plan["config"],
+            "predicted_speedup": predicted, "speedup": speedup, "speedup_per_runtime": measured,
+            "predicted_ms": rec["predicted_ms"] if rec else None,
+            "dense_predicted_ms": rec["dense_predicted_ms"] if rec else None,
+            "cost_key": key or None, "candidate": rec["candidate"] if rec else None}

@@ -1,0 +1,794 @@
+"""The measured cost model: time each part of a ViT once, predict any plan's latency by summing.
+
+A :class:`CostTable` holds, for one :class:`CostKey` (model, input, device, dtype, batch, threads,
+runtime and the library versions), the milliseconds of one batch through each part of the model,
+measured on a grid of token counts (every ``token_step`` tokens, linear interpolation between):
+
+- ``plain``: a whole attention block as timm runs it (fused attention, no merging anywhere before);
+- ``attn``: the attention half of a ToMe block (proportional attention with token sizes, the keys
+  metric), ``mlp``: the MLP half (``x + mlp(norm2(x))``) -- a block that merges r of n tokens runs
+  ``attn(n) + merge(n, r) + mlp(n - r)``, exactly as :mod:`shrink.tome` runs it;
+- ``free``: an attention-free block (exported, ``2x + mlp``);
+- ``merge`` / ``merge_hidden``: the matching and merging step (bipartite soft matching on the keys
+  metric / on ``norm2(x)`` for policy "hidden", then the size-weighted merge) per (n, r), on a grid
+  of r (powers of two and the largest r), bilinear interpolation (under ONNX Runtime timed in eager
+  torch: its shapes depend on n's parity, so one export cannot cover a token range);
+- ``edges``: everything outside the blocks (stem: patch embedding, position embedding; head: final
+  norm, pooling, classifier) with the given number of tokens reaching the head.
+
+All parts are timed in one process with interleaved repeats (every repeat visits every part, the
+order rotating); the fastest repeat of each part is kept (other load only adds time).
+:meth:`CostTable.predict_ms` walks a :class:`Candidate`'s token counts
+(:func:`shrink.plan.candidate.token_counts`) and sums. ``build_cost_table`` then measures whole
+models (the dense one and a plan) in the same process, interleaved (median of the repeats, as
+``benchmark.py``): the dense model's measured / summed ms is ``scale`` (predicted ms = ``scale`` x
+(sum + ``offset_ms``), offset 0 unless set), a common factor, so a predicted speed-up is the ratio of
+two sums; the plan's predicted and measured speed-ups are kept in ``validation`` (the error of the sum).
+
+Runtimes: ``eager`` (the modules), ``compile`` (``torch.compile(dynamic=False)`` per part and shape:
+slow to build), ``onnxruntime`` (each part exported once with a dynamic token axis, one session
+per part, the CPU or CUDA execution provider).
+
+A cached table is only used for the key it was built for: :meth:`CostTable.load` with ``expect``
+raises a one-line :class:`ShrinkError` naming the fields that differ; :func:`cached_cost_table`
+logs that line and rebuilds (the cache file name holds the model, runtime, device, dtype, batch and
+threads, so a table for other versions is replaced, never used).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..blocks import AttentionFreeBlock, block_family, get_blocks
+from ..dilution import dilute
+from ..errors import ShrinkError
+from ..export import export
+from ..factory import input_size as model_input_size
+from ..io import atomic_write_json
+from ..precision import dtype_of
+from ..tome import attention_with_metric
+from ..tome_merge import bipartite_soft_matching, max_merge, merge_wavg
+from .candidate import Candidate, block_kinds, token_counts
+
+__all__ = ["RUNTIMES", "SCHEMA", "CostKey", "CostTable", "build_cost_table", "build_plan_model",
+           "cached_cost_table", "cost_key_for", "measure_models"]
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA = "shrink.plan.cost/1"
+RUNTIMES = ("eager", "compile", "onnxruntime")
+PARTS_N = ("plain", "attn", "mlp", "free", "edges")  # one value per grid token count
+PARTS_NR = ("merge", "merge_hidden")  # one value per (grid token count, grid r)
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# The key
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class CostKey:
+    """Everything the timings depend on; two tables are interchangeable only when their keys are equal."""
+
+    model: str
+    input_size: tuple[int, int, int]
+    num_tokens: int
+    num_protected: int
+    depth: int
+    device: str
+    dtype: str
+    batch_size: int
+    threads: int | None
+    runtime: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(v) for v in self.input_size)
+        if self.runtime not in RUNTIMES:
+            raise ShrinkError(f"unknown runtime {self.runtime!r}; choose from {', '.join(RUNTIMES)}")
+        dtype_of(self.dtype)
+        if self.batch_size < 1 or self.depth < 1 or self.num_tokens < 1 or not 0 <= self.num_protected < self.num_tokens:
+            raise ShrinkError(f"bad cost key: batch {self.batch_size}, depth {self.depth}, tokens {self.num_tokens}, "
+                              f"protected {self.num_protected}")
+        if self.threads is not None and self.threads < 1:
+            raise ShrinkError(f"threads must be >= 1, got {self.threads}")
+
+    def __str__(self) -> str:
+        v = " ".join(f"{k} {self.versions[k]}" for k in sorted(self.versions))
+        return (f"{self.model} {'x'.join(map(str, self.input_size))} ({self.num_tokens} tokens, {self.depth} blocks) "
+                f"on {self.device} {self.dtype}, batch {self.batch_size}, "
+                f"{'default' if self.threads is None else self.threads} threads, {self.runtime}; {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CostKey:
+        if not isinstance(d, dict):
+            raise ShrinkError("cost key is not a mapping")
+        want = {f for f in cls.__dataclass_fields__}
+        if set(d) != want:
+            raise ShrinkError(f"cost key fields {sorted(d)} differ from {sorted(want)}")
+        ints = ("num_tokens", "num_protected", "depth", "batch_size")
+        if not all(isinstance(d[k], int) and not isinstance(d[k], bool) for k in ints) or not (
+                d["threads"] is None or isinstance(d["threads"], int)):
+            raise ShrinkError("cost key: token counts, depth, batch size and threads must be integers")
+        if not (isinstance(d["input_size"], list) and len(d["input_size"]) == 3
+                and all(isinstance(v, int) for v in d["input_size"])):
+            raise ShrinkError("cost key: input_size must be 3 integers")
+        if not all(isinstance(d[k], str) for k in ("model", "device", "dtype", "runtime")) or not (
+                isinstance(d["versions"], dict) and all(isinstance(v, str) for v in d["versions"].values())):
+            raise ShrinkError("cost key: model, device, dtype, runtime and versions must be strings")
+        return cls(**{**d, "input_size": tuple(d["input_size"])})
+
+    def differences(self, other: CostKey) -> list[str]:
+        """``field: mine != theirs`` for every field that differs (versions one by one)."""
+        a, b = self.to_dict(), other.to_dict()
+        out = [f"{k}: {a[k]} != {b[k]}" for k in a if k != "versions" and a[k] != b[k]]
+        va, vb = a["versions"], b["versions"]
+        out += [f"{k} {va.get(k)} != {vb.get(k)}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        return out
+
+
+def _count_tokens(model: nn.Module, size: Sequence[int]) -> int:
+    blocks = get_blocks(model)
+    seen: list[int] = []
+    hook = blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[1])))
+    p = next(model.parameters())
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, *size, device=p.device, dtype=p.dtype))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def cost_key_for(model: nn.Module, model_name: str, *, device: str | torch.device = "cpu", dtype: str = "fp32",
+                 batch_size: int = 16, threads: int | None = None, runtime: str = "eager",
+                 img_size: int | None = None) -> CostKey:
+    """The key of ``model`` (a dense timm ViT) measured under these settings, with the installed versions."""
+    size = model_input_size(model, img_size)
+    depth = len(get_blocks(model))
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": _version("timm") or "?",
+                "shrink": _version("shrink") or "?"}
+    if runtime == "onnxruntime":
+        versions["onnxruntime"] = _version("onnxruntime") or "?"
+        versions["onnxscript"] = _version("onnxscript") or "?"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        versions["gpu"] = torch.cuda.get_device_name(dev)
+    else:
+        versions["cpu"] = _cpu_name()
+    return CostKey(model=model_name, input_size=tuple(size), num_tokens=_count_tokens(model, size),
+                   num_protected=int(getattr(model, "num_prefix_tokens", 0)), depth=depth, device=str(dev),
+                   dtype=dtype, batch_size=int(batch_size), threads=threads, runtime=runtime, versions=versions)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+# ------------------------------------------------------------------------------------------------
+# The table and the prediction
+# ------------------------------------------------------------------------------------------------
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Linear interpolation on ascending ``xs`` (clamped at the ends)."""
+    if x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        return float(ys[-1])
+    hi = next(i for i, v in enumerate(xs) if v >= x)
+    lo = hi - 1
+    t = (x - xs[lo]) / (xs[hi] - xs[lo])
+    return float(ys[lo] + t * (ys[hi] - ys[lo]))
+
+
+@dataclass
+class CostTable:
+    """Milliseconds per part on a token grid (see the module docstring) and how the sum is calibrated."""
+
+    key: CostKey
+    grid: list[int]  # token counts, ascending
+    r_grid: list[int]  # merge sizes, ascending
+    parts: dict[str, Any]  # PARTS_N: list over grid; PARTS_NR: list over grid of lists over r_grid
+    scale: float = 1.0  # predicted ms = scale * (sum of parts + offset_ms)
+    offset_ms: float = 0.0
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        g, rg = self.grid, self.r_grid
+        if not g or any(b <= a for a, b in zip(g, g[1:], strict=False)) or not rg or any(
+                b <= a for a, b in zip(rg, rg[1:], strict=False)):
+            raise ShrinkError("cost table: the token and r grids must be non-empty and ascending")
+        for name in PARTS_N:
+            v = self.parts.get(name)
+            if not isinstance(v, list) or len(v) != len(g) or not all(_finite(t) for t in v):
+                raise ShrinkError(f"cost table: part {name!r} must hold {len(g)} finite numbers")
+        for name in PARTS_NR:
+            v = self.parts.get(name)
+            if not isinstance(v, list) or len(v) != len(g) or not all(
+                    isinstance(row, list) and len(row) == len(rg) and all(_finite(t) for t in row) for row in v):
+                raise ShrinkError(f"cost table: part {name!r} must hold {len(g)} x {len(rg)} finite numbers")
+        if not (_finite(self.scale) and self.scale > 0 and _finite(self.offset_ms)):
+            raise ShrinkError("cost table: scale must be > 0 and offset_ms finite")
+
+    # ---- lookups ----
+    def part_ms(self, name: str, n: float) -> float:
+        return _interp(self.grid, self.parts[name], n)
+
+    def merge_ms(self, n: float, r: float, hidden: bool = False) -> float:
+        """The matching + merging step merging ``r`` of ``n`` tokens (bilinear over the grids)."""
+        if r <= 0:
+            return 0.0
+        rows = self.parts["merge_hidden" if hidden else "merge"]
+        col = [_interp(self.grid, [row[j] for row in rows], n) for j in range(len(self.r_grid))]
+        return _interp(self.r_grid, col, r)
+
+    # ---- the prediction ----
+    def terms(self, cand: Candidate) -> list[tuple[str, float]]:
+        """(part, ms) of every term of the sum for ``cand``, in model order (edges first)."""
+        k = self.key
+        kinds = block_kinds(k.depth, cand.removed)
+        sched = cand.schedule(k.depth)
+        counts = token_counts(k.num_tokens, k.num_protected, sched)
+        out = [(f"edges({counts[-1]})", self.part_ms("edges", counts[-1]))]
+        sized = False  # as shrink.tome.apply_tome: a block after a merging block weighs attention by size
+        for i, kind in enumerate(kinds):
+            n, n2, r = counts[i], counts[i + 1], sched[i]
+            if kind == "attn":
+                if r == 0 and not sized:
+                    out.append((f"plain({n})", self.part_ms("plain", n)))
+                else:
+                    out.append((f"attn({n})", self.part_ms("attn", n)))
+                    if r > 0:
+                        out.append((f"merge({n},{n - n2})", self.merge_ms(n, n - n2)))
+                    out.append((f"mlp({n2})", self.part_ms("mlp", n2)))
+            else:
+                out.append((f"free({n})", self.part_ms("free", n)))
+                if r > 0 and cand.tome_policy == "hidden":
+                    out.append((f"merge_hidden({n},{n - n2})", self.merge_ms(n, n - n2, hidden=True)))
+                    out.append((f"mlp({n2})-mlp({n})", self.part_ms("mlp", n2) - self.part_ms("mlp", n)))
+            sized = sized or r > 0
+        return out
+
+    def sum_ms(self, cand: Candidate) -> float:
+        """The plain sum of the table along ``cand``'s token counts (no calibration)."""
+        return sum(v for _, v in self.terms(cand))
+
+    def predict_ms(self, cand: Candidate) -> float:
+        """Predicted latency (ms) of one batch of the whole model under ``cand``."""
+        return self.scale * (self.sum_ms(cand) + self.offset_ms)
+
+    def dense_ms(self) -> float:
+        return self.predict_ms(Candidate())
+
+    def predict_speedup(self, cand: Candidate) -> float:
+        return self.dense_ms() / self.predict_ms(cand)
+
+    # ---- files ----
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "key": self.key.to_dict(), "grid": list(self.grid), "r_grid": list(self.r_grid),
+                "parts": self.parts, "scale": self.scale, "offset_ms": self.offset_ms,
+                "validation": self.validation, "info": self.info}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "cost table") -> CostTable:
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise ShrinkError(f"{where} is not a {SCHEMA} table")
+        try:
+            key = CostKey.from_dict(d["key"])
+            grid, r_grid = d["grid"], d["r_grid"]
+            if not all(isinstance(v, int) for v in [*grid, *r_grid]):
+                raise ShrinkError("grids must hold integers")
+            if not isinstance(d["parts"], dict):
+                raise ShrinkError("parts must be a mapping")
+            validation, info = d.get("validation", []), d.get("info", {})
+            if not isinstance(validation, list) or not isinstance(info, dict):
+                raise ShrinkError("validation / info have the wrong type")
+            return cls(key=key, grid=list(grid), r_grid=list(r_grid), parts=d["parts"], scale=d["scale"],
+                       offset_ms=d["offset_ms"], validation=validation, info=info)
+        except KeyError as e:
+            raise ShrinkError(f"{where} has no {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ShrinkError(f"{where} is malformed: {e}") from None
+        except ShrinkError as e:
+            raise ShrinkError(f"{where}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, expect: CostKey | None = None) -> CostTable:
+        """Read a table; with ``expect`` a table for any other key (versions included) is a ShrinkError."""
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except OSError as e:
+            raise ShrinkError(f"cannot read cost table {p}: {e.strerror or e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShrinkError(f"cost table {p} is not valid JSON: {str(e).splitlines()[0]}") from None
+        table = cls.from_dict(d, f"cost table {p}")
+        if expect is not None:
+            diff = table.key.differences(expect)
+            if diff:
+                raise ShrinkError(f"cost table {p} was measured for another setting ({'; '.join(diff)})")
+        return table
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# The parts as modules (so that every runtime can run them)
+# ------------------------------------------------------------------------------------------------
+
+class _Plain(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _AttnHalf(nn.Module):
+    """x + attention branch, proportional attention on ``size``, and the keys metric (a merging block's first half)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fam = block_family(self.block)
+        metrics: list[torch.Tensor] = []
+
+        def call(attn: nn.Module, h: torch.Tensor, _ctx: dict) -> torch.Tensor:
+            y, metric = attention_with_metric(attn, h, size, metric=True)
+            metrics.append(metric)
+            return y
+
+        return x + fam.attention_branch(self.block, x, {}, attn_call=call), metrics[0]
+
+
+class _MlpHalf(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + block_family(self.block).mlp_branch(self.block, x, {})
+
+
+class _Merge(nn.Module):
+    """Bipartite soft matching of ``r`` on ``metric`` and the size-weighted merge of ``x`` and the sizes."""
+
+    def __init__(self, r: int, num_protected: int, hidden_block: nn.Module | None = None):
+        super().__init__()
+        self.r, self.p = int(r), int(num_protected)
+        self.block = hidden_block  # policy "hidden": the metric is the block's norm2(x)
+
+    def forward(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.block is not None:
+            metric = block_family(self.block).merge_input(self.block, x)
+        m = bipartite_soft_matching(metric, self.r, self.p)
+        if m is None:
+            return x, size
+        return merge_wavg(m, x, size)
+
+
+class _Keep(nn.Module):
+    """Stands for the blocks in the edges model: keeps the first ``n`` tokens."""
+
+    def __init__(self, n: int | None = None):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.n is None else x[:, : self.n]
+
+
+def _edges_model(model: nn.Module, n: int | None) -> nn.Module:
+    """``model`` (shallow copy) with its blocks replaced by :class:`_Keep`: stem + head on ``n`` tokens."""
+    blocks = get_blocks(model)
+    m = copy.copy(model)
+    m._modules = dict(model._modules)
+    name = next(k for k, v in model._modules.items() if v is blocks)
+    m._modules[name] = nn.Sequential(_Keep(n))
+    return m
+
+
+def _free_block(model: nn.Module, index: int) -> nn.Module:
+    """Block ``index`` of a copy of ``model`` with its attention removed (dilute at 0 + export)."""
+    m = copy.deepcopy(model)
+    dilute(m, [index], lam=0.0)
+    m = export(m, inplace=True)
+    blk = get_blocks(m)[index]
+    if not isinstance(blk, AttentionFreeBlock):
+        raise ShrinkError(f"block {index} did not export attention-free ({type(blk).__name__})")
+    return blk
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtimes: a module and its inputs -> a callable that runs it once
+# ------------------------------------------------------------------------------------------------
+
+class _Runtime:
+    def __init__(self, key: CostKey):
+        self.key = key
+        self.device = torch.device(key.device)
+        self.dtype = dtype_of(key.dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prepare(self, module: nn.Module, n_min: int) -> Callable[[tuple[torch.Tensor, ...]], Callable[[], Any]]:
+        """``module`` ready to run; returns ``bind(inputs) -> run()`` (inputs at any token count >= n_min)."""
+        module = module.to(self.device, self.dtype).eval()
+
+        def bind(inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+            inputs = tuple(t.to(self.device, self.dtype if t.is_floating_point() else t.dtype) for t in inputs)
+
+            def run() -> Any:
+                with torch.inference_mode():
+                    return module(*inputs)
+            return run
+        return bind
+
+
+class _Compiled(_Runtime):
+    def prepare(self, module, n_min):
+        module = module.to(self.device, self.dtype).eval()
+        compiled = torch.compile(module, dynamic=False)
+
+        def bind(inputs):
+            inputs = tuple(t.to(self.device, self.dtype) for t in inputs)
+
+            def run():
+                with torch.inference_mode():
+                    return compiled(*inputs)
+            return run
+        return bind
+
+
+class _Ort(_Runtime):
+    """Each part exported once to ONNX with a dynamic token axis (every input's dim 1), one session."""
+
+    def prepare(self, module, n_min):
+        module = module.float().cpu().eval()
+        state: dict[str, Any] = {}
+
+        def bind(inputs):
+            if "session" not in state:
+                state["session"] = self._export(module, inputs, n_min)
+            session = state["session"]
+            names = [i.name for i in session.get_inputs()]
+            feed = {nm: t.float().cpu().numpy() for nm, t in zip(names, inputs, strict=True)}
+
+            def run():
+                return session.run(None, feed)
+            return run
+        return bind
+
+    def _export(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], n_min: int) -> Any:
+        import onnxruntime as ort
+
+        from ..bench.ort import _options, _providers
+        from ..deploy import _translation_table, require_deploy_extra
+
+        require_deploy_extra()
+        n = torch.export.Dim("n", min=max(n_min, 2), max=self.key.num_tokens)
+        dyn = tuple({1: n} if t.dim() == 3 else None for t in inputs)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(module, tuple(t.float().cpu() for t in inputs), dynamic_shapes=dyn)
+            with contextlib.redirect_stdout(io.StringIO()):
+                proto = torch.onnx.export(ep, (), dynamo=True, optimize=True, verbose=False,
+                                          custom_translation_table=_translation_table()).model_proto
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ShrinkError(f"cost table: ONNX export of part {type(module).__name__} failed: {first}") from e
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=_options(self.key.threads),
+                                    providers=_providers(self.device))
+
+
+def _runtime(key: CostKey) -> _Runtime:
+    return {"eager": _Runtime, "compile": _Compiled, "onnxruntime": _Ort}[key.runtime](key)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the table
+# ------------------------------------------------------------------------------------------------
+
+def token_grid(num_tokens: int, num_protected: int, step: int) -> list[int]:
+    """Every ``step`` tokens down from ``num_tokens``, and the fewest a plan can leave (protected + 1)."""
+    if step < 1:
+        raise ShrinkError(f"token_step must be >= 1, got {step}")
+    low = num_protected + 1
+    return sorted({*range(num_tokens, low, -step), low, num_tokens})
+
+
+def r_grid_for(num_tokens: int, num_protected: int) -> list[int]:
+    top = max(1, max_merge(num_tokens, num_protected))
+    return sorted({*(2 ** i for i in range(int(math.log2(top)) + 1)), top})
+
+
+def _interleaved(timers: dict[Any, Callable[[], Any]], warmup: int, repeats: int, sync: Callable[[], None],
+                 progress: bool, desc: str, stat: Callable[[list[float]], float] = statistics.median) -> dict[Any, float]:
+    """``stat`` (median) of the ms of each timer: every repeat runs every timer once, the order rotating."""
+    from tqdm.auto import tqdm
+
+    keys = list(timers)
+    got: dict[Any, list[float]] = {k: [] for k in keys}
+    with tqdm(total=(warmup + repeats) * len(keys), desc=desc, unit="call", disable=not progress, leave=False) as bar:
+        for rep in range(warmup + repeats):
+            shift = rep % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                sync()
+                t0 = time.perf_counter()
+                timers[k]()
+                sync()
+                if rep >= warmup:
+                    got[k].append((time.perf_counter() - t0) * 1e3)
+                bar.update()
+    return {k: stat(v) for k, v in got.items()}
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, repeats: int = 5, warmup: int = 2,
+                     progress: bool = True, validate: Sequence[Candidate] | None = None) -> CostTable:
+    """Time every part of ``model`` (a dense timm ViT, not changed) under ``key`` and return the table.
+
+    ``validate``: plans whose whole models are measured after the parts, interleaved with the dense
+    model, to calibrate the sum (``scale``, ``offset_ms``) and record its error (``validation``);
+    None takes a default set, [] skips it (scale 1, offset 0).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ShrinkError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    t_start = time.perf_counter()
+    model = copy.deepcopy(model).float().cpu().eval()
+    blocks = get_blocks(model)
+    if len(blocks) != key.depth:
+        raise ShrinkError(f"the model has {len(blocks)} blocks; the cost key says {key.depth}")
+    b, p, n0 = key.batch_size, key.num_protected, key.num_tokens
+    rt = _runtime(key)
+    grid, rg = token_grid(n0, p, token_step), r_grid_for(n0, p)
+    dim = _embed_dim(model, key)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(b, n0, dim, generator=gen)
+    block = blocks[min(1, len(blocks) - 1)]  # a block as the model runs it (all blocks of one model are alike)
+    free = _free_block(model, min(1, len(blocks) - 1))
+
+    def tok(n: int) -> torch.Tensor:
+        return x0[:, :n].contiguous()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(b, n, 1)
+
+    timers: dict[tuple, Callable[[], Any]] = {}
+    with _threads(key.threads):
+        prepared = {"plain": rt.prepare(_Plain(copy.deepcopy(block)), grid[0]),
+                    "attn": rt.prepare(_AttnHalf(copy.deepcopy(block)), grid[0]),
+                    "mlp": rt.prepare(_MlpHalf(copy.deepcopy(block)), grid[0]),
+                    "free": rt.prepare(_Plain(copy.deepcopy(free)), grid[0])}
+        metric_dim = _metric_dim(block, x0)
+        for n in reversed(grid):  # the first bind exports (onnxruntime): at the most tokens
+            timers[("plain", n)] = prepared["plain"]((tok(n),))
+            timers[("attn", n)] = prepared["attn"]((tok(n), ones(n)))
+            timers[("mlp", n)] = prepared["mlp"]((tok(n),))
+            timers[("free", n)] = prepared["free"]((tok(n),))
+        # ONNX Runtime: the merge step's shapes depend on n's parity and r, so no one export covers a token
+        # range; it is timed in eager torch (a small share of a block; its error shows in the validation)
+        merge_rt = _Runtime(key) if key.runtime == "onnxruntime" else rt
+        for hidden in (False, True):
+            name = "merge_hidden" if hidden else "merge"
+            for r in rg:
+                lo = 2 * r + p  # max_merge(n) >= r from here on
+                if lo > n0:
+                    continue
+                bind = merge_rt.prepare(_Merge(r, p, copy.deepcopy(free) if hidden else None), lo)
+                for n in grid:
+                    if n >= lo:
+                        metric = torch.randn(b, n, metric_dim, generator=gen)
+                        timers[(name, n, r)] = bind((tok(n), metric, ones(n)))
+        edges = _edges_timers(model, key, rt, grid)
+        timers.update(edges)
+        _logger.info("cost table: timing %d parts x %d repeats (%s)", len(timers), repeats, key)
+        # the fastest repeat of each part: other load on the machine only ever adds time to a part
+        ms = _interleaved(timers, warmup, repeats, rt.sync, progress, "cost table", stat=min)
+    parts: dict[str, Any] = {name: [ms[(name, n)] for n in grid] for name in ("plain", "attn", "mlp", "free")}
+    timed = sorted(n for name, n, *_ in ms if name == "edges")
+    parts["edges"] = [_interp(timed, [ms[("edges", t)] for t in timed], n) for n in grid]
+    for name in PARTS_NR:
+        rows = []
+        for n in grid:
+            cap = max_merge(n, p)
+            # r beyond what n allows is capped (as bipartite_soft_matching does): the largest timed r <= cap
+            rows.append([0.0 if cap == 0 else ms[(name, n, max(v for v in rg if v <= min(r, cap)))] for r in rg])
+        parts[name] = rows
+    table = CostTable(key=key, grid=grid, r_grid=rg, parts=parts,
+                      info={"merge_runtime": "eager" if key.runtime == "onnxruntime" else key.runtime,
+                            "token_step": token_step, "repeats": repeats, "warmup": warmup,
+                            "parts_s": round(time.perf_counter() - t_start, 1), "timers": len(timers)})
+    if validate is None:
+        validate = default_validation(key)
+    if validate:
+        calibrate(table, model, list(validate), repeats=repeats, warmup=warmup, progress=progress)
+    table.info["build_s"] = round(time.perf_counter() - t_start, 1)
+    return table
+
+
+def _edges_timers(model: nn.Module, key: CostKey, rt: _Runtime, grid: list[int]) -> dict[tuple, Callable]:
+    x = torch.randn(key.batch_size, *key.input_size, generator=torch.Generator().manual_seed(1))
+    if key.runtime == "onnxruntime":  # one export: stem + head on all tokens (the head's share of fewer is small)
+        return {("edges", key.num_tokens): _whole_runner(_edges_model(model, None), key, rt)}
+    out = {}
+    for n in _coarse(grid):  # the head's cost hardly depends on the token count: every 4th grid point
+        out[("edges", n)] = rt.prepare(_edges_model(model, n), grid[0])((x,))
+    return out
+
+
+def _coarse(grid: list[int]) -> list[int]:
+    return sorted({*grid[::4], grid[-1]})
+
+
+def _embed_dim(model: nn.Module, key: CostKey) -> int:
+    seen: list[int] = []
+    blocks = get_blocks(model)
+    hook = blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[-1])))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *key.input_size))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _metric_dim(block: nn.Module, x: torch.Tensor) -> int:
+    with torch.inference_mode():
+        _, metric = _AttnHalf(block)(x[:1, :8], torch.ones(1, 8, 1))
+    return int(metric.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models: plans as models, and their measurement (calibration, benchmark)
+# ------------------------------------------------------------------------------------------------
+
+def build_plan_model(base: nn.Module, cand: Candidate) -> nn.Module:
+    """A copy of ``base`` under ``cand``: its removed blocks exported attention-free, then ToMe."""
+    from ..bench.spec import build_variant
+
+    variant = ("pruned" if cand.removed else "dense") + ("+tome" if cand.tome_r else "")
+    return build_variant(base, variant, list(cand.removed) or None, cand.tome_r, cand.tome_start_idx,
+                         cand.tome_policy, cand.tome_inflection)
+
+
+def _whole_runner(model: nn.Module, key: CostKey, rt: _Runtime) -> Callable[[], Any]:
+    x = torch.randn(key.batch_size, *key.input_size, generator=torch.Generator().manual_seed(1))
+    if key.runtime == "onnxruntime":
+        from ..bench.ort import build_session
+
+        session, _ = build_session(model, key.input_size, torch.device(key.device), key.threads,
+                                   example_batch=max(2, key.batch_size))
+        name = session.get_inputs()[0].name
+        feed = {name: x.numpy()}
+        return lambda: session.run(None, feed)
+    return rt.prepare(model, 1)((x,))
+
+
+def measure_models(base: nn.Module, key: CostKey, cands: Sequence[Candidate], *, repeats: int = 5, warmup: int = 2,
+                   progress: bool = True) -> list[float]:
+    """Median ms of one batch of each plan's whole model (``base`` under ``cand``), interleaved."""
+    rt = _runtime(key)
+    with _threads(key.threads):
+        timers = {i: _whole_runner(build_plan_model(base, c), key, rt) for i, c in enumerate(cands)}
+        ms = _interleaved(timers, warmup, repeats, rt.sync, progress, "whole models")
+    return [ms[i] for i in range(len(cands))]
+
+
+def default_validation(key: CostKey) -> list[Candidate]:
+    """The dense model (for the scale) and one plan that removes half the attention and merges tokens
+    (the check of the sum)."""
+    half = tuple(range(key.depth // 2))
+    r = max(1, max_merge(key.num_tokens, key.num_protected) // max(key.depth, 1))
+    return [Candidate(), Candidate(removed=half, tome_r=r)]
+
+
+def calibrate(table: CostTable, model: nn.Module, cands: list[Candidate], *, repeats: int = 5, warmup: int = 2,
+              progress: bool = True) -> None:
+    """Measure ``cands`` (the first is the dense model) as whole models, interleaved; ``scale`` = measured /
+    summed ms of the first (a common factor, so predicted speed-ups are the sums' ratios), and record
+    each plan's summed, predicted and measured ms and speed-ups in ``table.validation``."""
+    measured = measure_models(model, table.key, cands, repeats=repeats, warmup=warmup, progress=progress)
+    sums = [table.sum_ms(c) for c in cands]
+    table.scale, table.offset_ms = measured[0] / sums[0], 0.0
+    dense_m, dense_p = measured[0], table.predict_ms(cands[0])
+    table.validation = [
+        {"candidate": c.as_dict(), "sum_ms": s, "predicted_ms": table.predict_ms(c), "measured_ms": m,
+         "sum_speedup": sums[0] / s, "predicted_speedup": dense_p / table.predict_ms(c),
+         "measured_speedup": dense_m / m}
+        for c, s, m in zip(cands, sums, measured, strict=True)]
+    for v in table.validation:
+        _logger.info("cost table check: %s sum %.1f ms, predicted %.1f ms, measured %.1f ms",
+                     v["candidate"], v["sum_ms"], v["predicted_ms"], v["measured_ms"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache
+# ------------------------------------------------------------------------------------------------
+
+def cache_path(cache_dir: str | Path, key: CostKey) -> Path:
+    """One file per model, input, device, dtype, batch, threads and runtime (versions are checked inside)."""
+    raw = (f"{key.model}_{'x'.join(map(str, key.input_size))}_{key.device}_{key.dtype}_b{key.batch_size}_"
+           f"t{key.threads or 'default'}_{key.runtime}")
+    return Path(cache_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "-", raw) + ".json")
+
+
+def cached_cost_table(model: nn.Module, model_name: str, *, cache_dir: str | Path, device: str = "cpu",
+                      dtype: str = "fp32", batch_size: int = 16, threads: int | None = None, runtime: str = "eager",
+                      img_size: int | None = None, rebuild: bool = False, token_step: int = 8, repeats: int = 5,
+                      warmup: int = 2, progress: bool = True) -> CostTable:
+    """The table for these settings from ``cache_dir``, or built and saved there.
+
+    A cached file for another key (other library versions, another CPU) is never used: its one-line
+    reason is logged and the table is rebuilt; an unreadable or corrupt file is a ShrinkError (delete
+    it or pass ``rebuild=True``)."""
+    key = cost_key_for(model, model_name, device=device, dtype=dtype, batch_size=batch_size, threads=threads,
+                       runtime=runtime, img_size=img_size)
+    path = cache_path(cache_dir, key)
+    if path.exists() and not rebuild:
+        try:
+            table = CostTable.load(path, expect=None)
+        except ShrinkError as e:
+            raise ShrinkError(f"{e} (delete it or rebuild the table)") from None
+        diff = table.key.differences(key)
+        if not diff:
+            _logger.info("cost table: using %s", path)
+            return table
+        _logger.warning("cost table %s was measured for another setting (%s): rebuilding it", path, "; ".join(diff))
+    with _threads(threads):
+        table = build_cost_table(model, key, token_step=token_step, repeats=repeats, warmup=warmup, progress=progress)
+    table.save(path)
+    _logger.info("cost table: built in %.0f s, saved to %s", table.info["build_s"], path)
+    return table
