@@ -146,11 +146,11 @@ class CostKey:
         return cls(**{**d, "input_size": tuple(d["input_size"])})
 
     def differences(self, other: CostKey) -> list[str]:
-        """``field: mine != theirs`` for every field that differs (versions one by one)."""
+        """``field: table X, wanted Y`` (self is the table's key) for every field that differs, versions one by one."""
         a, b = self.to_dict(), other.to_dict()
-        out = [f"{k}: {a[k]} != {b[k]}" for k in a if k != "versions" and a[k] != b[k]]
+        out = [f"{k}: table {a[k]}, wanted {b[k]}" for k in a if k != "versions" and a[k] != b[k]]
         va, vb = a["versions"], b["versions"]
-        out += [f"{k} {va.get(k)} != {vb.get(k)}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        out += [f"{k}: table {va.get(k)}, wanted {vb.get(k)}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
         return out
 
 
