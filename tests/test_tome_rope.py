@@ -206,6 +206,8 @@ def test_r0_is_timm_and_merging_counts_and_finite(key):
     assert counts == expected_counts(n0, npt, [1] * len(model.blocks)) and counts[-1] < n0
     y = model(x)
     assert torch.isfinite(y).all() and maxdiff(y, ref) > 0
+    shrink.apply_tome(model, r=1, prop_attn=False)  # no size weights: the rope still follows the tokens
+    assert torch.isfinite(model(x)).all() and tome_token_counts(model, input_size=img_size(key)) == counts
     # dense outputs come back on the full patch grid; the block before the first merge is timm's
     shrink.apply_tome(model, r=[0, 1, 1])
     inter = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
@@ -273,8 +275,7 @@ def test_refusals_are_one_line():
 # Compile and deployment of merged models
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("key", ["dinov3-rope", "rope-mixed", "eva-postnorm"])
+@pytest.mark.parametrize("key", ["dinov3-rope", "eva-postnorm"])  # one per block family, ~7 s each
 def test_compiled_merged_model_matches_eager_without_recompiling(key):
     from torch._dynamo.utils import counters
 
@@ -293,8 +294,8 @@ def test_compiled_merged_model_matches_eager_without_recompiling(key):
     torch._dynamo.reset()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("key", ["dinov3-rope", "rope-mixed", "eva-postnorm"])
+@pytest.mark.slow  # ~55 s each on a loaded 2-core machine
+@pytest.mark.parametrize("key", ["rope-mixed", "eva-postnorm"])
 def test_merged_model_exports_to_pt2_and_onnx(key):
     pytest.importorskip("onnxruntime")
     from shrink import deploy
