@@ -236,6 +236,7 @@ def _reset_tome_state(model: nn.Module) -> None:
         st = tome.tome_state(model)
         st.size = None
         st.source = None
+        st.tracked = {}  # per-token positions / members (shrink.tome_rope, shrink.tome_relpos)
         st.last_block = sys.maxsize
 
 
