@@ -56,7 +56,7 @@ def merge_groups(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         state.trace_source = was_tracing
         model.train(was_training)
     gh, gw = _grid(model, image.shape[-2], image.shape[-1])
-    patches = source[0, :, model.num_prefix_tokens:]  # (tokens, patches)
+    patches = source[0, :, state.num_protected:]  # (tokens, patches); CaiT: no prefix token in the blocks
     if patches.shape[1] != gh * gw:
         raise ShrinkError(f"source map has {patches.shape[1]} patches, expected a {gh}x{gw} grid")
     return patches.argmax(dim=0).reshape(gh, gw).cpu()
