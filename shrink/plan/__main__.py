@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help=f"timm model name (default: the saved one for a --finetune folder, "
                                                  f"else {DEFAULT_MODEL})")
-    m.add_argument("--finetune", default=None,
+    m.add_argument("--finetune", "--checkpoint", dest="finetune", default=None,
                    help="starting weights: DeiT .pth, .safetensors or a shrink.save folder (written into plan.yaml as "
                         "finetune)")
     m.add_argument("--pretrained", action="store_true",

@@ -470,7 +470,7 @@ def write_outputs(res: SearchResult, out: str | Path, *, table: Any, base_config
             "candidate": c.candidate.as_dict(), "schedule": None, "tokens": c.tokens, "proxy": c.score.as_dict(),
             "gmacs": c.gmacs, "removal_order": list(res.order), "config": cfg, "tome_eval": eval_only,
             "best_reachable": res.best_reachable, "candidates": len(res.entries), "meeting_target": res.meeting,
-            "scored": len(res.scored)}
+            "scored": len(res.scored), "cost_validation": getattr(table, "validation", None)}
     plan["schedule"] = c.candidate.schedule(len(c.tokens) - 1)
     paths["plan.json"] = atomic_write_json(out / "plan.json", plan)
     paths["pareto.json"] = atomic_write_json(out / "pareto.json", {
