@@ -374,3 +374,18 @@ def test_cli_output_dir_that_holds_other_files(tmp_path, capsys):
     (tmp_path / "o" / "notes.txt").write_text("mine")
     assert main(["--target-speedup", "1.5", "--output-dir", str(tmp_path / "o")]) == 2
     assert "did not write" in capsys.readouterr().err
+
+
+def test_the_check_scripts_spearman_by_hand():
+    """scripts/plan_proxy_check.py computes Spearman itself (scipy may be missing): known values, ties averaged."""
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("plan_proxy_check", ROOT / "scripts" / "plan_proxy_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert mod.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # 0.8
+    assert mod.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3))
+    assert mod.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
