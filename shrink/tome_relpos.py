@@ -126,6 +126,13 @@ def _attention_bias(bias: torch.Tensor | None, size: torch.Tensor | None, dtype:
     return bias if prop is None else bias + prop
 
 
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, D) -> (B, N, H * D)`` through a contiguous copy: the layout of a fused attention's output
+    differs between tracing and the ONNX decomposition, and a ``reshape`` traced as a view fails there."""
+    B, _, N, _ = out.shape
+    return out.transpose(1, 2).clone(memory_format=torch.contiguous_format).reshape(B, N, -1)
+
+
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             scale: float) -> torch.Tensor:
     if attn.fused_attn:
@@ -175,7 +182,7 @@ def beit_kernel(attn: nn.Module, x: torch.Tensor, call: AttentionCall) -> tuple[
     else:
         mask = _attention_bias(merge_bias(bias, N, call), call.size, q.dtype)
         out = _attend(attn, q, k, v, mask, attn.scale)
-    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    out = attn.proj_drop(attn.proj(_merge_heads(out)))
     return out, (k.mean(dim=1) if call.metric else None)
 
 
@@ -217,7 +224,7 @@ def relpos_kernel(attn: nn.Module, x: torch.Tensor, call: AttentionCall) -> tupl
     else:
         mask = _attention_bias(merge_bias(bias, N, call), call.size, q.dtype)
         out = _attend(attn, q, k, v, mask, attn.scale)
-    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    out = attn.proj_drop(attn.proj(_merge_heads(out)))
     return out, (k.mean(dim=1) if call.metric else None)
 
 
@@ -242,8 +249,23 @@ def _members(x: torch.Tensor, state: Any) -> torch.Tensor:
     return init_source(x.shape[0], x.shape[1], x.device)
 
 
+def _after_merges_take_the_kernel(model: nn.Module) -> None:
+    """Without proportional attention (``prop_attn=False``) apply_tome runs the blocks after a merge as
+    plain timm blocks (nothing to weigh); here the bias must still follow the merged tokens, so they take
+    the kernel (with no size: ``log(size)`` is left out as asked)."""
+    blocks = sorted((m for m in model.modules() if hasattr(m, "tome_sized") and hasattr(m, "tome_r")),
+                    key=lambda m: m.tome_index)
+    merged = False
+    for b in blocks:
+        if merged:
+            b.tome_sized = True
+        merged = merged or b.tome_r > 0
+
+
 def _install(model: nn.Module, state: Any):
     state.trackers[TRACKER] = _members
+    if not state.prop_attn:
+        _after_merges_take_the_kernel(model)
     undo_bind = bind_methods(model, forward_head=_tome_forward_head)
 
     def undo() -> None:
