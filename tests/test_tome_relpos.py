@@ -142,6 +142,11 @@ def test_r0_is_timm_and_merging_counts_and_exported_models(key):
     # dense outputs unmerge onto the full patch grid
     _, inter = model.forward_intermediates(x, indices=[0, 2], output_fmt="NCHW")
     assert all(t.shape == (2, 32, 2, 2) for t in inter)
+    model.train()  # training through merged biases: gradients reach the tables / bias MLPs
+    model(x).sum().backward()
+    tables = [p for n, p in model.named_parameters() if "rel_pos" in n or "relative_position" in n]
+    assert tables and all(p.grad is not None and torch.isfinite(p.grad).all() for p in tables)
+    model.eval()
     shrink.remove_tome(model)
     assert maxdiff(model(x), ref) == 0.0
     small = shrink.export(shrink.dilute(copy.deepcopy(model), [0], lam=0.0))
