@@ -292,21 +292,3 @@ def test_compiled_merged_model_matches_eager_without_recompiling(key):
     assert maxdiff(f(x2), model(x2)) <= 1e-5
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for a new batch of the same shape
     torch._dynamo.reset()
-
-
-@pytest.mark.slow  # ~55 s each on a loaded 2-core machine
-@pytest.mark.parametrize("key", ["rope-mixed", "eva-postnorm"])
-def test_merged_model_exports_to_pt2_and_onnx(key):
-    pytest.importorskip("onnxruntime")
-    from shrink import deploy
-
-    model, x = build(key), images(key)
-    prep = deploy.prepare_model(model, tome_r=1)
-    y = prep(x)
-    assert maxdiff(y, model(x)) > 0  # it merges
-    ep = deploy.export_program(prep, input_size=tuple(x.shape[1:]), batch_size=2)
-    assert maxdiff(ep.module()(x), y) <= 1e-5
-    proto = deploy.to_onnx(prep, input_size=tuple(x.shape[1:]), batch_size=2)
-    sess = deploy.load_onnx_session(proto.SerializeToString())
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert abs(out - y.detach().numpy()).max() <= 1e-5
