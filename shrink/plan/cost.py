@@ -23,7 +23,8 @@ order rotating); the fastest repeat of each part is kept (other load only adds t
 models (the dense one and a plan) in the same process, interleaved (median of the repeats, as
 ``benchmark.py``): the dense model's measured / summed ms is ``scale`` (predicted ms = ``scale`` x
 (sum + ``offset_ms``), offset 0 unless set), a common factor, so a predicted speed-up is the ratio of
-two sums; the plan's predicted and measured speed-ups are kept in ``validation`` (the error of the sum).
+two sums; the plan's predicted and measured speed-ups are kept in ``validation`` (the error of the
+sum). See docs/cost_model.md.
 
 Runtimes: ``eager`` (the modules), ``compile`` (``torch.compile(dynamic=False)`` per part and shape:
 slow to build), ``onnxruntime`` (each part exported once with a dynamic token axis, one session
@@ -36,6 +37,7 @@ threads, so a table for other versions is replaced, never used).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import io
@@ -200,15 +202,20 @@ def _cpu_name() -> str:
 # The table and the prediction
 # ------------------------------------------------------------------------------------------------
 
+def _bracket(xs: Sequence[float], x: float) -> tuple[int, int, float]:
+    """(lo, hi, t) with x = xs[lo] + t (xs[hi] - xs[lo]) on ascending ``xs``, clamped at the ends."""
+    if x <= xs[0]:
+        return 0, 0, 0.0
+    if x >= xs[-1]:
+        return len(xs) - 1, len(xs) - 1, 0.0
+    hi = bisect.bisect_left(xs, x)
+    lo = hi - 1
+    return lo, hi, (x - xs[lo]) / (xs[hi] - xs[lo])
+
+
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Linear interpolation on ascending ``xs`` (clamped at the ends)."""
-    if x <= xs[0]:
-        return float(ys[0])
-    if x >= xs[-1]:
-        return float(ys[-1])
-    hi = next(i for i, v in enumerate(xs) if v >= x)
-    lo = hi - 1
-    t = (x - xs[lo]) / (xs[hi] - xs[lo])
+    lo, hi, t = _bracket(xs, x)
     return float(ys[lo] + t * (ys[hi] - ys[lo]))
 
 
@@ -224,6 +231,7 @@ class CostTable:
     offset_ms: float = 0.0
     validation: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    _sums: dict[Candidate, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         g, rg = self.grid, self.r_grid
@@ -251,7 +259,8 @@ class CostTable:
         if r <= 0:
             return 0.0
         rows = self.parts["merge_hidden" if hidden else "merge"]
-        col = [_interp(self.grid, [row[j] for row in rows], n) for j in range(len(self.r_grid))]
+        lo, hi, t = _bracket(self.grid, n)
+        col = [a + t * (b - a) for a, b in zip(rows[lo], rows[hi], strict=True)]
         return _interp(self.r_grid, col, r)
 
     # ---- the prediction ----
@@ -283,7 +292,9 @@ class CostTable:
 
     def sum_ms(self, cand: Candidate) -> float:
         """The plain sum of the table along ``cand``'s token counts (no calibration)."""
-        return sum(v for _, v in self.terms(cand))
+        if cand not in self._sums:  # the search asks for the same plans (and the dense model) many times
+            self._sums[cand] = sum(v for _, v in self.terms(cand))
+        return self._sums[cand]
 
     def predict_ms(self, cand: Candidate) -> float:
         """Predicted latency (ms) of one batch of the whole model under ``cand``."""
@@ -468,6 +479,16 @@ class _Runtime:
 
 
 class _Compiled(_Runtime):
+    def __init__(self, key: CostKey):
+        super().__init__(key)
+        # one compilation per part and shape: dynamo's per-code recompile limit would silently fall back to eager
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 100_000))
+
     def prepare(self, module, n_min):
         module = module.to(self.device, self.dtype).eval()
         compiled = torch.compile(module, dynamic=False)
