@@ -1,6 +1,7 @@
 """From plan to trained model on the embedded digits model: ``python -m shrink.plan`` with a tiny cost
-table writes plan.yaml, ``main_lambda.py --config plan.yaml`` trains exactly that plan, and an
-impossible target is one line naming the best reachable speed-up."""
+table writes plan.yaml, ``benchmark.py --plan`` measures it against the dense model with the planner's
+prediction beside, ``main_lambda.py --config plan.yaml`` trains exactly that plan, and an impossible
+target is one line naming the best reachable speed-up."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,15 @@ def test_plan_then_train_the_plan(tmp_path, capsys):
     assert err.count("\n") == 0 and re.search(r"--target-speedup 1000 is out of reach on cpu: the best reachable is "
                                               r"\d+\.\d{3}x predicted", err), err
     assert not bad_dir.exists()
+
+    # benchmark.py measures the plan against the dense model, the planner's prediction beside it
+    res = run([sys.executable, "benchmark.py", "--plan", str(plan_dir / "plan.yaml"), "--batch-size", "4",
+               "--threads", "1", "--warmup", "0", "--iters", "1", "--repeats", "1", "--no-latency", "--no-progress",
+               "--json", str(tmp_path / "bench.json")], timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["plan"]["predicted_speedup"] == pytest.approx(plan["predicted_speedup"])
+    assert bench["plan"]["candidate"] == cand and bench["plan"]["speedup"] > 0
 
     # main_lambda.py trains exactly that plan
     res = run([sys.executable, "main_lambda.py", "--config", str(plan_dir / "plan.yaml"), "--epochs", "1",
