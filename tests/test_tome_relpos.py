@@ -4,7 +4,7 @@ bias tables) and the RelPos ViTs (RelPosMlp / RelPosBias per block or shared, po
 The bias between merged tokens is the mean over the pairs of their input tokens: checked against an
 explicit double loop on a small grid, and end to end (two identical patches whose bias rows and columns
 are equal merge exactly). Plus: r = 0 is timm, the kernels equal the modules before any merge, token
-counts, exported models, size-weighted pooling, torch.compile, ONNX and .pt2."""
+counts, exported models, size-weighted pooling, torch.compile (merged .pt2 / ONNX export: tests/test_blocks.py)."""
 from __future__ import annotations
 
 import copy
@@ -245,7 +245,7 @@ def test_average_pooling_weighs_merged_tokens_by_size_and_unknown_rel_pos_is_ref
     shrink.apply_tome(model, r=0)
 
 
-# ---- compile and deployment ---------------------------------------------------------------------------
+# ---- torch.compile (merged pt2 / ONNX export of BEiT and RelPos: tests/test_blocks.py EXPORTED) ---------
 
 @pytest.mark.parametrize("key", ["beit", "relpos-shared", "relpos-respost"])  # one per block family
 def test_compiled_merging_model_equals_eager_without_recompiling(key):
@@ -263,22 +263,3 @@ def test_compiled_merging_model_equals_eager_without_recompiling(key):
         assert maxdiff(y1, model(x1)) <= 1e-5 and maxdiff(y2, model(x2)) <= 1e-5
     assert tome_state(model).size.shape[1] < 5
     torch._dynamo.reset()
-
-
-@pytest.mark.slow  # two ONNX exports (about 15 s each on 2 cores)
-@pytest.mark.parametrize("key", ["beit-shared-bias", "relpos"])
-def test_merged_models_export_to_pt2_and_onnx(key):
-    pytest.importorskip("onnxruntime")
-    from shrink import deploy
-
-    model, x = build(key), images(key)
-    small = shrink.export(shrink.dilute(copy.deepcopy(model), [0], lam=0.0))
-    prep = deploy.prepare_model(small, tome_r=1, tome_policy="hidden")
-    y = prep(x)
-    assert tome_state(prep).size is not None  # merged tokens reached the attention blocks
-    ep = deploy.export_program(prep, input_size=tuple(x.shape[1:]), batch_size=2)
-    assert maxdiff(ep.module()(x), y) <= 1e-5
-    proto = deploy.to_onnx(prep, input_size=tuple(x.shape[1:]), batch_size=2)
-    sess = deploy.load_onnx_session(proto.SerializeToString())
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert abs(out - y.detach().numpy()).max() <= 1e-5
