@@ -79,7 +79,7 @@ ORDER = [4, 1, 5, 2, 0]
 
 @pytest.fixture(scope="module")
 def cands():
-    return enumerate_candidates(ORDER, DEPTH, TOKENS, PROT, r_values=[0, 1, 2, 4])
+    return enumerate_candidates(ORDER, DEPTH, TOKENS, PROT)  # r in {0, 1, 2, 3} and the most merging (8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,6 +90,7 @@ def test_r_grid_matches_the_model_size():
     assert r_grid(17, 1, 12) == [0, 1, 2]  # the digits model: 16 patches over 12 blocks
     assert r_grid(197, 1, 12) == [0, 2, 4, 6, 8, 10, 12, 14, 16]  # a 224 px ViT-S/16
     assert r_grid(3, 1, 12) == [0, 1]
+    assert r_grid(17, 1, 6) == [0, 1, 2, 3]
 
 
 def test_candidates_are_distinct_valid_and_hold_the_most_merging(cands):
@@ -103,7 +104,8 @@ def test_candidates_are_distinct_valid_and_hold_the_most_merging(cands):
         assert Candidate(tuple(sorted(ORDER[:j])), 8, 0.0, 0, "hidden") in cands
     final = {c: token_counts(TOKENS, PROT, c.schedule(DEPTH))[-1] for c in cands}
     assert min(final.values()) == 2 and final[Candidate((), 8, 0.0, 0, "hidden")] == 2  # 17 -> 9 -> 5 -> 3 -> 2
-    assert Candidate() in cands and {c.tome_r for c in cands} == {0, 1, 2, 4, 8}
+    assert Candidate() in cands and {c.tome_r for c in cands} == {0, 1, 2, 3, 8}
+    assert {c.tome_r for c in enumerate_candidates(ORDER, DEPTH, TOKENS, PROT, r_values=[2])} == {0, 2}
     # with every layer of the order removed one attention block is left: start 1 / 2 are not possible there
     assert not any(len(c.removed) == 5 and c.tome_start_idx > 0 and c.tome_policy == "none" for c in cands)
     # r = 0 once per removal set

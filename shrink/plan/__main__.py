@@ -255,7 +255,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
                             train_transform=False, synthetic_size=args.calib_images, num_classes=num_classes)
     images, labels = load_calibration(calibration_subset(dataset, args.calib_images, seed=args.seed),
                                       num_workers=0 if args.data_set in ("digits", "synthetic") else args.num_workers)
-    k = depth - 1 if args.max_remove is None else min(args.max_remove, depth - 1)
+    from ..criteria import candidate_layers
+
+    k = min(depth - 1 if args.max_remove is None else args.max_remove, depth - 1, len(candidate_layers(model)))
     t_sel = time.perf_counter()
     if parsed["order"] is not None:
         from ..dilution import validate_layers

@@ -145,12 +145,14 @@ def enumerate_candidates(
     merging: bool = True,
 ) -> list[Candidate]:
     """Every distinct candidate: prefixes of ``order`` (none to all) x r x inflection x start x policy,
-    and for each prefix the most merging it allows. Combinations ``apply_tome`` would refuse (a start block past the last
-    attention block, policy ``none`` without attention) are skipped; of candidates that merge the same
-    tokens in the same blocks after the same removal, the first (simplest) is kept."""
+    and (unless ``r_values`` is given) for each prefix the most merging it allows. Combinations
+    ``apply_tome`` would refuse (a start block past the last attention block, policy ``none`` without
+    attention) are skipped; of candidates that merge the same tokens in the same blocks after the same
+    removal, the first (simplest) is kept."""
     order = [int(i) for i in order]
     if len(set(order)) != len(order):
         raise ShrinkError(f"the removal order repeats a block: {order}")
+    most = merging and r_values is None  # the default space holds each removal set's most merging
     r_values = sorted({int(r) for r in (r_values if r_values is not None else
                                         r_grid(num_tokens, num_protected, depth))} | {0}) if merging else [0]
     inflections, start_idxs, policies = list(inflections), list(start_idxs), list(policies)
@@ -170,7 +172,7 @@ def enumerate_candidates(
     cap = max_merge(num_tokens, num_protected)
     for j in range(len(order) + 1):
         removed = tuple(order[:j])
-        if merging:  # the most this removal set can merge: every block from the first attention one, r = cap
+        if most:  # the most this removal set can merge: every block from the first attention one, r = cap
             add(Candidate(removed, cap, 0.0, 0, "hidden"))
         for r in r_values:
             if r == 0:
