@@ -19,9 +19,11 @@ from shrink.plan.cost import (
     cache_path,
     cached_cost_table,
     cost_key_for,
+    smooth_parts,
     token_grid,
 )
 from shrink.tome import tome_token_counts
+from shrink.tome_merge import max_merge
 from tests.conftest import tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,3 +251,17 @@ def test_build_refuses_a_key_of_another_model():
     model = _tiny()
     with pytest.raises(ShrinkError, match="blocks"):
         build_cost_table(model, _key(depth=3, num_tokens=17), repeats=1, warmup=0, progress=False, validate=[])
+
+
+def test_smoothing_keeps_a_quadratic_and_drops_a_spike():
+    grid = list(range(2, 60, 4))
+    quad = [3.0 + 0.5 * n + 0.01 * n * n for n in grid]
+    parts = {name: list(quad) for name in ("plain", "attn", "mlp", "free", "edges")}
+    parts["plain"][5] *= 20  # one timing hit by other load
+    parts["merge"] = parts["merge_hidden"] = [[v, 2 * v] for v in quad]
+    out = smooth_parts(parts, grid, 1)
+    assert out["attn"] == pytest.approx(quad, abs=1e-9)
+    assert out["plain"] == pytest.approx(quad, rel=1e-6)  # the spike is left out of the fit
+    assert max_merge(2, 1) == 0 and out["merge"][0] == [quad[0], 2 * quad[0]]  # no merge at 2 tokens: not fitted
+    assert [row[1] for row in out["merge"][1:]] == pytest.approx([2 * v for v in quad[1:]], rel=1e-6)
+    assert parts["plain"][5] == 20 * quad[5]  # the input is not changed

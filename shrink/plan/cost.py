@@ -17,7 +17,9 @@ measured on a grid of token counts (every ``token_step`` tokens, linear interpol
   norm, pooling, classifier) with the given number of tokens reaching the head.
 
 All parts are timed in one process with interleaved repeats (every repeat visits every part, the
-order rotating); the fastest repeat of each part is kept (other load only adds time).
+order rotating); the fastest repeat of each part is kept (other load only adds time), and each part
+is then smoothed by a least-squares quadratic in n over the grid (``smooth=True``; the measured
+values stay in ``info["raw_parts"]``).
 :meth:`CostTable.predict_ms` walks a :class:`Candidate`'s token counts
 (:func:`shrink.plan.candidate.token_counts`) and sums. ``build_cost_table`` then measures whole
 models (the dense one and a plan) in the same process, interleaved (median of the repeats, as
@@ -598,8 +600,12 @@ def _threads(n: int | None):
 
 
 def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, repeats: int = 5, warmup: int = 2,
-                     progress: bool = True, validate: Sequence[Candidate] | None = None) -> CostTable:
+                     progress: bool = True, validate: Sequence[Candidate] | None = None,
+                     smooth: bool = True) -> CostTable:
     """Time every part of ``model`` (a dense timm ViT, not changed) under ``key`` and return the table.
+
+    ``smooth``: each part's timings are replaced by a least-squares quadratic in the token count
+    (:func:`smooth_parts`; the measured values stay in ``info["raw_parts"]``).
 
     ``validate``: plans whose whole models are measured after the parts, interleaved with the dense
     model, to calibrate the sum (``scale``, ``offset_ms``) and record its error (``validation``);
@@ -668,8 +674,11 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
             # r beyond what n allows is capped (as bipartite_soft_matching does): the largest timed r <= cap
             rows.append([0.0 if cap == 0 else ms[(name, n, max(v for v in rg if v <= min(r, cap)))] for r in rg])
         parts[name] = rows
+    raw = None
+    if smooth:
+        raw, parts = parts, smooth_parts(parts, grid, p)
     table = CostTable(key=key, grid=grid, r_grid=rg, parts=parts,
-                      info={"merge_runtime": "eager" if key.runtime == "onnxruntime" else key.runtime,
+                      info={"smooth": smooth, "raw_parts": raw, "merge_runtime": "eager" if key.runtime == "onnxruntime" else key.runtime,
                             "token_step": token_step, "repeats": repeats, "warmup": warmup,
                             "parts_s": round(time.perf_counter() - t_start, 1), "timers": len(timers)})
     if validate is None:
@@ -678,6 +687,42 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
         calibrate(table, model, list(validate), repeats=repeats, warmup=warmup, progress=progress)
     table.info["build_s"] = round(time.perf_counter() - t_start, 1)
     return table
+
+
+def smooth_parts(parts: dict[str, Any], grid: list[int], num_protected: int) -> dict[str, Any]:
+    """Each part as a least-squares quadratic in the token count n, evaluated on the grid (>= 0).
+
+    A part's cost is a + b n + c n^2 (linear layers and norms grow with n, attention scores with n^2);
+    the fit over the whole grid averages the timing noise of single points, and points more than 4
+    median deviations off the first fit (a timing hit by other load) are left out of the second.
+    Merge columns are fitted where a merge is possible (max_merge(n) > 0)."""
+    import numpy as np
+
+    def fit(xs: list[int], ys: list[float]) -> list[float]:
+        if len(xs) < 4:
+            return list(ys)
+        x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        keep = np.ones(len(x), dtype=bool)
+        for _ in range(2):  # fit, drop the points far off it (a repeat hit by other load), fit again
+            coef = np.polyfit(x[keep], y[keep], 2)
+            res = np.abs(y - np.polyval(coef, x))
+            mad = float(np.median(res[keep]))
+            new = res <= max(4.0 * mad, 1e-12 + 1e-9 * float(np.abs(y).max()))
+            if new.sum() < 4 or (new == keep).all():
+                break
+            keep = new
+        return [max(0.0, float(v)) for v in np.polyval(coef, x)]
+
+    out: dict[str, Any] = {name: fit(grid, parts[name]) for name in PARTS_N}
+    for name in PARTS_NR:
+        rows = [list(row) for row in parts[name]]
+        ok = [i for i, n in enumerate(grid) if max_merge(n, num_protected) > 0]
+        for j in range(len(rows[0]) if rows else 0):
+            fitted = fit([grid[i] for i in ok], [rows[i][j] for i in ok])
+            for i, v in zip(ok, fitted, strict=True):
+                rows[i][j] = v
+        out[name] = rows
+    return out
 
 
 def _edges_timers(model: nn.Module, key: CostKey, rt: _Runtime, grid: list[int]) -> dict[tuple, Callable]:
@@ -789,7 +834,7 @@ def cache_path(cache_dir: str | Path, key: CostKey) -> Path:
 def cached_cost_table(model: nn.Module, model_name: str, *, cache_dir: str | Path, device: str = "cpu",
                       dtype: str = "fp32", batch_size: int = 16, threads: int | None = None, runtime: str = "eager",
                       img_size: int | None = None, rebuild: bool = False, token_step: int = 8, repeats: int = 5,
-                      warmup: int = 2, progress: bool = True) -> CostTable:
+                      warmup: int = 2, progress: bool = True, smooth: bool = True) -> CostTable:
     """The table for these settings from ``cache_dir``, or built and saved there.
 
     A cached file for another key (other library versions, another CPU) is never used: its one-line
@@ -809,7 +854,8 @@ def cached_cost_table(model: nn.Module, model_name: str, *, cache_dir: str | Pat
             return table
         _logger.warning("cost table %s was measured for another setting (%s): rebuilding it", path, "; ".join(diff))
     with _threads(threads):
-        table = build_cost_table(model, key, token_step=token_step, repeats=repeats, warmup=warmup, progress=progress)
+        table = build_cost_table(model, key, token_step=token_step, repeats=repeats, warmup=warmup, progress=progress,
+                                 smooth=smooth)
     table.save(path)
     _logger.info("cost table: built in %.0f s, saved to %s", table.info["build_s"], path)
     return table
