@@ -1,11 +1,16 @@
 """The block contract (shrink/blocks.py) on one tiny model per timm block class and per option that
 changes the block: lambda = 1 is timm, lambda = 0 is the export, the export loses exactly the
-attention-only parameters, save/load is exact, ToMe r = 0 is a no-op, selection and counting run."""
+attention-only parameters, save/load is exact, ToMe r = 0 is a no-op, selection and counting run.
+
+The two slow subprocesses (training every family, benchmark.py on every family) run side by side
+(``family_runs``): one thread each, on CI's 2 cores."""
 from __future__ import annotations
 
 import copy
 import json
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,12 +259,50 @@ def test_pt2_and_onnx_match_eager(key):
 TRAIN_KEYS = sorted({fam: key for key, (_, _, _, fam) in reversed(list(CASES.items()))}.values())
 
 
-@pytest.mark.slow
-def test_main_job_trains_every_family_through_the_switch(tmp_path):
+def _train_every_family(tmp: Path):
     from .conftest import ROOT, run
 
-    res = run([sys.executable, str(ROOT / "tests" / "train_families_main.py"), str(tmp_path), *TRAIN_KEYS],
-              timeout=900)
+    return run([sys.executable, str(ROOT / "tests" / "train_families_main.py"), str(tmp), *TRAIN_KEYS], timeout=900)
+
+
+def _save_every_family(tmp: Path) -> Path:
+    """The dense model of each TRAIN_KEYS family saved under ``tmp``; benchmark.py's models file naming them."""
+    lines = []
+    for key in TRAIN_KEYS:
+        shrink.save(build(key), tmp / key)
+        lines.append(f"{CASES[key][0]} checkpoint={tmp / key}")
+    (tmp / "models.txt").write_text("\n".join(lines) + "\n")
+    return tmp / "models.txt"
+
+
+def _benchmark_every_family(tmp: Path):
+    from .conftest import ROOT, run
+
+    return run([sys.executable, str(ROOT / "benchmark.py"), "--model", str(tmp / "models.txt"),
+                "--remove-layers", "0,2", "--batch-size", "2", "--warmup", "0", "--iters", "1", "--repeats", "1",
+                "--no-latency", "--threads", "1", "--no-progress", "--json", str(tmp / "out.json")], timeout=600)
+
+
+@pytest.fixture(scope="module")
+def family_runs(request, tmp_path_factory) -> dict[str, tuple[Path, Future]]:
+    """The two slow tests' subprocesses (one thread each, independent), started side by side on first use:
+    CI has 2 cores and the pytest process only waits for them. name -> (its folder, Future of the run)."""
+    tests = {"train": "test_main_job_trains_every_family_through_the_switch",
+             "benchmark": "test_benchmark_reports_params_and_gmacs_for_every_family"}
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    folders = {name: tmp_path_factory.mktemp(name) for name, test in tests.items() if test in selected}
+    if "benchmark" in folders:
+        _save_every_family(folders["benchmark"])  # here, not in a thread: build() seeds torch's global RNG
+    jobs = {"train": _train_every_family, "benchmark": _benchmark_every_family}
+    pool = ThreadPoolExecutor(2)
+    yield {name: (tmp, pool.submit(jobs[name], tmp)) for name, tmp in folders.items()}
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.slow
+def test_main_job_trains_every_family_through_the_switch(family_runs):
+    tmp_path, job = family_runs["train"]
+    res = job.result()
     assert res.returncode == 0, res.stderr[-3000:]
     for key in TRAIN_KEYS:
         run_dir = tmp_path / key / "run"
@@ -294,17 +337,9 @@ def test_optimizer_state_follows_the_cut_of_fused_projections():
 
 
 @pytest.mark.slow
-def test_benchmark_reports_params_and_gmacs_for_every_family(tmp_path):
-    from .conftest import ROOT, run
-
-    lines = []
-    for key in TRAIN_KEYS:
-        shrink.save(build(key), tmp_path / key)
-        lines.append(f"{CASES[key][0]} checkpoint={tmp_path / key}")
-    (tmp_path / "models.txt").write_text("\n".join(lines) + "\n")
-    res = run([sys.executable, str(ROOT / "benchmark.py"), "--model", str(tmp_path / "models.txt"),
-               "--remove-layers", "0,2", "--batch-size", "2", "--warmup", "0", "--iters", "1", "--repeats", "1",
-               "--no-latency", "--threads", "1", "--no-progress", "--json", str(tmp_path / "out.json")], timeout=600)
+def test_benchmark_reports_params_and_gmacs_for_every_family(family_runs):
+    tmp_path, job = family_runs["benchmark"]
+    res = job.result()
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "out.json").read_text())["results"]
     for key in TRAIN_KEYS:
