@@ -17,7 +17,7 @@ measured on a grid of token counts (every ``token_step`` tokens, linear interpol
   norm, pooling, classifier) with the given number of tokens reaching the head.
 
 All parts are timed in one process with interleaved repeats (every repeat visits every part, the
-order rotating); the fastest repeat of each part is kept (other load only adds time), and each part
+order rotating); the median of the repeats is kept (as ``benchmark.py`` reports), and each part
 is then smoothed by a least-squares quadratic in n over the grid (``smooth=True``; the measured
 values stay in ``info["raw_parts"]``).
 :meth:`CostTable.predict_ms` walks a :class:`Candidate`'s token counts
@@ -662,8 +662,9 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
         edges = _edges_timers(model, key, rt, grid)
         timers.update(edges)
         _logger.info("cost table: timing %d parts x %d repeats (%s)", len(timers), repeats, key)
-        # the fastest repeat of each part: other load on the machine only ever adds time to a part
-        ms = _interleaved(timers, warmup, repeats, rt.sync, progress, "cost table", stat=min)
+        # the median of the repeats, as benchmark.py reports whole models: the fastest repeat would miss
+        # what a loaded machine adds to every small op (measured: whole ToMe models then lose to the sum)
+        ms = _interleaved(timers, warmup, repeats, rt.sync, progress, "cost table")
     parts: dict[str, Any] = {name: [ms[(name, n)] for n in grid] for name in ("plain", "attn", "mlp", "free")}
     timed = sorted(n for name, n, *_ in ms if name == "edges")
     parts["edges"] = [_interp(timed, [ms[("edges", t)] for t in timed], n) for n in grid]
