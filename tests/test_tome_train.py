@@ -30,12 +30,15 @@ from shrink.wrappers import unwrap
 from .conftest import metrics, run, tiny_vit
 
 # vit_digits: 12 blocks, 16 patches + class token; blocks 1 and 3 lose their attention. ToMe r = 2 merges
-# in the 10 blocks that keep it (policy none), capped at half the patches left.
+# in every block (policy hidden: the attention-free ones too), capped at half the patches left. The
+# removed blocks merge on their keys while diluted and on norm2(x) once attention-free, so a block
+# that stopped merging at the switch would show in the counts.
 RUN = ["--remove-layers", "1,3", "--epochs", "3", "--dilution-epochs", "2", "--warmup-epochs", "0",
        "--data-set", "synthetic", "--synthetic-images", "64", "--batch-size", "16", "--num-workers", "0",
-       "--model-ema", "--model-ema-decay", "0.9", "--tome-r", "2", "--tome-train", "--threads", "1", "--no-progress"]
-R_PER_BLOCK = [2, 0, 2, 0, 2, 2, 2, 2, 2, 2, 2, 2]
-TOKENS = [15, 15, 13, 13, 11, 9, 7, 5, 3, 2, 2, 2]
+       "--model-ema", "--model-ema-decay", "0.9", "--tome-r", "2", "--tome-policy", "hidden", "--tome-train",
+       "--threads", "1", "--no-progress"]
+R_PER_BLOCK = [2] * 12
+TOKENS = [15, 13, 11, 9, 7, 5, 3, 2, 2, 2, 2, 2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,28 +165,50 @@ def test_gradient_checkpointing_with_merging_is_one_line():
 
 @pytest.fixture(scope="module")
 def tome_run(tmp_path_factory):
-    """The uninterrupted run, with the tokens of every block-11 output seen in training and evaluation."""
+    """The uninterrupted run, with the tokens after each block in every forward of training and evaluation."""
     out = tmp_path_factory.mktemp("tome") / "run"
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, list[int]]] = []
     real_train, real_eval = train_mod.train_one_epoch, train_mod.evaluate
 
     def watch(model, what: str):
         blocks = get_blocks(unwrap(model))
-        return blocks[-1].register_forward_hook(lambda _m, _i, o: seen.append((what, int(o.shape[1]))))
+
+        def first(_m, _i, o):
+            seen.append((what, [int(o.shape[1])]))
+
+        def later(_m, _i, o):
+            seen[-1][1].append(int(o.shape[1]))
+
+        return [b.register_forward_hook(first if i == 0 else later) for i, b in enumerate(blocks)]
+
+    def unhook(hooks):
+        for h in hooks:
+            h.remove()
 
     def train_one_epoch(parts, *a, **kw):
-        hook = watch(parts.raw, "train")
+        # before_step swaps the blocks of the diluted model for exported ones at the switch: hook both phases
+        hooks = watch(parts.raw, "train")
+        real_before = kw.get("before_step")
+
+        def before_step(update, **k):
+            lam = real_before(update, **k)
+            unhook(hooks)
+            hooks[:] = watch(parts.raw, "train")
+            return lam
+
+        if real_before is not None:
+            kw["before_step"] = before_step
         try:
             return real_train(parts, *a, **kw)
         finally:
-            hook.remove()
+            unhook(hooks)
 
     def evaluate(model, *a, desc="eval", **kw):
-        hook = watch(model, desc.split(" ")[0])
+        hooks = watch(model, desc.split(" ")[0])
         try:
             return real_eval(model, *a, desc=desc, **kw)
         finally:
-            hook.remove()
+            unhook(hooks)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(train_mod, "train_one_epoch", train_one_epoch)
@@ -197,13 +222,14 @@ def tome_run(tmp_path_factory):
 
 def test_every_forward_of_the_run_merges_and_the_counts_are_logged(tome_run, capsys):
     out, s, seen = tome_run
-    assert s["tome"] == {"r": 2, "inflection": 0.0, "start_idx": 0, "policy": "none", "train": True,
+    assert s["tome"] == {"r": 2, "inflection": 0.0, "start_idx": 0, "policy": "hidden", "train": True,
                          "r_per_block": R_PER_BLOCK}
     assert s["tokens_per_block"] == TOKENS
     whats = {w for w, _ in seen}
     assert {"train", "dense", "deploy@start", "eval", "deploy", "ema", "best", "best+tome"} <= whats, whats
-    for what, tokens in seen:  # the last block sees 2 tokens whenever the model merges
-        assert tokens == (17 if what == "best" else 2), (what, tokens)
+    assert sum(w == "train" for w, _ in seen) == 3 * 4  # 4 steps per epoch
+    for what, tokens in seen:  # every forward merges as the deployable model does, but best/ reloaded plain
+        assert tokens == ([17] * 12 if what == "best" else TOKENS), (what, tokens)
     assert [r["lambda"] for r in metrics(out)] == [1.0, 0.5, 0.0]  # through the switch to attention-free blocks
     assert s["best_acc_reloaded"] == s["deploy_acc_best"] == s["best_acc_with_tome"]
     assert s["best_acc_without_tome"] is not None
