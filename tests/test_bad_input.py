@@ -262,7 +262,7 @@ CASES: list[Case] = [
     Case("ml-unknown-model", "main_lambda", _ml("--model", "vit_nonexistent_xyz"), "unknown model"),
     Case("ml-cnn-with-removal-no-hub", "main_lambda", _ml("--model", "resnet18", "--remove-ratio", "0.4"),
          "no attention", env=_hub_env, max_seconds=30),
-    Case("ml-tome-without-eval", "main_lambda", _ml("--tome-r", "4"), "--eval"),
+    Case("ml-tome-train-without-r", "main_lambda", _ml("--tome-train"), "--tome-r"),
     Case("ml-eval-checkpoint-is-a-file", "main_lambda", _ml("--eval", "--checkpoint", "{t}/evil.pth"), "folder",
          setup=_evil()),
     Case("ml-log-with-unknown", "main_lambda", _ml("--log-with", "carrier-pigeon"), "--log-with"),
