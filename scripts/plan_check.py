@@ -2,7 +2,7 @@
 
 For each runtime: build the cost table of the model (timed), pick for each target speed-up the plan
 with the smallest predicted speed-up >= the target from a simple accuracy-agnostic enumeration
-(the first k blocks' attention removed x constant r), write it as PLAN.yaml + PLAN.json, and
+(the first k blocks' attention removed x constant r x policy), write it as PLAN.yaml + PLAN.json, and
 measure it with exactly what ``benchmark.py --plan`` runs (dense and plan interleaved in one
 process). Writes ``results.json`` and ``table.md`` (predicted vs measured) under ``--out``.
 
@@ -33,13 +33,15 @@ from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 from shrink.plan.candidate import Candidate  # noqa: E402
 from shrink.plan.cost import CostTable, cached_cost_table  # noqa: E402
 
-R_VALUES = (0, 4, 8, 13, 16)
+R_VALUES = (0, 4, 8, 13, 16, 20, 24)
 BENCH_RUNTIME = {"eager": "torch", "compile": "torch", "onnxruntime": "onnxruntime"}
 
 
 def candidates(depth: int, r_values=R_VALUES) -> list[Candidate]:
-    """The first k blocks' attention removed (k = 0 .. depth - 1) x a constant r (policy none)."""
-    return [Candidate(removed=tuple(range(k)), tome_r=r) for k in range(depth) for r in r_values]
+    """The first k blocks' attention removed (k = 0 .. depth - 1) x a constant r x policy none / hidden
+    (hidden: attention-free blocks merge too; only with a removal and r > 0)."""
+    return [Candidate(removed=tuple(range(k)), tome_r=r, tome_policy=pol) for k in range(depth) for r in r_values
+            for pol in ("none", "hidden") if pol == "none" or (k and r)]
 
 
 def pick(table: CostTable, target: float, cands: list[Candidate]) -> tuple[Candidate, float] | None:
@@ -137,14 +139,15 @@ def markdown(res: dict) -> str:
     for rt, t in res["tables"].items():
         checks = "; ".join(f"{v['predicted_speedup']:.2f} / {v['measured_speedup']:.2f}" for v in t["validation"][1:])
         lines.append(f"| {rt} | {t['build_s']} | {checks or '-'} |")
-    lines += ["", "| runtime | target | plan (removed, r) | predicted | measured | error | >= target - 0.05 | within 10% |",
+    lines += ["", "| runtime | target | plan (removed, r, policy) | predicted | measured | error | >= target - 0.05 | within 10% |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if r["plan"] is None:
             lines.append(f"| {r['runtime']} | {r['target']:g} | {r['note']} | - | - | - | - | - |")
             continue
         pl = r["plan"]
-        lines.append(f"| {r['runtime']} | {r['target']:g} | {pl['removed']}, r={pl['tome_r']} | "
+        pol = "" if pl["tome_policy"] == "none" else f", {pl['tome_policy']}"
+        lines.append(f"| {r['runtime']} | {r['target']:g} | {pl['removed']}, r={pl['tome_r']}{pol} | "
                      f"{r['predicted_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {100 * r['error']:+.1f}% | "
                      f"{'yes' if r['reaches_target'] else 'NO'} | {'yes' if r['within_10pct'] else 'NO'} |")
     return "\n".join(lines) + "\n"
