@@ -249,6 +249,21 @@ def test_proxy_on_a_depth_2_vit(vit2, calib):
     assert proxy.score(Candidate()).kl == 0.0
 
 
+def test_proxy_on_an_eva_model_with_rope(calib):
+    """Another block family (timm's Eva: RoPE, SwiGLU): the in-place candidates are the real ones too."""
+    import timm
+
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2,
+                            num_classes=10).eval()
+    x = calib[0][:8]
+    proxy = Proxy(copy.deepcopy(eva), x)
+    assert proxy.score(Candidate()).kl == 0.0
+    for c in [Candidate((1,)), Candidate((), 3), Candidate((0,), 2, 0.5, 0, "hidden")]:
+        assert proxy.score(c).kl > 0, c
+        assert (proxy.log_probs(c) - _reference_log_probs(eva, c, x)).abs().max().item() < 1e-5, c
+
+
 def test_proxy_refuses_a_model_that_is_not_dense(vit2, calib):
     m = shrink.dilute(copy.deepcopy(vit2), [0])
     with pytest.raises(ShrinkError, match="dense model"):

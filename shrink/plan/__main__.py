@@ -242,6 +242,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     for w in warnings:
         _logger.warning(w)
     depth = len(get_blocks(model))
+    merging = not args.no_merging
+    if merging:  # apply_tome checks everything before it changes the model: a cheap probe
+        from ..tome import apply_tome, remove_tome
+
+        try:
+            remove_tome(apply_tome(model, 1))
+        except ShrinkError as e:
+            merging = False
+            warnings.append(f"token merging is not available for {name} ({e}); planning layer removal only")
+            _logger.warning(warnings[-1])
 
     # the cost table first, on the untouched dense model (it copies what it times)
     table = cached_cost_table(model, name, cache_dir=args.cache_dir, device=str(device), dtype=args.dtype,
@@ -271,7 +281,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     t_sel = time.perf_counter() - t_sel
     cands = enumerate_candidates(order, depth, n_tok, n_prot, r_values=parsed["r_values"],
                                  start_idxs=parsed["start_idxs"], policies=parsed["policies"],
-                                 merging=not args.no_merging)
+                                 merging=merging)
     proxy = Proxy(model, images, labels, batch_size=args.proxy_batch_size, device=device)
     macs = None
     if target.kind == "gmacs":
