@@ -4,6 +4,10 @@ Each kill is exact: ``tests/die_at_main.py K`` ends the process (os._exit, no cl
 rename of the toolkit's atomic writes, or when layer selection starts. On this CPU path training is
 deterministic, so the resumed metrics.jsonl must equal the uninterrupted one in every field but the
 wall-clock seconds.
+
+The runs of the slow tests are single-threaded processes that do not depend on one another: the
+``jobs`` fixture starts those of the selected tests two at a time (CI has 2 cores, and the pytest
+process only waits for them); each test then asserts on its own runs as before.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,13 +52,17 @@ def _die_at(k: int, out: Path, extra: list[str] = ()):
     return run([sys.executable, "tests/die_at_main.py", str(k), *ARGS, *extra, "--output-dir", str(out)])
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
+def _uninterrupted(tmp: Path) -> Path:
+    out = tmp / "run"
     res = _die_at(0, out)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "renames: 40" in res.stderr  # the kill points above assume this sequence of writes
     return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(jobs):
+    return jobs["uninterrupted"].result()
 
 
 def _assert_same_run(out: Path, ref: Path) -> None:
@@ -67,19 +76,27 @@ def _assert_same_run(out: Path, ref: Path) -> None:
     assert not leftovers, leftovers
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("k", sorted(KILLS), ids=[f"rename{k}" for k in sorted(KILLS)])
-def test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run(tmp_path, uninterrupted, k):
-    out = tmp_path / "run"
+def _kill_at_a_rename_then_resume(tmp: Path, k: int) -> Path:
+    out = tmp / "run"
     killed = _die_at(k, out)
     assert killed.returncode == 137, f"{KILLS[k]}: {killed.stderr[-2000:]}"
     res = run([sys.executable, "main_lambda.py", "--resume", "--output-dir", str(out), "--no-progress"])
     assert res.returncode == 0, f"{KILLS[k]}: {res.stderr[-3000:]}"
-    _assert_same_run(out, uninterrupted)
+    return out
 
 
 @pytest.mark.slow
-def test_kill_during_selection_then_resume(tmp_path):
+@pytest.mark.parametrize("k", sorted(KILLS), ids=[f"rename{k}" for k in sorted(KILLS)])
+def test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run(jobs, uninterrupted, k):
+    _assert_same_run(jobs[f"rename{k}"].result(), uninterrupted)
+
+
+@pytest.mark.slow
+def test_kill_during_selection_then_resume(jobs):
+    jobs["selection"].result()
+
+
+def _kill_during_selection_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["--remove-ratio", "0.25", "--epochs", "2", "--dilution-epochs", "1", "--calib-images", "64"]
     killed = run([sys.executable, "tests/die_at_main.py", "-1", *args, "--no-progress", "--output-dir", str(out)])
@@ -93,9 +110,13 @@ def test_kill_during_selection_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_when_the_next_epoch_is_the_switch(tmp_path):
+def test_resume_when_the_next_epoch_is_the_switch(jobs):
     """The last state is from lambda > 0 and the next epoch is at lambda = 0 (the landed main crashed
     here): stop after epoch 1 of a dilution over 2 epochs, then resume with the full length."""
+    jobs["switch"].result()
+
+
+def _resume_when_the_next_epoch_is_the_switch(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run([sys.executable, "main_lambda.py", *ARGS[:2], "--epochs", "2", "--dilution-epochs", "2",
                   "--calib-images", "64", "--no-progress", "--output-dir", str(out)])
@@ -109,13 +130,17 @@ def test_resume_when_the_next_epoch_is_the_switch(tmp_path):
 
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "run"
+def _one_epoch_run(tmp: Path) -> Path:
+    out = tmp / "run"
     res = run([sys.executable, "main_lambda.py", "--remove-layers", "1", "--epochs", "1", "--dilution-epochs", "1",
                 "--no-progress", "--output-dir", str(out)])
     assert res.returncode == 0, res.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(jobs):
+    return jobs["one_epoch"].result()
 
 
 @pytest.mark.slow
@@ -158,7 +183,11 @@ def test_resume_with_another_number_of_processes_is_refused_once(tmp_path, one_e
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume(tmp_path):
+def test_sigkill_then_resume(jobs):
+    jobs["sigkill"].result()
+
+
+def _sigkill_then_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [sys.executable, "main_lambda.py", "--remove-layers", "1,3", "--epochs", "8", "--dilution-epochs", "4",
             "--no-progress", "--output-dir", str(out)]
@@ -200,11 +229,15 @@ def _worker_run_args(data: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_after_the_first_epoch_then_resume_with_workers_is_exact(tmp_path):
+def test_sigkill_after_the_first_epoch_then_resume_with_workers_is_exact(jobs):
     """Real photos through the default RandAugment with 2 workers: a SIGKILL of the whole process group
     (workers included) once epoch 0's state is saved, then --resume (epoch 1 is the lambda = 0 switch),
     gives the uninterrupted run's metrics and last/ weights (persistent workers used to keep RNG
     streams a resume cannot restore)."""
+    jobs["workers"].result()
+
+
+def _sigkill_after_the_first_epoch_then_resume_with_workers(tmp_path: Path) -> None:
     from .conftest import real_image_folder
 
     data = real_image_folder(tmp_path / "imgs", per_class=12, val_per_class=3)
@@ -233,3 +266,45 @@ def test_sigkill_after_the_first_epoch_then_resume_with_workers_is_exact(tmp_pat
     assert _comparable(metrics(out)) == _comparable(metrics(ref))
     a, b = (load_file(str(d / "last" / "model.safetensors")) for d in (out, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the runs, two at a time -------------------------------------------------------------------------
+
+JOBS_AT_ONCE = 2  # CI's cores; each job runs one single-threaded process at a time
+
+# job -> (the tests that need it, the function that runs it in a folder of its own). In the order the
+# tests take them, but the two longest last: they run while the tests of one_epoch_run run theirs.
+_JOBS = {
+    "uninterrupted": ("test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run", _uninterrupted),
+    **{f"rename{k}": ("test_kill_at_a_rename_then_resume_gives_the_uninterrupted_run",
+                      lambda tmp, k=k: _kill_at_a_rename_then_resume(tmp, k)) for k in sorted(KILLS)},
+    "selection": ("test_kill_during_selection_then_resume", _kill_during_selection_then_resume),
+    "switch": ("test_resume_when_the_next_epoch_is_the_switch", _resume_when_the_next_epoch_is_the_switch),
+    "one_epoch": (("test_a_damaged_state_stops_the_resume_in_one_line",
+                   "test_resume_with_another_number_of_processes_is_refused_once"), _one_epoch_run),
+    "sigkill": ("test_sigkill_then_resume", _sigkill_then_resume),
+    "workers": ("test_sigkill_after_the_first_epoch_then_resume_with_workers_is_exact",
+                _sigkill_after_the_first_epoch_then_resume_with_workers),
+}
+
+
+@pytest.fixture(scope="module")
+def jobs(request, tmp_path_factory) -> dict[str, Future]:
+    """The runs of this file's selected tests (a kill test: its own kill point and the uninterrupted
+    run), started two at a time on first use; job -> Future of what its function returns. A job's
+    assertions fail the test that takes its result."""
+    selected = [item for item in request.session.items if item.module is request.module]
+    names = {item.originalname for item in selected}
+    kills = {f"rename{item.callspec.params['k']}" for item in selected
+             if hasattr(item, "callspec") and "k" in item.callspec.params}
+
+    def needed(job: str, tests: str | tuple[str, ...]) -> bool:
+        if job.startswith("rename"):
+            return job in kills
+        return bool(names & ({tests} if isinstance(tests, str) else set(tests)))
+
+    wanted = [job for job, (tests, _) in _JOBS.items() if needed(job, tests)]
+    pool = ThreadPoolExecutor(JOBS_AT_ONCE)
+    futures = {job: pool.submit(_JOBS[job][1], tmp_path_factory.mktemp(job)) for job in wanted}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
