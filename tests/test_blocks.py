@@ -236,8 +236,44 @@ def test_attention_free_block_needs_a_known_family():
         AttentionFreeBlock("nope", {})
 
 
+@pytest.fixture
+def traced_once(monkeypatch):
+    """deploy.export_program remembers the programs of this test: deploy.to_onnx, which first traces the
+    prepared model with the same arguments again (torch.export, ~1 s a case), converts the very program
+    the test has just compared with eager. Another model or other arguments are traced as before."""
+    import inspect
+
+    from shrink import deploy
+
+    real, seen = deploy.export_program, {}
+    signature = inspect.signature(real)
+
+    def export_program(model, *args, **kwargs):
+        bound = signature.bind(model, *args, **kwargs)
+        bound.apply_defaults()
+        key = (id(model), repr([v for k, v in bound.arguments.items() if k != "model"]))
+        if key not in seen:
+            seen[key] = (model, real(model, *args, **kwargs))  # the model is kept: its id is not reused
+        return seen[key][1]
+
+    monkeypatch.setattr(deploy, "export_program", export_program)
+    return seen
+
+
+def test_traced_once_traces_each_model_and_arguments_once(traced_once):
+    from shrink import deploy
+
+    model, x = build("vit"), images("vit")
+    size = tuple(x.shape[1:])
+    ep = deploy.export_program(model, input_size=size, batch_size=2)
+    assert deploy.export_program(model, input_size=size, batch_size=2, dynamic_batch=True) is ep
+    assert deploy.export_program(model, input_size=size, batch_size=3) is not ep
+    assert deploy.export_program(build("vit"), input_size=size, batch_size=2) is not ep
+    assert len(traced_once) == 3
+
+
 @pytest.mark.parametrize("key", KEYS)
-def test_pt2_and_onnx_match_eager(key):
+def test_pt2_and_onnx_match_eager(key, traced_once):
     pytest.importorskip("onnxruntime")
     from shrink import deploy
 
@@ -424,7 +460,7 @@ EXPORTED = ["vit-map-head", "deit-distilled", "respost", "parallel-things", "par
 
 
 @pytest.mark.parametrize("key", EXPORTED)
-def test_merged_models_export_to_pt2_and_onnx(key):
+def test_merged_models_export_to_pt2_and_onnx(key, traced_once):
     pytest.importorskip("onnxruntime")
     from shrink import deploy
 
