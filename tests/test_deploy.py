@@ -68,14 +68,19 @@ def _diluted_at_zero(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-# the models of the issue, on random-initialised DeiT-T: (name, base model, prepare_model kwargs)
-def _cases():
-    return {
-        "dense": (_deit_tiny(), {}),
-        "diluted0": (_diluted_at_zero(_deit_tiny()), {}),
-        "diluted0_folded": (_diluted_at_zero(_deit_tiny()), {"fold": True}),
-        "diluted0_tome": (_diluted_at_zero(_deit_tiny()), {"tome_r": 2, "tome_start_idx": 1}),
-    }
+# the models of the issue, on random-initialised DeiT-T: name -> (base model, prepare_model kwargs)
+_CASES = {
+    "dense": (_deit_tiny, {}),
+    "diluted0": (lambda: _diluted_at_zero(_deit_tiny()), {}),
+    "diluted0_folded": (lambda: _diluted_at_zero(_deit_tiny()), {"fold": True}),
+    "diluted0_tome": (lambda: _diluted_at_zero(_deit_tiny()), {"tome_r": 2, "tome_start_idx": 1}),
+}
+
+
+def _case(name: str) -> tuple[torch.nn.Module, dict]:
+    """The model of one case, built fresh (only that one), and its prepare_model kwargs."""
+    build, kw = _CASES[name]
+    return build(), kw
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,8 @@ def onnx_exports(tmp_path_factory):
     """Each case exported once to ONNX (batch dynamic, example batch 2); (eager model, path, metadata)."""
     out = {}
     d = tmp_path_factory.mktemp("onnx")
-    for name, (model, kw) in _cases().items():
+    for name in _CASES:
+        model, kw = _case(name)
         path = d / f"{name}.onnx"
         meta = deploy.deploy(model, path, "onnx", batch_size=2, **kw)
         out[name] = (deploy.prepare_model(model, **kw), path, meta)
@@ -148,7 +154,7 @@ def test_onnx_metadata_inside_and_sidecar(onnx_exports):
 
 @pytest.mark.parametrize("name", ["dense", "diluted0_folded", "diluted0_tome"])
 def test_exported_program_equals_eager(tmp_path, name):
-    model, kw = _cases()[name]
+    model, kw = _case(name)
     path = tmp_path / "m.pt2"
     meta = deploy.deploy(model, path, "pt2", batch_size=2, **kw)
     ep, inside = deploy.load_program(path)
