@@ -265,3 +265,26 @@ def test_smoothing_keeps_a_quadratic_and_drops_a_spike():
     assert max_merge(2, 1) == 0 and out["merge"][0] == [quad[0], 2 * quad[0]]  # no merge at 2 tokens: not fitted
     assert [row[1] for row in out["merge"][1:]] == pytest.approx([2 * v for v in quad[1:]], rel=1e-6)
     assert parts["plain"][5] == 20 * quad[5]  # the input is not changed
+
+
+@pytest.mark.parametrize("key", ["cait", "parallel-scaling", "beit"])
+def test_families_whose_parts_are_not_timed_are_refused_in_one_line(key):
+    from shrink.plan.cost import cost_key_for
+
+    from ._families import build
+
+    with pytest.raises(ShrinkError, match="the cost model times") as e:
+        cost_key_for(build(key), key, device="cpu", dtype="fp32", batch_size=2, threads=1, runtime="eager")
+    assert "\n" not in str(e.value)
+
+
+def test_an_eva_model_gets_a_table_with_its_own_kernel():
+    from shrink.plan import Candidate
+    from shrink.plan.cost import build_cost_table, cost_key_for
+
+    from ._families import build
+
+    model = build("dinov3-rope")
+    key = cost_key_for(model, "dinov3-rope", device="cpu", dtype="fp32", batch_size=2, threads=1, runtime="eager")
+    table = build_cost_table(model, key, token_step=4, repeats=1, warmup=0, progress=False)
+    assert table.predict_ms(Candidate((0,), tome_r=1)) > 0 and table.dense_ms() > 0

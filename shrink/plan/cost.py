@@ -66,7 +66,7 @@ from ..export import export
 from ..factory import input_size as model_input_size
 from ..io import atomic_write_json
 from ..precision import dtype_of
-from ..tome import attention_with_metric
+from ..tome_kernels import AttentionCall, attention_kernel, model_support
 from ..tome_merge import bipartite_soft_matching, max_merge, merge_wavg
 from .candidate import Candidate, block_kinds, token_counts
 
@@ -171,12 +171,21 @@ def _count_tokens(model: nn.Module, size: Sequence[int]) -> int:
     return seen[0]
 
 
+# block families whose parts (attention half with sizes, MLP half, merge) run on their own
+TIMED_FAMILIES = frozenset({"vit", "respost", "parallel-things", "eva", "eva-postnorm"})
+
+
 def cost_key_for(model: nn.Module, model_name: str, *, device: str | torch.device = "cpu", dtype: str = "fp32",
                  batch_size: int = 16, threads: int | None = None, runtime: str = "eager",
                  img_size: int | None = None) -> CostKey:
     """The key of ``model`` (a dense timm ViT) measured under these settings, with the installed versions."""
     size = model_input_size(model, img_size)
     depth = len(get_blocks(model))
+    families = {getattr(block_family(b), "name", type(b).__name__) for b in get_blocks(model)}
+    if not families <= TIMED_FAMILIES:
+        raise ShrinkError(f"the cost model times {', '.join(sorted(TIMED_FAMILIES))} blocks; this model has "
+                          f"{', '.join(sorted(families - TIMED_FAMILIES))} (its merging needs the model's positions "
+                          "or biases, not timed yet)")
     versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": _version("timm") or "?",
                 "shrink": _version("shrink") or "?"}
     if runtime == "onnxruntime":
@@ -188,8 +197,14 @@ def cost_key_for(model: nn.Module, model_name: str, *, device: str | torch.devic
     else:
         versions["cpu"] = _cpu_name()
     return CostKey(model=model_name, input_size=tuple(size), num_tokens=_count_tokens(model, size),
-                   num_protected=int(getattr(model, "num_prefix_tokens", 0)), depth=depth, device=str(dev),
+                   num_protected=_num_protected(model), depth=depth, device=str(dev),
                    dtype=dtype, batch_size=int(batch_size), threads=threads, runtime=runtime, versions=versions)
+
+
+def _num_protected(model: nn.Module) -> int:
+    """Tokens that never merge in the block sequence (CaiT: none; its class token joins after the blocks)."""
+    support = model_support(model)
+    return support.num_protected(model) if support is not None else int(getattr(model, "num_prefix_tokens", 0))
 
 
 def _cpu_name() -> str:
@@ -387,7 +402,10 @@ class _AttnHalf(nn.Module):
         metrics: list[torch.Tensor] = []
 
         def call(attn: nn.Module, h: torch.Tensor, _ctx: dict) -> torch.Tensor:
-            y, metric = attention_with_metric(attn, h, size, metric=True)
+            kernel = attention_kernel(attn)  # the family's ToMe kernel (no positions: cost, not values)
+            if kernel is None:
+                raise ShrinkError(f"no ToMe attention kernel for {type(attn).__name__}: cannot time its merging")
+            y, metric = kernel(attn, h, AttentionCall(size, True, 0, {}, None))
             metrics.append(metric)
             return y
 
@@ -427,7 +445,7 @@ class _Keep(nn.Module):
         super().__init__()
         self.n = n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # Eva passes rope=, BEiT a bias
         return x if self.n is None else x[:, : self.n]
 
 
