@@ -36,6 +36,16 @@ _logger = logging.getLogger("shrink.plan")
 DEFAULT_MODEL = "vit_digits"
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' to a flag's help unless the help already says its default or it is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "table measured on this device, score those meeting the target with a training-free proxy "
                     "(KL of the unfine-tuned candidate's outputs from the dense model's on calibration images) "
                     "and write the Pareto front and the chosen plan (plan.yaml for main_lambda.py --config).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     t = p.add_argument_group("target (give exactly one)")
     t.add_argument("--target-speedup", type=_positive_float, default=None,
                    help="predicted speed-up over the dense model, e.g. 1.5")
