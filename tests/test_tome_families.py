@@ -1,6 +1,6 @@
 """Token merging on the families that run timm's own attention or the block contract's fused one:
 padded NaFlexVit batches, ParallelScalingBlock / DiffParallelScalingBlock, windowed SAM (refused), and
-torch.compile of merged models (no recompilation between two batches of one shape)."""
+torch.compile of merged models of every family (no recompilation between two batches of one shape)."""
 from __future__ import annotations
 
 import pytest
@@ -145,13 +145,19 @@ def test_windowed_sam_blocks_are_refused_with_the_reason():
 
 # ---- torch.compile -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["vit-map-head", "respost", "parallel-things", "parallel-scaling",
-                                 "diff-parallel-scaling", "naflexvit"])
+# one case per block family and attention kernel (CaiT with its size-weighted 'avg' head)
+COMPILED = ["vit-map-head", "respost", "parallel-things", "parallel-scaling", "diff-parallel-scaling", "naflexvit",
+            "dinov3-rope", "rope-mixed", "eva-postnorm", "beit", "relpos-shared", "relpos-respost", "cait"]
+
+
+@pytest.mark.parametrize("key", COMPILED)
 def test_compiled_merging_model_equals_eager_without_recompiling(key):
     """Dynamo (AOT autograd, no C++ build in CI) over a merged model: equal to eager, one graph set for
     two batches of one shape (a recompile would count a second frame compilation)."""
     torch._dynamo.reset()
     model = build(key)
+    if key == "cait":
+        model.reset_classifier(5, "avg")
     shrink.apply_tome(model, 2, policy="hidden")
     size = CASES[key][2]
     x1, x2 = images(key, seed=1), images(key, seed=2)

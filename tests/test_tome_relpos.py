@@ -4,7 +4,7 @@ bias tables) and the RelPos ViTs (RelPosMlp / RelPosBias per block or shared, po
 The bias between merged tokens is the mean over the pairs of their input tokens: checked against an
 explicit double loop on a small grid, and end to end (two identical patches whose bias rows and columns
 are equal merge exactly). Plus: r = 0 is timm, the kernels equal the modules before any merge, token
-counts, exported models, size-weighted pooling, torch.compile (merged .pt2 / ONNX export: tests/test_blocks.py)."""
+counts, exported models, size-weighted pooling, torch.compile: tests/test_tome_families.py; merged .pt2 / ONNX export: tests/test_blocks.py."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,6 @@ import copy
 import pytest
 import timm
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import shrink
 from shrink.tome import tome_state
@@ -243,23 +242,3 @@ def test_average_pooling_weighs_merged_tokens_by_size_and_unknown_rel_pos_is_ref
         shrink.apply_tome(model, r=1)
     assert "\n" not in str(e.value) and "r = 0 works" in str(e.value)
     shrink.apply_tome(model, r=0)
-
-
-# ---- torch.compile (merged pt2 / ONNX export of BEiT and RelPos: tests/test_blocks.py EXPORTED) ---------
-
-@pytest.mark.parametrize("key", ["beit", "relpos-shared", "relpos-respost"])  # one per block family
-def test_compiled_merging_model_equals_eager_without_recompiling(key):
-    torch._dynamo.reset()
-    model = build(key)
-    shrink.apply_tome(model, 1)
-    x1, x2 = images(key, seed=1), images(key, seed=2)
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        y1 = compiled(x1)
-        frames = counter.frame_count
-        y2 = compiled(x2)
-        assert counter.frame_count == frames, f"recompiled for a second batch of the same shape ({key})"
-        assert maxdiff(y1, model(x1)) <= 1e-5 and maxdiff(y2, model(x2)) <= 1e-5
-    assert tome_state(model).size.shape[1] < 5
-    torch._dynamo.reset()

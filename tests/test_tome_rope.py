@@ -269,26 +269,3 @@ def test_refusals_are_one_line():
         shrink.apply_tome(model, r=1)
     assert "\n" not in str(e.value)
     shrink.apply_tome(model, r=0)  # r = 0 is never refused
-
-
-# --------------------------------------------------------------------------------------------------
-# Compile and deployment of merged models
-# --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("key", ["dinov3-rope", "eva-postnorm"])  # one per block family, ~7 s each
-def test_compiled_merged_model_matches_eager_without_recompiling(key):
-    from torch._dynamo.utils import counters
-
-    model, x = build(key), images(key)
-    shrink.apply_tome(model, r=1)
-    y = model(x)
-    torch._dynamo.reset()
-    counters.clear()
-    f = torch.compile(model, backend="eager")
-    assert maxdiff(f(x), y) <= 1e-5
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1
-    x2 = images(key, seed=7)
-    assert maxdiff(f(x2), model(x2)) <= 1e-5
-    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for a new batch of the same shape
-    torch._dynamo.reset()
