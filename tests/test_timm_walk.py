@@ -112,7 +112,6 @@ def test_docs_table_lists_every_family_with_its_rule_and_tome_status():
     for name, fam in FAMILIES.items():
         row = rows[name]
         assert row["rule (s)"] == f"{fam.residual_scale:g}", name
-        merging = name in ("vit", "respost", "parallel-things", "parallel-scaling",
-                           "diff-parallel-scaling")  # tests/test_blocks.py MERGING
+        merging = name != "sam"  # tests/test_blocks.py MERGING
         assert row["ToMe r > 0"].startswith("yes" if merging else "refused"), name
         assert f"{fam.classes[0].__module__.split('.')[-1]}.{fam.classes[0].__name__}" in row["block class"], name
