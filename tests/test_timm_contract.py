@@ -21,19 +21,24 @@ per family.
 import fnmatch
 import importlib.metadata
 import os
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from .timm_contract_plugin import model_of, project_model_names
+from .timm_contract_plugin import CLAIMS_ENV, claim, model_of, project_model_names
 
 REPO = Path(__file__).resolve().parents[1]
 TIMM_VERSION = importlib.metadata.version("timm")
 TIMM_TESTS = REPO / ".cache" / "timm-tests" / TIMM_VERSION / "tests"
 FETCH = "python scripts/fetch_timm_tests.py"
+# the contract runs in this many processes side by side (one thread each), each test in whichever reaches it
+# first: CI's 2 cores, both busy while the pytest process that runs this file waits
+SHARDS = 2
 
 # timm's tests that are parametrised over timm.list_models / list_pretrained (one result per model).
 # Every other test in test_models.py is hard-wired to timm's own model names and is deselected.
@@ -115,18 +120,58 @@ def not_collected_reason(test: str, model: str) -> str | None:
     return None
 
 
+def _timm_env(claims: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GITHUB_ACTIONS", "TIMEOUT", "TORCH_DEVICE", "TORCH_BACKEND", "PYTEST_ADDOPTS", CLAIMS_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # a shared 2-core machine: one thread per process
+    if claims is not None:
+        env[CLAIMS_ENV] = str(claims)
+    return env
+
+
+def _timm_cmd(junit: Path | None, extra: tuple[str, ...]) -> list[str]:
+    deselect = [a for (test, model) in TIME_LIMITED for a in ("--deselect", f"tests/test_models.py::{test}[{model}]")]
+    return [sys.executable, "-m", "pytest", "tests/test_models.py", "-c", os.devnull, "--rootdir", ".",
+            "-p", "timm_contract_plugin", "-p", "no:cacheprovider", "-q", "--tb=line", "-W", "ignore::FutureWarning",
+            *([f"--junitxml={junit}"] if junit else []), *deselect, *extra]
+
+
 def run_timm_tests(tests_dir: Path, junit: Path | None, timeout: float = 480.0,
                    extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """timm's test_models.py with the plugin, in a subprocess, from the folder that holds ``tests/``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GITHUB_ACTIONS", "TIMEOUT", "TORCH_DEVICE", "TORCH_BACKEND", "PYTEST_ADDOPTS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), *filter(None, [env.get("PYTHONPATH")])])
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # a shared 2-core machine: one thread per process
-    deselect = [a for (test, model) in TIME_LIMITED for a in ("--deselect", f"tests/test_models.py::{test}[{model}]")]
-    cmd = [sys.executable, "-m", "pytest", "tests/test_models.py", "-c", os.devnull, "--rootdir", ".",
-           "-p", "timm_contract_plugin", "-p", "no:cacheprovider", "-q", "--tb=line", "-W", "ignore::FutureWarning",
-           *([f"--junitxml={junit}"] if junit else []), *deselect, *extra]
-    return subprocess.run(cmd, cwd=tests_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(_timm_cmd(junit, extra), cwd=tests_dir.parent, env=_timm_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_timm_tests_in_shards(tests_dir: Path, out: Path, shards: int = SHARDS,
+                             timeout: float = 480.0) -> list[tuple[subprocess.CompletedProcess, Path]]:
+    """:func:`run_timm_tests` in ``shards`` processes side by side (one thread each) that share the tests
+    (the plugin's ``TIMM_CONTRACT_CLAIMS``: each test runs in the first process to reach it): (process,
+    its junit file) per shard. Together they run the same tests as one process; the pytest process that
+    waits for them uses no core."""
+    claims = out / "claims"
+    claims.mkdir()
+    procs = []
+    for i in range(shards):
+        junit, log = out / f"timm_contract.{i}.xml", out / f"timm_contract.{i}.log"
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(_timm_cmd(junit, ()), cwd=tests_dir.parent, env=_timm_env(claims),
+                                           stdout=f, stderr=subprocess.STDOUT, start_new_session=True), junit, log))
+    deadline = time.monotonic() + timeout
+    done = []
+    try:
+        for proc, junit, log in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            done.append((subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), ""), junit))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"timm's test_models.py did not finish in {timeout} s")
+    finally:
+        for proc, _, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return done
 
 
 def parse_junit(junit: Path) -> dict[tuple[str, str], tuple[str, str]]:
@@ -234,15 +279,36 @@ def test_tables_name_registered_models_and_timm_tests():
         assert all(any(fnmatch.fnmatch(m, p) for m in models) for p in patterns), patterns
 
 
+def test_each_test_runs_in_the_first_process_that_claims_it(tmp_path, monkeypatch):
+    """The plugin's TIMM_CONTRACT_CLAIMS: a test id is claimed once (the first process runs it, the
+    others neither set it up nor report it); without the variable every test runs."""
+    from types import SimpleNamespace
+
+    from . import timm_contract_plugin as plugin
+
+    assert claim(tmp_path, "tests/test_models.py::test_model_forward[1-fnet_nano]")
+    assert not claim(tmp_path, "tests/test_models.py::test_model_forward[1-fnet_nano]")
+    assert claim(tmp_path, "tests/test_models.py::test_model_forward[1-ffvit_nano]")
+    item = SimpleNamespace(nodeid="tests/test_models.py::test_model_backward[2-fnet_nano]")
+    monkeypatch.delenv(CLAIMS_ENV, raising=False)
+    assert plugin.pytest_runtest_protocol(item, None) is None  # pytest runs it
+    monkeypatch.setenv(CLAIMS_ENV, str(tmp_path))
+    assert plugin.pytest_runtest_protocol(item, None) is None  # first here: pytest runs it
+    assert plugin.pytest_runtest_protocol(item, None) is True  # claimed: nothing runs
+    assert CLAIMS_ENV not in _timm_env() and _timm_env(tmp_path)[CLAIMS_ENV] == str(tmp_path)
+
+
 @pytest.mark.slow
 def test_timm_model_contract(tmp_path):
     require_timm_tests()
-    junit = tmp_path / "timm_contract.xml"
-    proc = run_timm_tests(TIMM_TESTS, junit)
-    if proc.returncode not in (0, 1) or not junit.is_file():  # 1: some test failed; anything else: no run
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        pytest.fail(f"timm's test_models.py did not run (exit code {proc.returncode}):\n{tail}")
-    results = parse_junit(junit)
+    results: dict[tuple[str, str], tuple[str, str]] = {}
+    for proc, junit in run_timm_tests_in_shards(TIMM_TESTS, tmp_path):
+        if proc.returncode not in (0, 1) or not junit.is_file():  # 1: some test failed; anything else: no run
+            tail = "\n".join(proc.stdout.splitlines()[-40:])
+            pytest.fail(f"timm's test_models.py ({junit.stem}) did not run (exit code {proc.returncode}):\n{tail}")
+        part = parse_junit(junit)
+        assert not set(part) & set(results), f"shards overlap: {sorted(set(part) & set(results))[:5]}"
+        results.update(part)
     models = project_model_names()
     assert {model for _, model in results} == set(models), "every registered model takes part"
     problems = contract_problems(results, models)

@@ -28,10 +28,18 @@ What it changes, and nothing else (timm's test file is run as it is):
    those whose model list is empty here (``test_model_inference`` takes ``test_*`` models only).
 4. timm's markers (``base``, ``cfg`` ... and pytest-timeout's ``timeout``) are registered, so the
    run has no unknown-marker warnings; the timeouts themselves need pytest-timeout and are not applied.
+5. With ``TIMM_CONTRACT_CLAIMS=<folder>`` in the environment, a test runs only if this process is the
+   first to claim it (it creates ``<folder>/<hash of the test id>``); ``tests/test_timm_contract.py``
+   runs two such processes side by side on the same list (one thread each, one per core) and joins
+   their results: each test runs once, in whichever process reaches it first, so neither waits for
+   the other however long the tests are.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +55,8 @@ NON_STD_PATTERNS = ("ffvit_*", "fnet_*", "bottleneck_mlp_*")
 
 _TIMM_MARKERS = ("base", "forward", "backward", "cfg", "cfg_nonstd", "torchscript", "features", "fxforward",
                  "fxbackward", "timeout")
+
+CLAIMS_ENV = "TIMM_CONTRACT_CLAIMS"  # a folder shared by the processes that split the tests
 
 _timm_list_models = None  # timm's own list_models, kept when the wrapper is installed
 
@@ -107,6 +117,24 @@ def pytest_configure(config: pytest.Config) -> None:
     for marker in _TIMM_MARKERS:
         config.addinivalue_line("markers", f"{marker}: timm's test_models.py marker")
     install()
+
+
+def claim(folder: str | os.PathLike, nodeid: str) -> bool:
+    """True for the first process that claims ``nodeid`` in ``folder`` (an exclusive create), False after."""
+    path = Path(folder) / hashlib.sha1(nodeid.encode()).hexdigest()
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    folder = os.environ.get(CLAIMS_ENV)
+    if folder and not claim(folder, item.nodeid):
+        return True  # another process runs it: no set-up, no call, no report here
+    return None  # pytest's own protocol runs the test
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
