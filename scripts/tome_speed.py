@@ -70,12 +70,22 @@ def _variant(name: str, r: int) -> torch.nn.Module:
     return model
 
 
+@torch.inference_mode()
+def _max_diff_vs_eager(run: torch.nn.Module, model: torch.nn.Module, size: tuple[int, ...]) -> float:
+    """Max |run(x) - model(x)| on one random batch of 2 (0.0 for the eager model itself)."""
+    if run is model:
+        return 0.0
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    return float((run(x) - model(x)).abs().max())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     configs: dict[tuple[str, int, str], object] = {}  # (model, r, runtime) -> TimedModel
     tokens: dict[str, dict[int, list[int]]] = {}
+    diffs: dict[tuple[str, int, str], float] = {}  # max |output - eager output| on one batch
     started = datetime.datetime.now(datetime.timezone.utc)
     for name in args.models.split(","):
         probe = timm.create_model(name, pretrained=False)
@@ -87,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             for rt in args.runtimes:
                 t0 = time.perf_counter()
                 if rt == "onnxruntime":
-                    session, _ = build_session(model, size, device, threads=args.threads)
+                    session, info = build_session(model, size, device, threads=args.threads)
                     timed = prepare_session(session, size, args.batch, device, args.warmup, track_memory=False)
+                    diffs[(name, r, rt)] = info["max_abs_diff_vs_torch"]
                 else:
                     run = torch.compile(model) if rt == "compile" else model
                     timed = prepare_inference(run, size, args.batch, device, torch.float32, max(args.warmup, 1),
                                               track_memory=False)
+                    diffs[(name, r, rt)] = _max_diff_vs_eager(run, model, size)
                 configs[(name, r, rt)] = timed
                 print(f"prepared {name} r={r} {rt} in {time.perf_counter() - t0:.1f} s", flush=True)
     for i in range(args.repeats):  # interleaved: one call of every configuration per repeat
@@ -106,18 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"model": name, "r": r, "runtime": rt, "tokens_out": tokens[name][r][-1],
                      "images_per_s": statistics.median(args.batch / t for t in timed.per_call),
                      "speedup_vs_r0": statistics.median(ratios), "speedup_min": min(ratios),
-                     "speedup_max": max(ratios), "seconds_per_batch": timed.per_call})
+                     "speedup_max": max(ratios), "max_abs_diff_vs_eager": diffs[(name, r, rt)],
+                     "seconds_per_batch": timed.per_call})
     record = {"started_utc": started.isoformat(timespec="seconds"), "batch": args.batch, "threads": args.threads,
               "repeats": args.repeats, "torch": torch.__version__, "timm": timm.__version__,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "command": "python scripts/tome_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "rows": rows}
-    lines = ["| model | r | tokens after the last block | runtime | img/s (median) | speed-up vs r = 0 (min-max) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | r | tokens after the last block | runtime | img/s (median) | speed-up vs r = 0 (min-max) "
+             "| max abs diff vs eager |", "|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda x: (x["model"], x["runtime"], x["r"])):
         lines.append(f"| {row['model']} | {row['r']} | {row['tokens_out']} | {row['runtime']} | "
                      f"{row['images_per_s']:.1f} | {row['speedup_vs_r0']:.2f}x "
-                     f"({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) |")
+                     f"({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) | {row['max_abs_diff_vs_eager']:.1e} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "speed.json", record)
