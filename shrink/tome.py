@@ -522,19 +522,26 @@ if _naflex_classes():
     ))
 
 
-def _record_grid(state: ToMeState):
-    """A patch_embed forward pre-hook that records the patch grid (H, W) of each input image."""
+class _RecordGrid:
+    """A patch_embed forward pre-hook that records the patch grid (H, W) of each input image in the
+    state (an object, not a closure: a deep copy of the model records into its own state)."""
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    def __init__(self, state: ToMeState):
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
         img = args[0] if args else None
         if not isinstance(img, torch.Tensor) or img.dim() != 4:
-            state.grid = None
+            self.state.grid = None
             return
         size = (int(img.shape[-2]), int(img.shape[-1]))
         feat = getattr(module, "dynamic_feat_size", None)
-        state.grid = tuple(int(v) for v in feat(size)) if feat is not None else tuple(module.grid_size)
+        self.state.grid = tuple(int(v) for v in feat(size)) if feat is not None else tuple(module.grid_size)
 
-    return hook
+
+def _restart(model: nn.Module, args: tuple) -> None:
+    """The model's forward pre-hook: every call starts a forward (the model's own state, so copies work)."""
+    model._tome_state.restart()
 
 
 def is_tome(model: nn.Module) -> bool:
@@ -579,11 +586,11 @@ def apply_tome(
                         "schedule": schedule}
     # every call of the model starts a forward: under torch.compile this keeps the state that the
     # previous call left (last block, sizes) out of the guards, so a second batch does not recompile
-    undo: list[Any] = [model.register_forward_pre_hook(lambda _m, _a: state.restart()).remove]
+    undo: list[Any] = [model.register_forward_pre_hook(_restart).remove]
     if merging:
         pe = getattr(model, "patch_embed", None)
         if isinstance(pe, nn.Module):
-            undo.append(pe.register_forward_pre_hook(_record_grid(state)).remove)
+            undo.append(pe.register_forward_pre_hook(_RecordGrid(state)).remove)
         if hasattr(type(model), "forward_intermediates"):  # dense outputs unmerge through the source map
             undo.append(bind_methods(model, forward_intermediates=_tome_forward_intermediates))
         if support.install is not None:

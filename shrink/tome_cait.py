@@ -34,6 +34,7 @@ from .errors import ShrinkError
 from .tome_kernels import (
     AttentionCall,
     ModelSupport,
+    Undo,
     bind_methods,
     register_attention_kernel,
     register_model_support,
@@ -235,15 +236,14 @@ def _install_cait(model: nn.Module, state: Any) -> Callable[[], None]:
     methods: dict[str, Callable] = {"forward_head": _cait_forward_head}
     if hasattr(type(model), "forward_intermediates"):
         methods["forward_intermediates"] = _cait_forward_intermediates
-    unbind = bind_methods(model, **methods)
+    return Undo(_undo_cait, swapped, bind_methods(model, **methods))
 
-    def undo() -> None:
-        for m, prev in swapped:
-            m.__class__ = prev
-            m.__dict__.pop("_tome_state", None)
-        unbind()
 
-    return undo
+def _undo_cait(swapped: list[tuple[nn.Module, type]], unbind: Undo) -> None:
+    for m, prev in swapped:
+        m.__class__ = prev
+        m.__dict__.pop("_tome_state", None)
+    unbind()
 
 
 if Cait is not None and TalkingHeadAttn is not None and ClassAttn is not None:

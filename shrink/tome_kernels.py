@@ -32,6 +32,7 @@ from .tome_merge import proportional_attention
 
 __all__ = [
     "AttentionCall",
+    "Undo",
     "bind_methods",
     "ModelSupport",
     "attention_kernel",
@@ -118,18 +119,30 @@ def model_support(model: nn.Module) -> ModelSupport | None:
     return None
 
 
-def bind_methods(model: nn.Module, **methods: Callable) -> Callable[[], None]:
-    """Bind ``methods`` on ``model`` (instance attributes over the class's); returns the undo callable."""
+class Undo:
+    """One undo step of an install: ``fn(*refs)``. A plain object, not a closure, so that a deep copy
+    of a merging model (``shrink.export``, ``copy.deepcopy``) gets steps that act on the copy: the
+    references are copied with the model, the function is not."""
+
+    def __init__(self, fn: Callable[..., None], *refs: Any):
+        self.fn, self.refs = fn, refs
+
+    def __call__(self) -> None:
+        self.fn(*self.refs)
+
+
+def _unbind(model: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        model.__dict__.pop(name, None)
+
+
+def bind_methods(model: nn.Module, **methods: Callable) -> Undo:
+    """Bind ``methods`` on ``model`` (instance attributes over the class's); returns the undo step."""
     import types
 
     for name, fn in methods.items():
         setattr(model, name, types.MethodType(fn, model))
-
-    def undo() -> None:
-        for name in methods:
-            model.__dict__.pop(name, None)
-
-    return undo
+    return Undo(_unbind, model, tuple(methods))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -266,13 +266,7 @@ def _install(model: nn.Module, state: Any):
     state.trackers[TRACKER] = _members
     if not state.prop_attn:
         _after_merges_take_the_kernel(model)
-    undo_bind = bind_methods(model, forward_head=_tome_forward_head)
-
-    def undo() -> None:
-        undo_bind()
-        state.trackers.pop(TRACKER, None)
-
-    return undo
+    return bind_methods(model, forward_head=_tome_forward_head)  # the tracker goes with the state
 
 
 def _check_relpos(model: nn.Module) -> None:

@@ -200,15 +200,9 @@ def _check_eva(model: nn.Module) -> None:
 
 
 def _install_eva(model: nn.Module, state: Any) -> Callable[[], None]:
-    undo = bind_methods(model, pool=_eva_pool)
     if getattr(model, "rope", None) is not None:
         state.trackers[TRACKER] = _track_coords
-
-    def undo_all() -> None:
-        undo()
-        state.trackers.pop(TRACKER, None)
-
-    return undo_all
+    return bind_methods(model, pool=_eva_pool)  # the trackers go with the state (remove_tome drops it)
 
 
 register_model_support(ModelSupport("eva", (_timm("timm.models.eva", "Eva"),), check=_check_eva,

@@ -172,3 +172,30 @@ def test_compiled_merging_model_equals_eager_without_recompiling(key):
         counts = shrink.tome_token_counts(model, input_size=size)
     assert counts[-1] < counts[0]
     torch._dynamo.reset()
+
+
+# ---- copies of merging models --------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["vit-map-head", "dinov3-rope", "beit", "cait", "naflexvit"])
+def test_a_copy_of_a_merging_model_is_independent(key):
+    """shrink.export and copy.deepcopy of a merging model give a merging model of its own: removing
+    ToMe from the copy (as best/ is saved) leaves the original merging as before, and the copy is timm's.
+    (Undo steps were closures over the original: the copy's remove_tome undid the original's trackers,
+    and a BEiT run with --tome-train then failed after its first best/ save.)"""
+    import copy
+
+    model = build(key)
+    x = images(key)
+    with torch.no_grad():
+        plain = model(x)
+        shrink.apply_tome(model, [1] * len(get_blocks(model)))
+        merged = model(x)
+        twin = copy.deepcopy(model)
+        assert maxdiff(twin(x), merged) == 0.0
+        shrink.remove_tome(twin)
+        assert maxdiff(twin(x), plain) <= 1e-6  # the copy is the plain model again
+        assert maxdiff(model(x), merged) == 0.0  # the original still merges, trackers and hooks intact
+        assert tome_state(model).tracked.keys() == tome_state(model).trackers.keys()
+        small = shrink.export(model)  # a deep copy (how best/ is made), its ToMe removed
+        shrink.remove_tome(small)
+        assert maxdiff(model(x), merged) == 0.0
