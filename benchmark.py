@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from shrink.bench import (
+    ALLOCATORS,
     VARIANTS,
     BenchConfig,
     ModelSpec,
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--interleave", action="store_true",
                    help="set every configuration up first, then time them round-robin, repeat by repeat, "
                         "so load from other processes hits all alike (not with --compile)")
+    m.add_argument("--allocator", default="steady", choices=ALLOCATORS,
+                   help="steady (default): keep freed memory in the process (glibc malloc thresholds), so "
+                        "CPU timings do not depend on the allocator's history (up to 15%% apart otherwise); "
+                        "default: leave malloc as it is. Recorded in the report's environment")
     o = p.add_argument_group("output")
     o.add_argument("--json", help="write the full report (schema shrink.bench/1) here")
     o.add_argument("--csv", help="write one row per configuration here")
@@ -135,7 +140,7 @@ def _main(argv: list[str] | None = None) -> int:
             threads=args.threads, interleave=args.interleave or (plan_info is not None and not args.compile),
             runtimes=parse_runtimes(args.runtime), baseline=args.baseline,
             json_path=args.json, csv_path=args.csv, plot_path=args.plot,
-            progress=not args.no_progress, plan=plan_info,
+            progress=not args.no_progress, plan=plan_info, allocator=args.allocator,
             command=shlex.join(["python", "benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
         )
         report = run(cfg)

@@ -21,7 +21,7 @@ SETTINGS_KEYS = {"device", "precision", "batch_size", "warmup", "iters", "repeat
 
 
 ENV_KEYS = {"python", "platform", "cpu", "cpu_count", "torch_threads", "torch", "timm", "fvcore", "shrink",
-            "gpu", "load_average"}
+            "gpu", "load_average", "allocator"}
 
 
 RESULT_KEYS = {"model": str, "variant": str, "label": str, "checkpoint": (str, type(None)),

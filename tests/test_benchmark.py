@@ -68,3 +68,50 @@ def test_cli_end_to_end_in_a_subprocess(tmp_path):
                          timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "benchmark.py: error: unknown model 'no_such_model_xyz': not a timm model name (see timm.list_models())"
+    env = json.loads((tmp_path / "r.json").read_text())["environment"]
+    assert env["allocator"].startswith(("steady", "default (no glibc"))  # the default, recorded
+
+
+_ALLOCATOR_PROBE = r"""
+import json, sys
+import psutil, torch
+from shrink.bench.measure import set_allocator
+from shrink.errors import ShrinkError
+
+def rss_kept_after_free():  # 48 MiB allocated, written, freed: how much of it the process still holds
+    before = psutil.Process().memory_info().rss
+    t = torch.ones(12 * 1024 * 1024)
+    del t
+    return psutil.Process().memory_info().rss - before
+
+out = {"first": set_allocator(sys.argv[1])}
+out["kept_first"] = rss_kept_after_free()
+out["keep"] = set_allocator("steady", keep=True)
+out["steady"] = set_allocator("steady")
+out["kept_steady"] = rss_kept_after_free()
+out["back"] = set_allocator("default")
+try:
+    set_allocator("jemalloc")
+except ShrinkError as e:
+    out["bad"] = str(e)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_steady_allocator_keeps_freed_memory_and_is_chosen_once():
+    """Default glibc malloc hands a freed 48 MiB tensor back to the OS (the next one page-faults again);
+    the steady allocator keeps it. An explicit "default" stands against the cost model's keep=True
+    request; steady cannot be undone, and says so."""
+    p = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, "default"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    if out["steady"].startswith("default (no glibc"):
+        pytest.skip("not glibc: the allocator is left alone")
+    mib = 1024 * 1024
+    assert out["first"] == out["keep"] == "default (malloc left as it is)"
+    assert out["steady"] == out["back"] == "steady (glibc mmap and trim thresholds 1 GiB)"
+    assert out["kept_first"] < 8 * mib, out  # returned to the OS
+    assert out["kept_steady"] > 40 * mib, out  # kept for the next forward
+    assert out["bad"] == "unknown allocator mode 'jemalloc'; choose from steady, default"

@@ -71,6 +71,14 @@ def test_without_a_record_predicted_is_null_and_a_ramp_is_measured(tmp_path):
     assert planned["speedup"] > 0
 
 
+def test_a_plan_without_merging_is_labelled_so(tmp_path, capsys):
+    plan = _write(tmp_path, {**PLAN, "tome_r": 0}, record=None)
+    assert _cli().main(["--plan", str(plan), *FAST]) == 0
+    md = capsys.readouterr().out
+    assert "pruned [0,1] + no merging (r=0) |" in md and "ToMe r=0" not in md
+    assert "allocator " in md  # the allocator in force is part of the table's footer
+
+
 @pytest.mark.parametrize("plan, variant, layers, r", [
     ({"model": "m"}, "dense+tome", None, 0),  # an empty plan: ToMe with r = 0 is the plain model
     ({"model": "m", "remove_layers": "0,3"}, "pruned+tome", [0, 3], 0),

@@ -12,6 +12,7 @@ and :mod:`.runner` (:func:`run`). Every public name is re-exported here.
 from __future__ import annotations
 
 from .measure import (
+    ALLOCATORS,
     DEFAULT_ITERS,
     PRECISIONS,
     PeakMemory,
@@ -21,6 +22,7 @@ from .measure import (
     measure_inference,
     measure_training,
     prepare_inference,
+    set_allocator,
     time_calls,
 )
 from .ort import RUNTIMES, build_session, parse_runtimes, prepare_session
@@ -43,6 +45,7 @@ from .spec import (
 )
 
 __all__ = [
+    "ALLOCATORS",
     "CSV_COLUMNS",
     "DEFAULT_ITERS",
     "PRECISIONS",
@@ -75,6 +78,7 @@ __all__ = [
     "read_selection",
     "resolve_removal",
     "run",
+    "set_allocator",
     "time_calls",
     "with_baseline",
     "write_outputs",

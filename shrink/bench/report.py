@@ -102,7 +102,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     where = env["gpu"] or f"{env['cpu']}, {env['torch_threads']} threads"
     lines += ["", f"{s['device']} ({where}), {s['precision']}, compile={s['compile']}, "
               f"warm-up {s['warmup']}, {s['iters']} timed iterations x {s['repeats']} repeats: "
-              f"img/s is the median (min-max) of the repeats."]
+              f"img/s is the median (min-max) of the repeats"
+              + (f"; allocator {env['allocator']}." if env.get("allocator") else ".")]
     if runtimes:
         lines += ["speedup: against dense in the same runtime; onnxruntime rows: the model exported with "
                   "shrink.deploy.to_onnx (dynamic batch), all graph optimisations, "

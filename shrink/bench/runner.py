@@ -28,6 +28,7 @@ from .measure import (
     count_parameters,
     measure_training,
     prepare_inference,
+    set_allocator,
 )
 from .ort import build_session, check_runtimes, prepare_session
 from .report import SCHEMA, write_outputs
@@ -52,7 +53,9 @@ def _label(p: _Planned, model: nn.Module) -> str:
         parts.append("as loaded, attention-free [" + ",".join(map(str, free)) + "]")
     else:
         parts.append("dense")
-    if p.variant.endswith("+tome"):
+    if p.variant.endswith("+tome") and not p.spec.tome_r:
+        parts.append("no merging (r=0)")  # a plan that only removes layers (read_plan always asks for +tome)
+    elif p.variant.endswith("+tome"):
         policy = "" if p.spec.tome_policy == "none" else f" policy={p.spec.tome_policy}"
         ramp = f" inflection={p.spec.tome_inflection:g}" if p.spec.tome_inflection else ""
         parts.append(f"ToMe r={p.spec.tome_r}{ramp} start={p.spec.tome_start_idx}{policy}")
@@ -214,6 +217,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     environment = _environment(device)  # load average before the run, other processes included
+    environment["allocator"] = set_allocator(cfg.allocator)
     planned, skipped = plan(cfg)
     sync = _sync_fn(device)
     results: list[dict[str, Any]] = []

@@ -66,6 +66,7 @@ class BenchConfig:
     progress: bool = True
     command: str | None = None
     plan: dict | None = None  # benchmark.py --plan: read_plan's description; adds predicted_speedup / speedup
+    allocator: str = "steady"  # shrink.bench.measure.set_allocator: CPU timings independent of malloc's history
 
 
 # ------------------------------------------------------------------------------------------------
