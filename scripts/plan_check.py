@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = create_model(args.model, **kwargs).eval()
     targets = [float(t) for t in args.targets.split(",")]
-    rows, tables = [], {}
+    rows, tables, built = [], {}, []
     load_before = os.getloadavg()
     for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
         t0 = time.perf_counter()
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                                   img_size=args.img_size, rebuild=args.rebuild, token_step=args.token_step,
                                   repeats=args.repeats, progress=False)
         load_s = time.perf_counter() - t0
+        built.append(table)
         tables[runtime] = {"key": str(table.key), "build_s": table.info.get("build_s"), "parts_s": table.info.get("parts_s"),
-                           "this_run_s": round(load_s, 1), "scale": table.scale, "validation": table.validation}
+                           "this_run_s": round(load_s, 1), "coef": table.coef, "validation": table.validation}
         t1 = time.perf_counter()
         cands = candidates(table.key.depth)
         picks = {t: pick(table, t, cands) for t in targets}
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                          "reaches_target": measured >= target - 0.05, "within_10pct": abs(pred - measured) <= 0.10 * measured,
                          "plan_file": str(plan_yaml)})
             logging.info("%s target %.2f: %s predicted %.3f measured %.3f", runtime, target, cand.as_dict(), pred, measured)
-    result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "img_size": args.img_size,
+    cpus = {t.key.versions.get("cpu") for t in built}
+    result = {"model": args.model, "cpu": ", ".join(sorted(c for c in cpus if c)) or None, "batch_size": args.batch_size, "threads": args.threads, "img_size": args.img_size,
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "tables": tables,
               "rows": rows, "command": " ".join(["python", "scripts/plan_check.py", *(argv or sys.argv[1:])])}
     atomic_write_json(out / "results.json", result)
@@ -133,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"{res['model']}, batch {res['batch_size']}, {res['threads']} threads, fp32, CPU; load average "
+    lines = [f"{res['model']}, batch {res['batch_size']}, {res['threads']} threads, fp32, CPU {res.get('cpu')}; load average "
              f"{res['load_average_before'][0]:.2f} before, {res['load_average_after'][0]:.2f} after", ""]
-    lines += ["| runtime | table build (s) | whole-model check: predicted / measured speed-up |", "|---|---|---|"]
+    lines += ["| runtime | table build (s) | fit plans: predicted / measured speed-up | check plan (not fitted) |",
+              "|---|---|---|---|"]
     for rt, t in res["tables"].items():
-        checks = "; ".join(f"{v['predicted_speedup']:.2f} / {v['measured_speedup']:.2f}" for v in t["validation"][1:])
-        lines.append(f"| {rt} | {t['build_s']} | {checks or '-'} |")
+        def pairs(fit, t=t):
+            return "; ".join(f"{v['predicted_speedup']:.2f} / {v['measured_speedup']:.2f}"
+                             for v in t["validation"][1:] if v.get("fit", True) == fit) or "-"
+        lines.append(f"| {rt} | {t['build_s']} | {pairs(True)} | {pairs(False)} |")
     lines += ["", "| runtime | target | plan (removed, r, policy) | predicted | measured | error | >= target - 0.05 | within 10% |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

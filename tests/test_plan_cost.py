@@ -12,6 +12,8 @@ import pytest
 from shrink.errors import ShrinkError
 from shrink.plan.candidate import Candidate, token_counts
 from shrink.plan.cost import (
+    KINDS,
+    SCHEMA,
     CostKey,
     CostTable,
     build_cost_table,
@@ -19,6 +21,8 @@ from shrink.plan.cost import (
     cache_path,
     cached_cost_table,
     cost_key_for,
+    default_validation,
+    fit_coefficients,
     smooth_parts,
     token_grid,
 )
@@ -96,12 +100,16 @@ def test_prediction_is_the_sum_along_the_token_counts():
 
 def test_plain_blocks_until_the_first_merge_and_sized_after_it():
     """start_idx=1: block 0 runs the plain timm forward; block 1 merges; block 2 (r=2) too."""
-    t = _table(scale=2.0, offset_ms=1.0)
+    t = _table(coef={**dict.fromkeys(KINDS, 1.0), "plain": 3.0, "merge": 0.5})
     cand = Candidate(tome_r=2, tome_start_idx=1)
     assert cand.schedule(3) == [0, 2, 2]
     want = plain(9) + attn(9) + merge(9, 2) + mlp(7) + attn(7) + merge(7, 2) + mlp(5) + edges(5)
     assert t.sum_ms(cand) == pytest.approx(want, abs=1e-9)
-    assert t.predict_ms(cand) == pytest.approx(2.0 * (want + 1.0), abs=1e-9)
+    # each part weighted by its kind's coefficient
+    weighted = 3.0 * plain(9) + attn(9) + 0.5 * merge(9, 2) + mlp(7) + attn(7) + 0.5 * merge(7, 2) + mlp(5) + edges(5)
+    assert t.predict_ms(cand) == pytest.approx(weighted, abs=1e-9)
+    assert t.kind_sums(cand) == pytest.approx({"plain": plain(9), "attn": attn(9) + attn(7), "mlp": mlp(7) + mlp(5),
+                                               "free": 0.0, "merge": merge(9, 2) + merge(7, 2), "edges": edges(5)})
 
 
 def test_hidden_policy_merges_in_attention_free_blocks():
@@ -147,7 +155,7 @@ def test_token_grid_covers_both_ends():
 
 
 def test_save_load_round_trip(tmp_path):
-    t = _table(scale=1.5, offset_ms=0.25)
+    t = _table(coef={**dict.fromkeys(KINDS, 1.5), "free": 0.75})
     path = t.save(tmp_path / "t.json")
     back = CostTable.load(path, expect=_key())
     assert back.to_dict() == t.to_dict()
@@ -168,8 +176,8 @@ def test_a_table_for_another_key_is_refused_in_one_line(tmp_path, change, field)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{not json", "not valid JSON"), ('["a"]', "not a shrink.plan.cost/1 table"),
-    ('{"schema": "other"}', "not a shrink.plan.cost/1"), (None, "cannot read"),
+    ("{not json", "not valid JSON"), ('["a"]', f"not a {SCHEMA} table"),
+    ('{"schema": "other"}', f"not a {SCHEMA}"), (None, "cannot read"),
 ])
 def test_corrupt_tables_are_one_line_errors(tmp_path, text, message):
     path = tmp_path / "t.json"
@@ -187,7 +195,9 @@ def test_corrupt_tables_are_one_line_errors(tmp_path, text, message):
     (lambda d: d.__setitem__("grid", [9, 5, 2]), "ascending"),
     (lambda d: d["key"].pop("depth"), "cost key fields"),
     (lambda d: d["key"].__setitem__("batch_size", "4"), "integers"),
-    (lambda d: d.__setitem__("scale", -1), "scale"),
+    (lambda d: d["coef"].__setitem__("free", -1), "coef"),
+    (lambda d: d["coef"].pop("merge"), "coef"),
+    (lambda d: d.pop("coef"), "no 'coef'"),
     (lambda d: d.pop("r_grid"), "no 'r_grid'"),
 ])
 def test_malformed_tables_are_one_line_errors(tmp_path, edit, message):
@@ -228,8 +238,11 @@ def test_build_on_a_depth_2_vit_and_the_cache(tmp_path, caplog):
     assert t.grid == [2, 17] and t.r_grid == [1, 2, 4, 8]
     assert all(len(t.parts[k]) == 2 and all(v > 0 for v in t.parts[k]) for k in ("plain", "attn", "mlp", "free", "edges"))
     assert t.parts["merge"][0] == [0.0] * 4 and all(v > 0 for v in t.parts["merge"][1])  # 2 tokens cannot merge
-    assert len(t.validation) == 2 and t.validation[0]["measured_speedup"] == 1.0
-    assert t.dense_ms() == pytest.approx(t.validation[0]["measured_ms"])  # the scale makes the dense model exact
+    fit, check = default_validation(t.key)
+    assert [v["fit"] for v in t.validation] == [True] * len(fit) + [False] * len(check) and len(fit) == 4
+    assert [Candidate(**v["candidate"]) for v in t.validation] == fit + check
+    assert t.validation[0]["measured_speedup"] == 1.0 and set(t.coef) == set(KINDS)
+    assert t.key.versions["allocator"].startswith("steady")
     path = cache_path(tmp_path, t.key)
     assert path.is_file() and CostTable.load(path, expect=t.key).to_dict() == t.to_dict()
     again = cached_cost_table(model, "tiny", **kw)  # the cached table, not a rebuild
@@ -242,6 +255,14 @@ def test_build_on_a_depth_2_vit_and_the_cache(tmp_path, caplog):
         rebuilt = cached_cost_table(model, "tiny", **kw)
     assert "another setting (torch: table 0.0-other, wanted" in caplog.text and "rebuilding" in caplog.text
     assert rebuilt.key == t.key and json.loads(path.read_text())["key"]["versions"]["torch"] != "0.0-other"
+    d = json.loads(path.read_text())  # a table in an earlier layout is rebuilt, with the reason logged
+    d["schema"] = "shrink.plan.cost/1"
+    path.write_text(json.dumps(d))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shrink.plan.cost"):
+        cached_cost_table(model, "tiny", **kw)
+    assert "another version of shrink (shrink.plan.cost/1): rebuilding" in caplog.text
+    assert json.loads(path.read_text())["schema"] == SCHEMA
     path.write_text("{broken")  # a corrupt cache is an error, not silently replaced
     with pytest.raises(ShrinkError, match="not valid JSON.*delete it"):
         cached_cost_table(model, "tiny", **kw)
@@ -288,3 +309,40 @@ def test_an_eva_model_gets_a_table_with_its_own_kernel():
     key = cost_key_for(model, "dinov3-rope", device="cpu", dtype="fp32", batch_size=2, threads=1, runtime="eager")
     table = build_cost_table(model, key, token_step=4, repeats=1, warmup=0, progress=False)
     assert table.predict_ms(Candidate((0,), tome_r=1)) > 0 and table.dense_ms() > 0
+
+
+def test_the_fit_recovers_per_kind_factors_it_can_see_and_reproduces_its_plans():
+    """Whole models that cost 1.1 x their attention-free sums and 1.5 x their merge sums (the rest exact).
+    Plans that tell every kind apart: the fit finds those factors and predicts plans it did not see.
+    The four default plans cannot tell six kinds apart: the fit still reproduces each of them."""
+    t = _table()  # its merge cost is linear in (n, r) like the halves': made quadratic in r to tell them apart
+    t.parts["merge"] = [[merge(n, r) + r * r for r in RG] for n in GRID]
+    truth = {**dict.fromkeys(KINDS, 1.0), "free": 1.1, "merge": 1.5}
+
+    def measure(c):
+        return sum(truth[k] * v for k, v in t.kind_sums(c).items())
+
+    many = [Candidate(), Candidate(removed=(0, 1, 2)), Candidate(tome_r=1), Candidate(tome_r=4),
+            Candidate(tome_r=1, tome_start_idx=1), Candidate(removed=(0,), tome_r=2), Candidate(removed=(2,), tome_r=1),
+            Candidate(removed=(0, 1), tome_r=3, tome_policy="hidden")]
+    coef = fit_coefficients([t.kind_sums(c) for c in many], [measure(c) for c in many], ridge=1e-9)
+    assert coef == pytest.approx(truth, rel=1e-4)
+    t.coef = coef
+    for c in [Candidate(removed=(1,), tome_r=2, tome_policy="hidden"), Candidate(removed=(1, 2), tome_r=1)]:
+        assert t.predict_ms(c) == pytest.approx(measure(c), rel=1e-4)
+    fit, _ = default_validation(t.key)
+    t.coef = fit_coefficients([t.kind_sums(c) for c in fit], [measure(c) for c in fit], ridge=1e-9)
+    for c in fit:
+        assert t.predict_ms(c) == pytest.approx(measure(c), rel=1e-6)
+    # only the dense model measured: every kind takes its measured / summed ratio
+    dense = Candidate()
+    only = fit_coefficients([t.kind_sums(dense)], [2.0 * t.sum_ms(dense)])
+    assert only == pytest.approx(dict.fromkeys(KINDS, 2.0))
+
+
+@pytest.mark.parametrize("sums, measured", [([], []), ([{"plain": 1.0}], [0.0]), ([{"plain": 1.0}], [float("nan")]),
+                                            ([{"plain": 0.0}], [1.0]), ([{"plain": 1.0}], [1.0, 2.0])])
+def test_the_fit_refuses_what_it_cannot_fit(sums, measured):
+    with pytest.raises(ShrinkError, match="fit_coefficients") as e:
+        fit_coefficients(sums, measured)
+    assert "\n" not in str(e.value)

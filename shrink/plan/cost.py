@@ -21,12 +21,14 @@ order rotating); the median of the repeats is kept (as ``benchmark.py`` reports)
 is then smoothed by a least-squares quadratic in n over the grid (``smooth=True``; the measured
 values stay in ``info["raw_parts"]``).
 :meth:`CostTable.predict_ms` walks a :class:`Candidate`'s token counts
-(:func:`shrink.plan.candidate.token_counts`) and sums. ``build_cost_table`` then measures whole
-models (the dense one and a plan) in the same process, interleaved (median of the repeats, as
-``benchmark.py``): the dense model's measured / summed ms is ``scale`` (predicted ms = ``scale`` x
-(sum + ``offset_ms``), offset 0 unless set), a common factor, so a predicted speed-up is the ratio of
-two sums; the plan's predicted and measured speed-ups are kept in ``validation`` (the error of the
-sum). See docs/cost_model.md.
+(:func:`shrink.plan.candidate.token_counts`) and sums, each part weighted by the coefficient of its
+kind (``coef``: plain, attn, mlp, free, merge, edges). ``build_cost_table`` then measures whole models
+in the same process, interleaved (median of the repeats, as ``benchmark.py``): four that span the
+plans (dense; all attention removed; merging only; half removed and merging) fit the coefficients
+(:func:`fit_coefficients`: relative least squares, pulled towards the dense model's measured / summed
+ratio), and a fifth plan, not used in the fit, checks them; every one's predicted and measured
+speed-ups are kept in ``validation``. Timings run with the steady allocator
+(:func:`shrink.bench.measure.set_allocator`), as ``benchmark.py`` does by default. See docs/cost_model.md.
 
 Runtimes: ``eager`` (the modules), ``compile`` (``torch.compile(dynamic=False)`` per part and shape:
 slow to build), ``onnxruntime`` (each part exported once with a dynamic token axis, one session
@@ -59,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bench.measure import set_allocator
 from ..blocks import AttentionFreeBlock, block_family, get_blocks
 from ..dilution import dilute
 from ..errors import ShrinkError
@@ -70,14 +73,15 @@ from ..tome_kernels import AttentionCall, attention_kernel, model_support
 from ..tome_merge import bipartite_soft_matching, max_merge, merge_wavg
 from .candidate import Candidate, block_kinds, token_counts
 
-__all__ = ["RUNTIMES", "SCHEMA", "CostKey", "CostTable", "build_cost_table", "build_plan_model",
-           "cached_cost_table", "cost_key_for", "measure_models"]
+__all__ = ["KINDS", "RUNTIMES", "SCHEMA", "CostKey", "CostTable", "build_cost_table", "build_plan_model",
+           "cached_cost_table", "cost_key_for", "fit_coefficients", "measure_models"]
 
 _logger = logging.getLogger(__name__)
 
-SCHEMA = "shrink.plan.cost/1"
+SCHEMA = "shrink.plan.cost/2"  # /2: per-kind coefficients (coef) replace scale / offset_ms
 RUNTIMES = ("eager", "compile", "onnxruntime")
 PARTS_N = ("plain", "attn", "mlp", "free", "edges")  # one value per grid token count
+KINDS = ("plain", "attn", "mlp", "free", "merge", "edges")  # one calibration coefficient each
 PARTS_NR = ("merge", "merge_hidden")  # one value per (grid token count, grid r)
 
 
@@ -187,7 +191,7 @@ def cost_key_for(model: nn.Module, model_name: str, *, device: str | torch.devic
                           f"{', '.join(sorted(families - TIMED_FAMILIES))} (its merging needs the model's positions "
                           "or biases, not timed yet)")
     versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": _version("timm") or "?",
-                "shrink": _version("shrink") or "?"}
+                "shrink": _version("shrink") or "?", "allocator": set_allocator("steady", keep=True)}
     if runtime == "onnxruntime":
         versions["onnxruntime"] = _version("onnxruntime") or "?"
         versions["onnxscript"] = _version("onnxscript") or "?"
@@ -244,8 +248,7 @@ class CostTable:
     grid: list[int]  # token counts, ascending
     r_grid: list[int]  # merge sizes, ascending
     parts: dict[str, Any]  # PARTS_N: list over grid; PARTS_NR: list over grid of lists over r_grid
-    scale: float = 1.0  # predicted ms = scale * (sum of parts + offset_ms)
-    offset_ms: float = 0.0
+    coef: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 1.0))  # predicted ms = sum of coef x part
     validation: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     _sums: dict[Candidate, float] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -264,8 +267,9 @@ class CostTable:
             if not isinstance(v, list) or len(v) != len(g) or not all(
                     isinstance(row, list) and len(row) == len(rg) and all(_finite(t) for t in row) for row in v):
                 raise ShrinkError(f"cost table: part {name!r} must hold {len(g)} x {len(rg)} finite numbers")
-        if not (_finite(self.scale) and self.scale > 0 and _finite(self.offset_ms)):
-            raise ShrinkError("cost table: scale must be > 0 and offset_ms finite")
+        if not (isinstance(self.coef, dict) and set(self.coef) == set(KINDS)
+                and all(_finite(v) and v > 0 for v in self.coef.values())):
+            raise ShrinkError(f"cost table: coef must give a number > 0 for each of {', '.join(KINDS)}")
 
     # ---- lookups ----
     def part_ms(self, name: str, n: float) -> float:
@@ -282,7 +286,8 @@ class CostTable:
 
     # ---- the prediction ----
     def terms(self, cand: Candidate) -> list[tuple[str, float]]:
-        """(part, ms) of every term of the sum for ``cand``, in model order (edges first)."""
+        """(part, ms) of every term of the sum for ``cand``, in model order (edges first); the part's
+        kind (its coefficient) is the label up to ``(``, ``merge_hidden`` counting as ``merge``."""
         k = self.key
         kinds = block_kinds(k.depth, cand.removed)
         sched = cand.schedule(k.depth)
@@ -307,15 +312,23 @@ class CostTable:
             sized = sized or r > 0
         return out
 
+    def kind_sums(self, cand: Candidate) -> dict[str, float]:
+        """The table's ms along ``cand``'s token counts, summed per kind (uncalibrated)."""
+        if cand not in self._sums:  # the search asks for the same plans (and the dense model) many times
+            out = dict.fromkeys(KINDS, 0.0)
+            for label, v in self.terms(cand):
+                out[_kind(label)] += v
+            self._sums[cand] = out
+        return dict(self._sums[cand])
+
     def sum_ms(self, cand: Candidate) -> float:
         """The plain sum of the table along ``cand``'s token counts (no calibration)."""
-        if cand not in self._sums:  # the search asks for the same plans (and the dense model) many times
-            self._sums[cand] = sum(v for _, v in self.terms(cand))
-        return self._sums[cand]
+        return sum(self.kind_sums(cand).values())
 
     def predict_ms(self, cand: Candidate) -> float:
-        """Predicted latency (ms) of one batch of the whole model under ``cand``."""
-        return self.scale * (self.sum_ms(cand) + self.offset_ms)
+        """Predicted latency (ms) of one batch of the whole model under ``cand``: each kind's sum times its
+        coefficient."""
+        return sum(self.coef[k] * v for k, v in self.kind_sums(cand).items())
 
     def dense_ms(self) -> float:
         return self.predict_ms(Candidate())
@@ -326,7 +339,7 @@ class CostTable:
     # ---- files ----
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "key": self.key.to_dict(), "grid": list(self.grid), "r_grid": list(self.r_grid),
-                "parts": self.parts, "scale": self.scale, "offset_ms": self.offset_ms,
+                "parts": self.parts, "coef": dict(self.coef),
                 "validation": self.validation, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -346,8 +359,8 @@ class CostTable:
             validation, info = d.get("validation", []), d.get("info", {})
             if not isinstance(validation, list) or not isinstance(info, dict):
                 raise ShrinkError("validation / info have the wrong type")
-            return cls(key=key, grid=list(grid), r_grid=list(r_grid), parts=d["parts"], scale=d["scale"],
-                       offset_ms=d["offset_ms"], validation=validation, info=info)
+            return cls(key=key, grid=list(grid), r_grid=list(r_grid), parts=d["parts"], coef=d["coef"],
+                       validation=validation, info=info)
         except KeyError as e:
             raise ShrinkError(f"{where} has no {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -371,6 +384,11 @@ class CostTable:
             if diff:
                 raise ShrinkError(f"cost table {p} was measured for another setting ({'; '.join(diff)})")
         return table
+
+
+def _kind(label: str) -> str:
+    name = label.split("(", 1)[0]
+    return "merge" if name == "merge_hidden" else name
 
 
 def _finite(v: Any) -> bool:
@@ -625,12 +643,14 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
     ``smooth``: each part's timings are replaced by a least-squares quadratic in the token count
     (:func:`smooth_parts`; the measured values stay in ``info["raw_parts"]``).
 
-    ``validate``: plans whose whole models are measured after the parts, interleaved with the dense
-    model, to calibrate the sum (``scale``, ``offset_ms``) and record its error (``validation``);
-    None takes a default set, [] skips it (scale 1, offset 0).
+    ``validate``: (fit, check) plans whose whole models are measured after the parts, interleaved: the
+    first list (its first plan the dense model) fits the coefficients, the second only checks them;
+    both are recorded in ``validation``. None takes :func:`default_validation`, ([], []) skips it
+    (every coefficient 1).
     """
     if repeats < 1 or warmup < 0:
         raise ShrinkError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    set_allocator("steady", keep=True)
     t_start = time.perf_counter()
     model = copy.deepcopy(model).float().cpu().eval()
     blocks = get_blocks(model)
@@ -700,10 +720,9 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
                       info={"smooth": smooth, "raw_parts": raw, "merge_runtime": "eager" if key.runtime == "onnxruntime" else key.runtime,
                             "token_step": token_step, "repeats": repeats, "warmup": warmup,
                             "parts_s": round(time.perf_counter() - t_start, 1), "timers": len(timers)})
-    if validate is None:
-        validate = default_validation(key)
-    if validate:
-        calibrate(table, model, list(validate), repeats=repeats, warmup=warmup, progress=progress)
+    fit, check = default_validation(key) if validate is None else validate
+    if fit:
+        calibrate(table, model, list(fit), list(check), repeats=repeats, warmup=warmup, progress=progress)
     table.info["build_s"] = round(time.perf_counter() - t_start, 1)
     return table
 
@@ -805,6 +824,7 @@ def _whole_runner(model: nn.Module, key: CostKey, rt: _Runtime) -> Callable[[], 
 def measure_models(base: nn.Module, key: CostKey, cands: Sequence[Candidate], *, repeats: int = 5, warmup: int = 2,
                    progress: bool = True) -> list[float]:
     """Median ms of one batch of each plan's whole model (``base`` under ``cand``), interleaved."""
+    set_allocator("steady", keep=True)
     rt = _runtime(key)
     with _threads(key.threads):
         timers = {i: _whole_runner(build_plan_model(base, c), key, rt) for i, c in enumerate(cands)}
@@ -812,31 +832,64 @@ def measure_models(base: nn.Module, key: CostKey, cands: Sequence[Candidate], *,
     return [ms[i] for i in range(len(cands))]
 
 
-def default_validation(key: CostKey) -> list[Candidate]:
-    """The dense model (for the scale) and one plan that removes half the attention and merges tokens
-    (the check of the sum)."""
-    half = tuple(range(key.depth // 2))
-    r = max(1, max_merge(key.num_tokens, key.num_protected) // max(key.depth, 1))
-    return [Candidate(), Candidate(removed=half, tome_r=r)]
+def default_validation(key: CostKey) -> tuple[list[Candidate], list[Candidate]]:
+    """The plans that fit the coefficients -- the dense model, all attention removed, merging only (r0 =
+    the most a block can merge / depth), half the attention removed and merging -- and one that checks
+    them (the first third removed, 1.5 r0, policy hidden)."""
+    d = key.depth
+    r0 = max(1, max_merge(key.num_tokens, key.num_protected) // max(d, 1))
+    fit = [Candidate(), Candidate(removed=tuple(range(d))), Candidate(tome_r=r0),
+           Candidate(removed=tuple(range(d // 2)), tome_r=r0)]
+    check = [Candidate(removed=tuple(range(d // 3)), tome_r=max(1, 3 * r0 // 2), tome_policy="hidden")]
+    return fit, [c for c in check if c not in fit]
 
 
-def calibrate(table: CostTable, model: nn.Module, cands: list[Candidate], *, repeats: int = 5, warmup: int = 2,
-              progress: bool = True) -> None:
-    """Measure ``cands`` (the first is the dense model) as whole models, interleaved; ``scale`` = measured /
-    summed ms of the first (a common factor, so predicted speed-ups are the sums' ratios), and record
-    each plan's summed, predicted and measured ms and speed-ups in ``table.validation``."""
+RIDGE = 0.1  # weight of the pull towards the dense model's ratio (relative units; see fit_coefficients)
+
+
+def fit_coefficients(sums: Sequence[dict[str, float]], measured: Sequence[float], ridge: float = RIDGE) -> dict[str, float]:
+    """Per-kind coefficients c minimising sum_m ((sum_k c_k S_mk - y_m) / y_m)^2 + ridge sum_k ((c_k - c0) / c0)^2.
+
+    ``sums[m]`` is plan m's table sum per kind (:meth:`CostTable.kind_sums`), ``measured[m]`` its whole-model
+    ms; plan 0 is the dense model and c0 its measured / summed ratio (the single common factor this
+    replaces). The pull towards c0 settles kinds the plans cannot tell apart (attention and MLP halves
+    always come together); each c is kept within [c0 / 4, 4 c0]. Measured on deit_small (eager, 2
+    threads, steady allocator): fitted on 4 plans, the speed-ups of 16 were within 1.2 % (common factor: 3.0 %)."""
+    import numpy as np
+
+    if len(sums) != len(measured) or not sums or not all(_finite(m) and m > 0 for m in measured):
+        raise ShrinkError("fit_coefficients: one positive measurement per plan is needed")
+    S = np.array([[float(s.get(k, 0.0)) for k in KINDS] for s in sums])
+    y = np.asarray(measured, dtype=float)
+    if S[0].sum() <= 0:
+        raise ShrinkError("fit_coefficients: the dense model's table sum is 0")
+    c0 = y[0] / S[0].sum()
+    k = len(KINDS)
+    a = np.vstack([S / y[:, None], math.sqrt(ridge) * np.eye(k) / c0])
+    b = np.concatenate([np.ones(len(y)), math.sqrt(ridge) * np.ones(k)])
+    c, *_ = np.linalg.lstsq(a, b, rcond=None)
+    c = np.clip(c, c0 / 4, 4 * c0)
+    return {name: float(v) for name, v in zip(KINDS, c, strict=True)}
+
+
+def calibrate(table: CostTable, model: nn.Module, fit: list[Candidate], check: Sequence[Candidate] = (), *,
+              repeats: int = 5, warmup: int = 2, progress: bool = True) -> None:
+    """Measure ``fit`` (the first is the dense model) and ``check`` as whole models, interleaved; fit
+    ``table.coef`` on ``fit`` (:func:`fit_coefficients`) and record every plan's summed, predicted and
+    measured ms and speed-ups in ``table.validation`` (``"fit"``: whether it was used in the fit)."""
+    cands = [*fit, *check]
     measured = measure_models(model, table.key, cands, repeats=repeats, warmup=warmup, progress=progress)
-    sums = [table.sum_ms(c) for c in cands]
-    table.scale, table.offset_ms = measured[0] / sums[0], 0.0
-    dense_m, dense_p = measured[0], table.predict_ms(cands[0])
-    table.validation = [
-        {"candidate": c.as_dict(), "sum_ms": s, "predicted_ms": table.predict_ms(c), "measured_ms": m,
-         "sum_speedup": sums[0] / s, "predicted_speedup": dense_p / table.predict_ms(c),
-         "measured_speedup": dense_m / m}
-        for c, s, m in zip(cands, sums, measured, strict=True)]
-    for v in table.validation:
-        _logger.info("cost table check: %s sum %.1f ms, predicted %.1f ms, measured %.1f ms",
-                     v["candidate"], v["sum_ms"], v["predicted_ms"], v["measured_ms"])
+    sums = [table.kind_sums(c) for c in cands]
+    table.coef = fit_coefficients(sums[:len(fit)], measured[:len(fit)])
+    dense_m, dense_p, dense_s = measured[0], table.predict_ms(cands[0]), sum(sums[0].values())
+    table.validation = []
+    for i, (c, m) in enumerate(zip(cands, measured, strict=True)):
+        s, p = sum(sums[i].values()), table.predict_ms(c)
+        table.validation.append({"candidate": c.as_dict(), "fit": i < len(fit), "sum_ms": s, "predicted_ms": p,
+                                 "measured_ms": m, "sum_speedup": dense_s / s, "predicted_speedup": dense_p / p,
+                                 "measured_speedup": dense_m / m})
+        _logger.info("cost table %s: %s sum %.1f ms, predicted %.1f ms, measured %.1f ms",
+                     "fit" if i < len(fit) else "check", c.as_dict(), s, p, m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -848,6 +901,17 @@ def cache_path(cache_dir: str | Path, key: CostKey) -> Path:
     raw = (f"{key.model}_{'x'.join(map(str, key.input_size))}_{key.device}_{key.dtype}_b{key.batch_size}_"
            f"t{key.threads or 'default'}_{key.runtime}")
     return Path(cache_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "-", raw) + ".json")
+
+
+def _older_schema(path: Path) -> str | None:
+    """The schema of a cost table file written in another (earlier) layout, else None."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    schema = d.get("schema") if isinstance(d, dict) else None
+    ours = SCHEMA.split("/")[0] + "/"
+    return schema if isinstance(schema, str) and schema.startswith(ours) and schema != SCHEMA else None
 
 
 def cached_cost_table(model: nn.Module, model_name: str, *, cache_dir: str | Path, device: str = "cpu",
@@ -862,7 +926,10 @@ def cached_cost_table(model: nn.Module, model_name: str, *, cache_dir: str | Pat
     key = cost_key_for(model, model_name, device=device, dtype=dtype, batch_size=batch_size, threads=threads,
                        runtime=runtime, img_size=img_size)
     path = cache_path(cache_dir, key)
-    if path.exists() and not rebuild:
+    older = _older_schema(path) if path.exists() and not rebuild else None
+    if older:
+        _logger.warning("cost table %s was written by another version of shrink (%s): rebuilding it", path, older)
+    elif path.exists() and not rebuild:
         try:
             table = CostTable.load(path, expect=None)
         except ShrinkError as e:
