@@ -43,6 +43,9 @@ def test_plan_then_train_the_plan(tmp_path, capsys, caplog):
     assert plan["gmacs"] <= TARGET_GMACS and plan["target"] == {"kind": "gmacs", "value": TARGET_GMACS}
     assert plan["cost_key"]["model"] == "vit_digits" and plan["cost_key"]["device"] == "cpu"
     assert len(plan["removal_order"]) == 2 and set(cand["removed"]) <= set(plan["removal_order"])
+    secs = plan["seconds"]
+    assert set(secs) == {"cost_table", "selection", "proxy", "search_without_proxy", "total"}
+    assert all(v >= 0 for v in secs.values()) and secs["total"] >= secs["cost_table"] + secs["proxy"]
     assert cfg["model"] == "vit_digits" and cfg["data_set"] == "digits"
     assert cfg.get("remove_layers", []) == cand["removed"] and cfg.get("tome_r", 0) == cand["tome_r"]
 

@@ -264,10 +264,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
             _logger.warning(warnings[-1])
 
     # the cost table first, on the untouched dense model (it copies what it times)
+    t_cost = time.perf_counter()
     table = cached_cost_table(model, name, cache_dir=args.cache_dir, device=str(device), dtype=args.dtype,
                               batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
                               img_size=args.input_size, rebuild=args.rebuild_cost, token_step=args.token_step,
                               repeats=args.repeats, progress=progress)
+    t_cost = time.perf_counter() - t_cost
     key = table.key
     n_tok, n_prot = key.num_tokens, key.num_protected
 
@@ -297,13 +299,25 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     if target.kind == "gmacs":
         size = model_input_size(model, args.input_size)
         macs = MacCounter(proxy.built, proxy.model, size, n_tok, n_prot, depth).gmacs
-    res = search(cands, table, target, depth=depth, num_tokens=n_tok, num_protected=n_prot,
-                 score=lambda cs: proxy.score_all(cs, progress=progress), gmacs=macs,
+    proxy_s: list[float] = []  # seconds of each proxy call, for the record
+
+    def score(cs):
+        t = time.perf_counter()
+        try:
+            return proxy.score_all(cs, progress=progress)
+        finally:
+            proxy_s.append(time.perf_counter() - t)
+
+    t_search = time.perf_counter()
+    res = search(cands, table, target, depth=depth, num_tokens=n_tok, num_protected=n_prot, score=score, gmacs=macs,
                  max_candidates=args.max_candidates, device=str(key.device))
+    t_search = time.perf_counter() - t_search
+    t_proxy = sum(proxy_s)
     res.order = list(order)
     record = {"model": name, "argv": list(argv) if argv is not None else sys.argv[1:], "criterion": criterion,
               "calib_images": len(images), "data_set": args.data_set, "warnings": warnings,
-              "seconds": {"selection": round(t_sel, 2)}, "device": str(device)}
+              "seconds": {"cost_table": round(t_cost, 2), "selection": round(t_sel, 2), "proxy": round(t_proxy, 2),
+                          "search_without_proxy": round(t_search - t_proxy, 3)}, "device": str(device)}
     record["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     title = f"{name}, {key.device} {key.dtype} batch {key.batch_size}, {key.runtime}"
     paths = write_outputs(res, args.output_dir, table=table, base_config=base, record=record,
