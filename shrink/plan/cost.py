@@ -251,7 +251,7 @@ class CostTable:
     coef: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 1.0))  # predicted ms = sum of coef x part
     validation: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    _sums: dict[Candidate, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _sums: dict[Candidate, dict[str, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         g, rg = self.grid, self.r_grid
@@ -853,8 +853,9 @@ def fit_coefficients(sums: Sequence[dict[str, float]], measured: Sequence[float]
     ``sums[m]`` is plan m's table sum per kind (:meth:`CostTable.kind_sums`), ``measured[m]`` its whole-model
     ms; plan 0 is the dense model and c0 its measured / summed ratio (the single common factor this
     replaces). The pull towards c0 settles kinds the plans cannot tell apart (attention and MLP halves
-    always come together); each c is kept within [c0 / 4, 4 c0]. Measured on deit_small (eager, 2
-    threads, steady allocator): fitted on 4 plans, the speed-ups of 16 were within 1.2 % (common factor: 3.0 %)."""
+    always come together); each c is kept within [c0 / 4, 4 c0]. Measured on deit_small (batch 16, 2
+    threads, steady allocator; scripts/cost_fit_check.py): fitted on 4 plans, the speed-ups of 16 were
+    within 1.1 % eager and 3.7 % ONNX Runtime (one common factor: 4.6 % and 9.7 %)."""
     import numpy as np
 
     if len(sums) != len(measured) or not sums or not all(_finite(m) and m > 0 for m in measured):
