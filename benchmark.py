@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "so load from other processes hits all alike (not with --compile)")
     m.add_argument("--allocator", default="steady", choices=ALLOCATORS,
                    help="steady (default): keep freed memory in the process (glibc malloc thresholds), so "
-                        "CPU timings do not depend on the allocator's history (up to 15%% apart otherwise); "
+                        "CPU timings do not depend on the allocator's history (up to 12%% apart otherwise); "
                         "default: leave malloc as it is. Recorded in the report's environment")
     o = p.add_argument_group("output")
     o.add_argument("--json", help="write the full report (schema shrink.bench/1) here")

@@ -19,7 +19,6 @@ does to timings.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shrink.bench.measure import ALLOCATORS, set_allocator  # noqa: E402
+from shrink.cli import cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.factory import create_model  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="out/cost_fit_check")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.passes < 1 or args.repeats < 1:
         raise ShrinkError("--passes and --repeats must be >= 1")
     allocator = set_allocator(args.allocator)  # before the key: the key would otherwise set it to steady
@@ -148,8 +147,4 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ShrinkError as e:
-        print(f"cost_fit_check.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli_main(main, prefix="cost_fit_check.py: error: ", verbose=False))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shrink.bench import BenchConfig, read_plan, run  # noqa: E402
-from shrink.errors import ShrinkError  # noqa: E402
+from shrink.cli import cli_main  # noqa: E402
 from shrink.factory import create_model  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 from shrink.plan.candidate import Candidate  # noqa: E402
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default="out/plan_check")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
         args.token_step, args.repeats, args.iters, args.bench_repeats = 32, 1, 1, 1
     out = Path(args.out)
@@ -159,8 +158,4 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ShrinkError as e:
-        print(f"plan_check.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli_main(main, prefix="plan_check.py: error: "))

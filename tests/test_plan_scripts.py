@@ -53,3 +53,16 @@ def test_plan_check_writes_plans_that_benchmark_measures(tmp_path):
     assert bench["plan"]["predicted_speedup"] == pytest.approx(row["predicted_speedup"])
     assert bench["environment"]["allocator"].startswith(("steady", "default (no glibc"))
     assert "check plan (not fitted)" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("name, args", [("cost_fit_check", ["--passes", "0"]), ("cost_fit_check", ["--out", "FILE/x"]),
+                                        ("plan_check", ["--out", "FILE"])])
+def test_the_scripts_bad_input_is_one_line(tmp_path, capsys, name, args):
+    """Run as ``python scripts/NAME.py``: an output path under a file, or a count out of range, is one line, exit 2."""
+    from shrink.cli import cli_main
+
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    assert cli_main(_script(name).main, args, prefix=f"{name}.py: error: ") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{name}.py: error: ") and "\n" not in err and "Traceback" not in err
