@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shrink.bench.measure import ALLOCATORS, set_allocator  # noqa: E402
-from shrink.cli import cli_main  # noqa: E402
+from shrink.cli import add_threads_argument, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.factory import create_model  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--img-size", type=int)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads_argument(p, default=2)  # the acceptance setting
     p.add_argument("--runtime", default="eager", choices=RUNTIMES)
     p.add_argument("--allocator", default="steady", choices=ALLOCATORS)
     p.add_argument("--passes", type=int, default=2, help="interleaved passes over the 16 whole models")

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shrink.bench import BenchConfig, read_plan, run  # noqa: E402
-from shrink.cli import cli_main  # noqa: E402
+from shrink.cli import add_threads_argument, cli_main  # noqa: E402
 from shrink.factory import create_model  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 from shrink.plan.candidate import Candidate  # noqa: E402
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--img-size", type=int)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads_argument(p, default=2)  # the acceptance setting
     p.add_argument("--runtimes", default="eager,onnxruntime")
     p.add_argument("--targets", default="1.3,1.5,2.0")
     p.add_argument("--token-step", type=int, default=8)

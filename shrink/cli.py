@@ -96,9 +96,11 @@ def parse_threads(text: str | int) -> int:
     return n
 
 
-def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The one ``--threads`` flag of every command that runs a model: same meaning, same default (None)."""
-    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N", help=THREADS_HELP)
+def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = None) -> None:
+    """The one ``--threads`` flag of every command that runs a model: same meaning, default None (torch's
+    choice) unless a measurement script fixes it (``default``, then named in the help)."""
+    help_text = THREADS_HELP if default is None else THREADS_HELP.split("; default")[0] + f"; default {default}"
+    parser.add_argument("--threads", type=parse_threads, default=default, metavar="N", help=help_text)
 
 
 def apply_threads(threads: int | None) -> None:
