@@ -23,7 +23,7 @@ from shrink.bench import (
     read_plan,
     run,
 )
-from shrink.cli import (
+from shrink.cli.runner import (
     OneLineArgumentParser,
     add_threads_argument,
     check_distinct,
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int, help="timed repeats; img/s is their median (default: 3)")
     m.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     m.add_argument("--train", action="store_true", help="also measure training-step images/s")
-    add_threads_argument(m)  # the one --threads of every command (shrink.cli)
+    add_threads_argument(m)  # the one --threads of every command (shrink.cli.runner)
     m.add_argument("--interleave", action="store_true",
                    help="set every configuration up first, then time them round-robin, repeat by repeat, "
                         "so load from other processes hits all alike (not with --compile)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prune attention layers of a ViT by lambda dilution (thin CLI over shrink.train.run).
+"""Prune attention layers of a ViT by lambda dilution (thin CLI over shrink.training.trainer.run).
 
     accelerate launch main_lambda.py --remove-ratio 0.4            # the embedded default, offline
     accelerate launch main_lambda.py --config configs/deit_base_40.yaml --data-path /imagenet
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from shrink.cli import cli_main
+from shrink.cli.runner import cli_main
 
 
 def _table(summary: dict) -> str:
@@ -57,8 +57,8 @@ def _tome_rows(summary: dict, pct) -> list[tuple[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shrink.config import config_from_args
-    from shrink.train import run
+    from shrink.training.config import config_from_args
+    from shrink.training.trainer import run
 
     def body(argv):
         cfg = config_from_args(argv, description=__doc__)

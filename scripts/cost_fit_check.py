@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shrink.bench.measure import ALLOCATORS, set_allocator  # noqa: E402
-from shrink.cli import add_threads_argument, cli_main  # noqa: E402
+from shrink.cli.runner import add_threads_argument, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
-from shrink.factory import create_model  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
+from shrink.modelio.create import create_model  # noqa: E402
 from shrink.plan.candidate import Candidate  # noqa: E402
 from shrink.plan.cost import (  # noqa: E402
     RUNTIMES,

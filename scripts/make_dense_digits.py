@@ -16,11 +16,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from shrink.cli import OneLineArgumentParser, add_threads_argument, check_output_file, cli_main
-from shrink.config import RunConfig
+from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, check_output_file, cli_main
 from shrink.io import atomic_write
 from shrink.models.vit_digits import DENSE_WEIGHTS
-from shrink.train import run
+from shrink.training.config import RunConfig
+from shrink.training.trainer import run
 
 
 def main(argv: list[str] | None = None) -> int:

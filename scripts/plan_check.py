@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shrink.bench import BenchConfig, read_plan, run  # noqa: E402
-from shrink.cli import add_threads_argument, cli_main  # noqa: E402
-from shrink.factory import create_model  # noqa: E402
+from shrink.cli.runner import add_threads_argument, cli_main  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
+from shrink.modelio.create import create_model  # noqa: E402
 from shrink.plan.candidate import Candidate  # noqa: E402
 from shrink.plan.cost import CostTable, cached_cost_table  # noqa: E402
 

@@ -66,7 +66,7 @@ def main() -> int:
     args = p.parse_args()
 
     import shrink
-    from shrink.data import build_dataset, calibration_subset
+    from shrink.data.datasets import build_dataset, calibration_subset
     from shrink.plan import Candidate, Proxy, load_calibration, removal_order
     from shrink.plan.search import plan_yaml
 

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
+from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -58,7 +58,7 @@ def build_model(kind: str, dim: int, depth: int, heads: int):
 
 
 def load_digits_tensors():
-    from shrink.data import DigitsDataset
+    from shrink.data.datasets import DigitsDataset
 
     train = DigitsDataset("train", augment=True)
     val = DigitsDataset("val")
@@ -120,7 +120,7 @@ def train(model, train_set, epochs: int, lr: float, wd: float, batch_size: int, 
 
 def lambda_for(epoch: int, epochs: int) -> float:
     """1 -> 0 linearly over the first half of the epochs (per epoch), then 0."""
-    from shrink.dilution import lambda_reference
+    from shrink.blocks.dilution import lambda_reference
 
     return lambda_reference(epoch, dilution_epochs=max(epochs / 2, 1e-9)) if epochs > 1 else 0.0
 
@@ -302,7 +302,7 @@ def _main(argv: list[str] | None) -> int:
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "args": {k: v for k, v in vars(args).items()},
         "data": {"set": "sklearn digits", "train": len(train_set), "val": len(val[1]),
-                 "split": "stratified, seed 0 (shrink.data.DigitsDataset)", "augment": "random 1-pixel shift"},
+                 "split": "stratified, seed 0 (shrink.data.datasets.DigitsDataset)", "augment": "random 1-pixel shift"},
         "rules": {k: f"x = ({v:g} - {v - 1:g} * lam) * x + lam * branch" for k, v in RULES.items()},
         "schedule": "lambda = max(0, 1 - epoch / (epochs / 2)), set per epoch; deployable = lambda 0 / export",
         "models": {},

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
+from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 

@@ -1,6 +1,6 @@
 """What the mean relative-position bias between merged tokens costs (docs/tome.md, "Families").
 
-1. One block's merged bias, scatter-add (``shrink.tome_relpos.merged_bias``, kept) against the dense
+1. One block's merged bias, scatter-add (``shrink.merging.relpos.merged_bias``, kept) against the dense
    S B S^T (``merged_bias_dense``), deit-small sized: batch 16, 6 heads, 197 input tokens.
 2. A whole forward of a 12-block, 384-wide BEiT and RelPos ViT (random weights) at r = 0 and r = 13,
    and the part of it spent in ``merged_bias``.
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shrink  # noqa: E402
-from shrink import tome_relpos  # noqa: E402
+from shrink.merging import relpos as tome_relpos
 
 
 def _ms(fn, warmup: int = 3, iters: int = 20) -> float:

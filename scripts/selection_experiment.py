@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
+from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # name -> extra flags for `python -m shrink.select`
@@ -67,8 +67,8 @@ def skip_accuracy(layers: list[int], cache: dict) -> float:
     import torch
 
     from shrink import create_model
-    from shrink.criteria import skip_attention
-    from shrink.data import build_dataset
+    from shrink.data.datasets import build_dataset
+    from shrink.selection.criteria import skip_attention
 
     if "model" not in cache:
         cache["model"] = create_model("vit_digits", pretrained=True).eval()

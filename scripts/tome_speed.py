@@ -28,7 +28,7 @@ from shrink.bench.measure import prepare_inference  # noqa: E402
 from shrink.bench.ort import build_session, prepare_session  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
-from shrink.tome import apply_tome, tome_token_counts  # noqa: E402
+from shrink.merging.patch import apply_tome, tome_token_counts  # noqa: E402
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
+from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -47,8 +47,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def evaluate_dir(checkpoint: Path, r: int, threads: int | None) -> dict:
     """``main_lambda.py --eval --checkpoint DIR [--tome-r r]`` in this process: its result dict."""
-    from shrink.config import config_from_args
-    from shrink.train import run
+    from shrink.training.config import config_from_args
+    from shrink.training.trainer import run
 
     argv = ["--eval", "--checkpoint", str(checkpoint), "--no-progress", "--num-workers", "0"]
     if r:
@@ -75,8 +75,8 @@ def dense_row(out: Path, threads: int | None) -> dict:
 
 
 def train_run(out: Path, name: str, seed: int, r: int, args) -> dict:
-    from shrink.config import config_from_args
-    from shrink.train import run
+    from shrink.training.config import config_from_args
+    from shrink.training.trainer import run
 
     argv = ["--remove-ratio", "0.4", "--seed", str(seed), "--epochs", str(args.epochs), "--dilution-epochs",
             f"{args.dilution_epochs:g}", "--num-workers", "0", "--no-progress", "--output-dir", str(out / name)]

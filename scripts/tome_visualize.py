@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shrink  # noqa: E402
-from shrink.cli import (  # noqa: E402
+from shrink.cli.runner import (  # noqa: E402
     OneLineArgumentParser,
     add_threads_argument,
     apply_threads,
@@ -25,8 +25,8 @@ from shrink.cli import (  # noqa: E402
     check_output_file,
     cli_main,
 )
-from shrink.tome import POLICIES, apply_tome  # noqa: E402
-from shrink.tome_vis import save_merge_png  # noqa: E402
+from shrink.merging.patch import POLICIES, apply_tome  # noqa: E402
+from shrink.merging.vis import save_merge_png  # noqa: E402
 
 N_DIGITS = 1797  # images in scikit-learn's digits set
 

@@ -40,11 +40,11 @@ if str(REPO) not in sys.path:
 
 import timm  # noqa: E402
 
-from shrink.cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
+from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
+from shrink.merging.merge import ramp  # noqa: E402
+from shrink.merging.patch import apply_tome, tome_token_counts  # noqa: E402
 from shrink.precision import DTYPES  # noqa: E402
-from shrink.tome import apply_tome, tome_token_counts  # noqa: E402
-from shrink.tome_merge import ramp  # noqa: E402
 
 
 def load_official(path: str | Path | None):

@@ -6,9 +6,15 @@ fine-tuning, and export the model with those attention layers physically gone.
 
 # The model families first: importing shrink registers them with timm (shrink.models imports only torch and timm).
 # shrink._source_tree imports shrink.models: the installed package, or models/ of a clone that is not installed.
-from ._source_tree import models  # noqa: F401  isort: skip
-from .checkpoint import get_bottleneck_mlp, load_checkpoint, read_checkpoint
-from .dilution import (
+from shrink._source_tree import models  # noqa: F401  isort: skip
+from shrink import _old_paths
+from shrink.blocks.attention_free import (
+    AttentionFreeBlock,
+    attention_free_indices,
+    export,
+    fold_residual_scale,
+)
+from shrink.blocks.dilution import (
     DilutedBlock,
     deploy_mode,
     dilute,
@@ -17,13 +23,16 @@ from .dilution import (
     lambda_at,
     set_lambda,
 )
-from .errors import ShrinkError
-from .export import AttentionFreeBlock, attention_free_indices, export, fold_residual_scale
-from .factory import create_model, load, save
-from .selection import select_layers
-from .tome import apply_tome, remove_tome, tome_token_counts
+from shrink.errors import ShrinkError
+from shrink.merging.patch import apply_tome, remove_tome, tome_token_counts
+from shrink.modelio.checkpoint import get_bottleneck_mlp, load_checkpoint, read_checkpoint
+from shrink.modelio.create import create_model, load, save
+from shrink.selection.layers import select_layers
 
 __version__ = "0.1.0"
+
+# the flat layout's module paths (shrink.train, shrink.tome, ...) still import, with a DeprecationWarning
+_old_paths.install()
 
 # shrink.deploy is imported on first use: it is only needed for exports
 _DEPLOY_NAMES = ("export_onnx", "export_program", "load_onnx_session", "load_program", "save_program")
@@ -31,7 +40,7 @@ _DEPLOY_NAMES = ("export_onnx", "export_program", "load_onnx_session", "load_pro
 
 def __getattr__(name: str):
     if name in _DEPLOY_NAMES:
-        from . import deploy
+        from shrink import deploy
 
         return getattr(deploy, name)
     raise AttributeError(f"module 'shrink' has no attribute {name!r}")

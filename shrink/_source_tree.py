@@ -24,7 +24,7 @@ def _import_models() -> ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     if not ((root / "pyproject.toml").is_file() and init.is_file()):
-        from . import models as installed
+        from shrink import models as installed
 
         return installed
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])

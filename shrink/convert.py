@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .checkpoint import load_checkpoint
-from .cli import (
+from shrink.cli.runner import (
     OneLineArgumentParser,
     add_threads_argument,
     apply_threads,
@@ -17,8 +16,9 @@ from .cli import (
     check_output_dir,
     cli_main,
 )
-from .errors import ShrinkError
-from .factory import create_model, save
+from shrink.errors import ShrinkError
+from shrink.modelio.checkpoint import load_checkpoint
+from shrink.modelio.create import create_model, save
 
 __all__ = ["main"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ShrinkError
+from shrink.errors import ShrinkError
 
 __all__ = ["DTYPES", "dtype_of"]
 

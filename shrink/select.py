@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import (
+from shrink.cli.runner import (
     OneLineArgumentParser,
     add_threads_argument,
     apply_threads,
@@ -22,12 +22,12 @@ from .cli import (
     parse_device,
     parse_layers,
 )
-from .data import DATA_SETS
-from .errors import ShrinkError
-from .io import atomic_write_json
-from .models.vit_digits import DENSE_WEIGHTS
-from .precision import dtype_of
-from .selection import CRITERIA, layer_table, plot_selection, select_layers
+from shrink.data.datasets import DATA_SETS
+from shrink.errors import ShrinkError
+from shrink.io import atomic_write_json
+from shrink.models.vit_digits import DENSE_WEIGHTS
+from shrink.precision import dtype_of
+from shrink.selection.layers import CRITERIA, layer_table, plot_selection, select_layers
 
 DEFAULT_MODEL = "vit_digits"
 DEFAULT_CHECKPOINT = DENSE_WEIGHTS  # the embedded demo's dense weights, shipped with shrink.models
@@ -96,9 +96,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
 
     Returns (layers, ratio, checkpoint, model kwargs).
     """
-    from .data import check_data_path, resolve_data_set
-    from .dilution import has_attention_layers, validate_layers
-    from .factory import model_skeleton
+    from shrink.blocks.dilution import has_attention_layers, validate_layers
+    from shrink.data.datasets import check_data_path, resolve_data_set
+    from shrink.modelio.create import model_skeleton
 
     layers = None if args.layers is None else parse_layers(args.layers, "--layers")
     if args.criterion == "manual" and layers is None:
@@ -151,8 +151,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
 
 def run(args: argparse.Namespace):
     """Build model and calibration data from parsed ``args``, select, print and write the results."""
-    from .data import build_dataset, calibration_subset
-    from .factory import create_model
+    from shrink.data.datasets import build_dataset, calibration_subset
+    from shrink.modelio.create import create_model
 
     layers, ratio, checkpoint, kwargs = check_args(args)
     torch.manual_seed(args.seed)  # random-init weights are reproducible too

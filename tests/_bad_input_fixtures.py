@@ -132,7 +132,7 @@ def fake_run(t: Path, **settings) -> Path:
     """An output folder that looks like a run: config.yaml, state/trainer_state.json, summary.json."""
     import yaml
 
-    from shrink.config import RunConfig
+    from shrink.training.config import RunConfig
 
     out = t / "run"
     (out / "state").mkdir(parents=True)

@@ -20,7 +20,7 @@ def main() -> int:
     k, argv = int(sys.argv[1]), sys.argv[2:]
     import main_lambda
     import shrink.io
-    import shrink.rundir
+    import shrink.training.run_folder
 
     real = os.replace
     calls = {"n": 0}
@@ -36,11 +36,11 @@ def main() -> int:
             return replace if name == "replace" else getattr(os, name)
 
     shrink.io.os = _Os()
-    shrink.rundir.os = _Os()
+    shrink.training.run_folder.os = _Os()
     if k == -1:
-        import shrink.selection
+        import shrink.selection.layers
 
-        shrink.selection.select_layers = lambda *a, **kw: os._exit(137)
+        shrink.selection.layers.select_layers = lambda *a, **kw: os._exit(137)
     code = main_lambda.main(argv)
     print(f"renames: {calls['n']}", file=sys.stderr)
     return code

@@ -20,7 +20,7 @@ def main() -> int:
     name, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     import main_lambda
     import shrink.io
-    import shrink.rundir
+    import shrink.training.run_folder
 
     real = os.replace
     seen = {"n": 0}
@@ -37,7 +37,7 @@ def main() -> int:
             return replace if attr == "replace" else getattr(os, attr)
 
     shrink.io.os = _Os()
-    shrink.rundir.os = _Os()
+    shrink.training.run_folder.os = _Os()
     return main_lambda.main(argv)
 
 

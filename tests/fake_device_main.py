@@ -25,7 +25,7 @@ def main() -> int:
     import torch
 
     import main_lambda
-    import shrink.train as train
+    import shrink.training.trainer as train
 
     report = {"model_checks": 0, "input_checks": 0, "loss_checks": 0, "teacher_checks": 0, "ema_checks": 0,
               "augment_seed": None, "lambdas": []}

@@ -1,4 +1,4 @@
-"""One process of a multi-machine launch that checks its output folder (shrink.rundir.check_shared_output_dir).
+"""One process of a multi-machine launch that checks its output folder (shrink.training.run_folder.check_shared_output_dir).
 
     torchrun --nnodes 2 --nproc_per_node 1 --node_rank R ... tests/rundir_main.py OUT
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accelerate import Accelerator  # noqa: E402
 
 from shrink.errors import ShrinkError  # noqa: E402
-from shrink.rundir import check_shared_output_dir  # noqa: E402
+from shrink.training.run_folder import check_shared_output_dir  # noqa: E402
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node N tests/sharding_main.py MODE OUT      # MODE: single (N=1) | ddp | fsdp
 
-Two steps diluted (lambda 1, 0.5; a deploy-mode forward), the switch (shrink.sharding.
+Two steps diluted (lambda 1, 0.5; a deploy-mode forward), the switch (shrink.training.sharding.
 export_for_training), three steps attention-free (under FSDP2 the units are those that the wrap policy of
 configs/accelerate/fsdp.yaml picks, through Accelerate's own plugin and policy functions), then the whole model is gathered, exported and
 saved. Rank 0 writes OUT/losses.json and OUT/model (shrink.save). The global batch of 16 is split
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shrink  # noqa: E402
-from shrink.sharding import export_for_training, is_sharded, mark_shard_units, whole_model  # noqa: E402
+from shrink.training.sharding import export_for_training, is_sharded, mark_shard_units, whole_model  # noqa: E402
 
 FSDP_YAML = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
 

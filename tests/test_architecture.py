@@ -14,16 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The layers, bottom to top (docs/architecture.md): each may import only from the layers below it.
 MODEL_LAYER = "shrink.models"
-CHECKPOINT_ALLOWED = {"shrink.errors", "shrink.wrappers"}  # plus shrink.models.*
-CORE = {"shrink.blocks", "shrink.dilution", "shrink.export", "shrink.tome", "shrink.tome_merge", "shrink.tome_kernels",
-        "shrink.tome_rope", "shrink.tome_relpos", "shrink.tome_cait", "shrink.criteria", "shrink.selection"}
-ABOVE_CORE = {"shrink.factory", "shrink.train", "shrink.engine", "shrink.recipe", "shrink.rundir", "shrink.report",
-              "shrink.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.config",
-              "shrink.cli", "shrink.select", "shrink.convert", "shrink.plan"}
+CHECKPOINT_ALLOWED = {"shrink.errors", "shrink.unwrap"}  # plus shrink.models.*
+CORE = {"shrink.blocks.contract", "shrink.blocks.dilution", "shrink.blocks.attention_free", "shrink.merging.patch", "shrink.merging.merge", "shrink.merging.kernels",
+        "shrink.merging.rope", "shrink.merging.relpos", "shrink.merging.cait", "shrink.selection.criteria", "shrink.selection.layers"}
+ABOVE_CORE = {"shrink.modelio.create", "shrink.training.trainer", "shrink.training.loop", "shrink.training.parts", "shrink.training.run_folder", "shrink.training.metrics",
+              "shrink.training.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.training.config",
+              "shrink.cli.runner", "shrink.select", "shrink.convert", "shrink.plan"}
 ENTRY_POINTS = {"shrink.select", "shrink.convert", "shrink.deploy.__main__", "shrink.plan.__main__", "main_lambda",
                 "benchmark"}
 # where argument parsing and printing live: the runner, the run's flags, and the `python -m` entry points
-CLI_LAYER = {"shrink.cli", "shrink.config", "shrink.select", "shrink.convert", "shrink.deploy.__main__",
+CLI_LAYER = {"shrink.cli.runner", "shrink.training.config", "shrink.select", "shrink.convert", "shrink.deploy.__main__",
              "shrink.plan.__main__"}
 
 
@@ -73,8 +73,8 @@ def _in(module: str, group: set[str]) -> bool:
 
 
 def test_the_graph_covers_the_tree():
-    assert {"shrink", "shrink.checkpoint", "shrink.factory", "shrink.models.ms_mlp", "main_lambda"} <= set(GRAPH)
-    assert "shrink.errors" in GRAPH["shrink.checkpoint"] and "shrink.models.bottleneck_mlp" in GRAPH["shrink.checkpoint"]
+    assert {"shrink", "shrink.modelio.checkpoint", "shrink.modelio.create", "shrink.models.ms_mlp", "main_lambda"} <= set(GRAPH)
+    assert "shrink.errors" in GRAPH["shrink.modelio.checkpoint"] and "shrink.models.bottleneck_mlp" in GRAPH["shrink.modelio.checkpoint"]
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith(MODEL_LAYER)))
@@ -86,13 +86,13 @@ def test_model_files_import_only_torch_timm_and_each_other(name):
 
 
 def test_checkpoint_io_sits_right_above_the_model_files():
-    extra = {m for m in GRAPH["shrink.checkpoint"] if not m.startswith(MODEL_LAYER)} - CHECKPOINT_ALLOWED
-    assert not extra, f"shrink.checkpoint imports {sorted(extra)}"
+    extra = {m for m in GRAPH["shrink.modelio.checkpoint"] if not m.startswith(MODEL_LAYER)} - CHECKPOINT_ALLOWED
+    assert not extra, f"shrink.modelio.checkpoint imports {sorted(extra)}"
 
 
 def test_the_block_contract_imports_only_errors():
-    ours = {m for m in GRAPH["shrink.blocks"] if m.startswith("shrink")}
-    assert ours <= {"shrink.errors"}, f"shrink.blocks imports {sorted(ours)}"
+    ours = {m for m in GRAPH["shrink.blocks.contract"] if m.startswith("shrink")}
+    assert ours <= {"shrink.errors"}, f"shrink.blocks.contract imports {sorted(ours)}"
 
 
 # Attributes of timm transformer blocks (their sublayers): only the block contract reads them.
@@ -115,11 +115,11 @@ def _block_attribute_reads(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not m.startswith(MODEL_LAYER)
-                                        and m != "shrink.blocks"))
+                                        and m != "shrink.blocks.contract"))
 def test_only_the_block_contract_reads_block_attributes(name):
     path, _ = MODULES[name]
     found = _block_attribute_reads(ast.parse(path.read_text(encoding="utf-8")))
-    assert not found, f"{name} reads block attributes {found}: ask shrink.blocks instead"
+    assert not found, f"{name} reads block attributes {found}: ask shrink.blocks.contract instead"
 
 
 def test_block_attribute_check_can_fail():
@@ -169,7 +169,7 @@ def test_imports_have_no_cycle():
 def test_test_can_fail_on_a_cycle(monkeypatch):
     """The cycle check is not vacuous: a planted back-edge is found."""
     planted = dict(GRAPH)
-    planted["shrink.errors"] = {"shrink.checkpoint"}
+    planted["shrink.errors"] = {"shrink.modelio.checkpoint"}
     monkeypatch.setitem(globals(), "GRAPH", planted)
     with pytest.raises(pytest.fail.Exception, match="import cycle"):
         test_imports_have_no_cycle()

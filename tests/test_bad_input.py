@@ -426,7 +426,7 @@ def shared(tmp_path_factory) -> Path:
     fx.template_dir(root)
     for name in ("main_lambda", "benchmark", "select", "loaders"):  # imported once; forked children reuse them
         _entry(name)
-    import shrink.train  # noqa: F401
+    import shrink.training.trainer  # noqa: F401
     return root
 
 
@@ -583,7 +583,7 @@ def test_finetune_folder_honours_model_arguments(shared):
 
 def test_good_input_passes(tmp_path):
     """The checks refuse bad values, not good ones: YAML and flags, --data-path alone, a saved model's name."""
-    from shrink.config import config_from_args
+    from shrink.training.config import config_from_args
 
     fx.image_folder(tmp_path)
     (tmp_path / "c.yaml").write_text("lr: 1e-4\nremove_layers: 3\nbatch_size: 8\nmixup: 0.8\nsched: step\n")
@@ -597,10 +597,10 @@ def test_good_input_passes(tmp_path):
 
 def test_cli_runner_exit_codes(capsys, monkeypatch):
     """The runner: ShrinkError and OSError are one line and 2, Ctrl-C is 130, a bug keeps its traceback."""
-    import shrink.cli
-    from shrink.cli import cli_main
+    import shrink.cli.runner
+    from shrink.cli.runner import cli_main
 
-    monkeypatch.setattr(shrink.cli, "setup_output", lambda verbose=None: None)  # keep pytest's logging as it is
+    monkeypatch.setattr(shrink.cli.runner, "setup_output", lambda verbose=None: None)  # keep pytest's logging as it is
 
     def raise_(e):
         def body(argv):

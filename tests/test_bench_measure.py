@@ -160,7 +160,7 @@ def test_other_errors_are_not_taken_for_out_of_memory():
 
 
 def test_tome_macs_follow_the_merged_token_counts(deit_tiny_64):
-    from shrink import tome
+    from shrink.merging import patch as tome
 
     size = (3, 64, 64)
     pruned = bench.count_macs(bench.build_variant(deit_tiny_64, "pruned", [0, 2, 4]), size)

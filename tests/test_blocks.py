@@ -18,7 +18,7 @@ from timm.models.vision_transformer import ParallelScalingBlock
 
 import shrink
 from shrink.bench.measure import count_macs, count_parameters
-from shrink.blocks import (
+from shrink.blocks.contract import (
     FAMILIES,
     AttentionFreeBlock,
     block_family,
@@ -352,7 +352,7 @@ def test_main_job_trains_every_family_through_the_switch(family_runs):
 
 
 def test_optimizer_state_follows_the_cut_of_fused_projections():
-    from shrink.sharding import export_for_training
+    from shrink.training.sharding import export_for_training
 
     model, x = build("parallel-scaling"), images("parallel-scaling")
     d = shrink.dilute(model, [0], lam=0.0).train()
@@ -420,7 +420,7 @@ def test_compiled_and_checkpointed_diluted_models_match_eager():
 
 def test_map_head_weighs_merged_tokens_by_size():
     """Pooling tokens [a, b] of sizes [2, 1] in the MAP head equals pooling [a, a, b] of size 1 each."""
-    from shrink.tome import tome_state
+    from shrink.merging.patch import tome_state
 
     model = build("vit-map-head")
     shrink.apply_tome(model, r=1)

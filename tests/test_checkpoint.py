@@ -1,4 +1,4 @@
-"""shrink.checkpoint: reading weights files (.pth, safetensors, hostile pickles) and load_checkpoint."""
+"""shrink.modelio.checkpoint: reading weights files (.pth, safetensors, hostile pickles) and load_checkpoint."""
 from __future__ import annotations
 
 import os

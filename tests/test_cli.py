@@ -1,10 +1,10 @@
-"""shrink.cli: block-index and device parsing, one-line messages, cli_main's exit codes."""
+"""shrink.cli.runner: block-index and device parsing, one-line messages, cli_main's exit codes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shrink.cli import cli_main, one_line, parse_device, parse_layers
+from shrink.cli.runner import cli_main, one_line, parse_device, parse_layers
 from shrink.errors import ShrinkError
 
 
@@ -69,9 +69,9 @@ def job_store(monkeypatch):
 
     from torch.distributed import TCPStore
 
-    import shrink.cli
+    import shrink.cli.runner
 
-    monkeypatch.setattr(shrink.cli, "_SAY_WAIT_S", 0.2)
+    monkeypatch.setattr(shrink.cli.runner, "_SAY_WAIT_S", 0.2)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
     yield store.port  # the store lives as long as the test
@@ -80,7 +80,7 @@ def job_store(monkeypatch):
 def test_an_error_every_rank_meets_is_said_once_without_a_rank(capsys, monkeypatch, job_store):
     import threading
 
-    from shrink.cli import say_error
+    from shrink.cli.runner import say_error
 
     _launch_env(monkeypatch, 0, 2, job_store)
     ranks = [threading.Thread(target=say_error, args=("error: ", "cannot resume: saved by 1 process(es)"),
@@ -112,7 +112,7 @@ def test_an_error_of_one_rank_names_it_and_the_others_say_why_they_stopped(capsy
 
 
 def test_without_the_launchers_store_each_rank_speaks_for_itself(capsys, monkeypatch):
-    from shrink.cli import say_error
+    from shrink.cli.runner import say_error
 
     _launch_env(monkeypatch, 1, 2, None)
     say_error("error: ", "boom")
@@ -135,7 +135,7 @@ def test_a_bug_keeps_its_traceback_under_a_launch_too(monkeypatch):
 def test_threads_helpers():
     import argparse
 
-    from shrink.cli import THREADS_HELP, add_threads_argument, apply_threads, parse_threads
+    from shrink.cli.runner import THREADS_HELP, add_threads_argument, apply_threads, parse_threads
 
     p = argparse.ArgumentParser()
     add_threads_argument(p)
@@ -198,7 +198,7 @@ def test_the_launchers_sigterm_is_one_line_and_the_runs_clean_up_happens(tmp_pat
 
     code = (
         "import os, signal, time\n"
-        "from shrink.cli import cli_main\n"
+        "from shrink.cli.runner import cli_main\n"
         "def body(argv):\n"
         "    try:\n"
         "        try:\n"
@@ -219,7 +219,7 @@ def test_the_launchers_sigterm_is_one_line_and_the_runs_clean_up_happens(tmp_pat
 
 
 def test_no_entry_point_goes_without_threads():
-    """Every command (a script or module that runs through cli_main) declares shrink.cli's --threads, so a
+    """Every command (a script or module that runs through cli_main) declares shrink.cli.runner's --threads, so a
     new script cannot drift back to its own flag or none."""
     from pathlib import Path
 

@@ -1,17 +1,17 @@
-"""shrink.config: the shipped YAML configs parse, the generated --help, tracker checks."""
+"""shrink.training.config: the shipped YAML configs parse, the generated --help, tracker checks."""
 from __future__ import annotations
 
 import pytest
 
 import main_lambda
 import shrink
-from shrink.config import RunConfig
+from shrink.training.config import RunConfig
 
 from .conftest import ROOT
 
 
 def test_configs_parse():
-    from shrink.config import load_yaml
+    from shrink.training.config import load_yaml
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = RunConfig(**load_yaml(path))
@@ -46,11 +46,11 @@ def test_finetune_records_pretrained_false_and_an_explicit_pretrained_is_warned_
 
     from safetensors.torch import save_file
 
-    from shrink.config import config_from_args
+    from shrink.training.config import config_from_args
 
     weights = tmp_path / "w.safetensors"
     save_file({"x": __import__("torch").zeros(1)}, str(weights))
-    with caplog.at_level(logging.WARNING, logger="shrink.config"):
+    with caplog.at_level(logging.WARNING, logger="shrink.training.config"):
         quiet = config_from_args(["--finetune", str(weights)])
         assert quiet.pretrained is False and not caplog.records  # the default is not the user's word
         loud = config_from_args(["--finetune", str(weights), "--pretrained"])

@@ -1,11 +1,11 @@
-"""shrink.criteria: Gaussian entropy, streaming moments, the head input, skipping attention."""
+"""shrink.selection.criteria: Gaussian entropy, streaming moments, the head input, skipping attention."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from shrink import ShrinkError
-from shrink.criteria import RunningMoments, gaussian_entropy, pre_logits, skip_attention
+from shrink.selection.criteria import RunningMoments, gaussian_entropy, pre_logits, skip_attention
 
 from .conftest import tiny_vit
 

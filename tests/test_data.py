@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from shrink import ShrinkError
-from shrink.data import DigitsDataset, build_dataset, calibration_subset, count_classes, with_transform
+from shrink.data.datasets import (
+    DigitsDataset,
+    build_dataset,
+    calibration_subset,
+    count_classes,
+    with_transform,
+)
 
 from .conftest import image_folder
 

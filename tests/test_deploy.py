@@ -200,7 +200,7 @@ def test_prepare_model_refuses_live_lambda_and_leaves_input_alone():
     shrink.dilute(dense, REMOVE, lam=0.0)
     prepared = deploy.prepare_model(dense, fold=True, tome_r=2)
     assert shrink.attention_free_indices(prepared) == REMOVE
-    assert isinstance(dense.blocks[0], shrink.DilutedBlock) and not shrink.tome.is_tome(dense)
+    assert isinstance(dense.blocks[0], shrink.DilutedBlock) and not shrink.merging.patch.is_tome(dense)
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items() if k in before)
 
 
@@ -298,7 +298,7 @@ def _fake_run(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_deploying_a_runs_best_keeps_the_run_resumable(tmp_path, fmt):
     """Issue 20: RUN/best.onnx beside best/ made --resume refuse the run ("files no shrink run wrote")."""
-    from shrink.rundir import inspect_output_dir
+    from shrink.training.run_folder import inspect_output_dir
 
     run = _fake_run(tmp_path)
     assert deploy_main(["--checkpoint", str(run / "best"), "--format", fmt, "-q", "--no-verify"]) == 0

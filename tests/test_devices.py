@@ -14,8 +14,8 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, TensorDataset
 
-from shrink.config import RunConfig
-from shrink.recipe import make_loader
+from shrink.training.config import RunConfig
+from shrink.training.parts import make_loader
 from tests.conftest import accelerate, run
 from tests.fake_device import DeviceMismatch, FakeDevice, check_on_device, is_host
 

@@ -9,8 +9,8 @@ import timm
 import torch
 
 import shrink
-from shrink.dilution import lambda_at, lambda_cosine, lambda_linear, lambda_reference
-from shrink.export import removed_parameter_count
+from shrink.blocks.attention_free import removed_parameter_count
+from shrink.blocks.dilution import lambda_at, lambda_cosine, lambda_linear, lambda_reference
 
 from .conftest import IMG, ROOT, accelerate, image_folder, make_vit, metrics, run, subprocess_env  # noqa: F401
 

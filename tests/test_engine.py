@@ -1,4 +1,4 @@
-"""shrink.engine: one training epoch and one evaluation on an Accelerator, through the public functions."""
+"""shrink.training.loop: one training epoch and one evaluation on an Accelerator, through the public functions."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shrink.engine import TrainingDiverged, TrainParts, distillation_loss, evaluate, train_one_epoch
+from shrink.training.loop import TrainingDiverged, TrainParts, distillation_loss, evaluate, train_one_epoch
 
 
 def _loader(n: int = 32, batch: int = 8, seed: int = 0) -> DataLoader:

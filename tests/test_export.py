@@ -1,4 +1,4 @@
-"""shrink.export: the removed parameters, exact parameter counts, folding the residual factor."""
+"""shrink.blocks.attention_free: the removed parameters, exact parameter counts, folding the residual factor."""
 from __future__ import annotations
 
 import pytest

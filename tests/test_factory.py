@@ -1,4 +1,4 @@
-"""shrink.factory: create_model, save / load round trips, pretrained weights without network."""
+"""shrink.modelio.create: create_model, save / load round trips, pretrained weights without network."""
 from __future__ import annotations
 
 import json

@@ -10,6 +10,8 @@ import logging
 import pytest
 
 from shrink.errors import ShrinkError
+from shrink.merging.merge import max_merge
+from shrink.merging.patch import tome_token_counts
 from shrink.plan.candidate import Candidate, token_counts
 from shrink.plan.cost import (
     KINDS,
@@ -26,8 +28,6 @@ from shrink.plan.cost import (
     smooth_parts,
     token_grid,
 )
-from shrink.tome import tome_token_counts
-from shrink.tome_merge import max_merge
 from tests.conftest import tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -59,7 +59,7 @@ def test_plan_check_writes_plans_that_benchmark_measures(tmp_path):
                                         ("plan_check", ["--out", "FILE"])])
 def test_the_scripts_bad_input_is_one_line(tmp_path, capsys, name, args):
     """Run as ``python scripts/NAME.py``: an output path under a file, or a count out of range, is one line, exit 2."""
-    from shrink.cli import cli_main
+    from shrink.cli.runner import cli_main
 
     (tmp_path / "FILE").write_text("not a folder")
     args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from shrink import ShrinkError
-from shrink.data import augment_ops, build_dataset, build_transform
+from shrink.data.datasets import augment_ops, build_dataset, build_transform
 
 from .conftest import real_image_folder
 

@@ -1,9 +1,9 @@
-"""shrink.recipe: the pieces of a run built from a RunConfig."""
+"""shrink.training.parts: the pieces of a run built from a RunConfig."""
 from __future__ import annotations
 
 import torch
 
-from shrink.config import RunConfig
+from shrink.training.config import RunConfig
 
 from .conftest import ROOT
 
@@ -11,8 +11,8 @@ from .conftest import ROOT
 def test_deit_base_configs_use_a_constant_drop_path():
     from timm.layers import DropPath
 
-    from shrink.config import load_yaml
-    from shrink.recipe import build_model
+    from shrink.training.config import load_yaml
+    from shrink.training.parts import build_model
 
     for name in ("deit_base_40", "deit_base_50"):
         values = load_yaml(ROOT / "configs" / f"{name}.yaml")
@@ -30,7 +30,7 @@ def test_loader_workers_draw_the_same_after_the_rng_is_restored(tmp_path):
     """What a resume does to the data loader: the process RNG saved after epoch 0, restored into a
     fresh loader, gives epoch 1 the augmentations the running loader gives it (2 workers, real photos,
     the default RandAugment, random erasing). Persistent workers kept their own streams instead."""
-    from shrink.recipe import build_datasets, make_loader
+    from shrink.training.parts import build_datasets, make_loader
 
     from .conftest import real_image_folder
 

@@ -1,11 +1,11 @@
-"""shrink.report: metrics.jsonl rows and the metrics.png plot."""
+"""shrink.training.metrics: metrics.jsonl rows and the metrics.png plot."""
 from __future__ import annotations
 
 import json
 
 from matplotlib.lines import Line2D
 
-from shrink.report import (
+from shrink.training.metrics import (
     BEST_LABEL,
     DENSE_LABEL,
     SWITCH_LABEL,

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import shrink
-from shrink.dilution import lambda_reference
+from shrink.blocks.dilution import lambda_reference
 
 from .conftest import ROOT, accelerate, metrics, run, subprocess_env
 

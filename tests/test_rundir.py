@@ -1,4 +1,4 @@
-"""shrink.rundir: who may write into an output folder, and leaving it as found."""
+"""shrink.training.run_folder: who may write into an output folder, and leaving it as found."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shrink.errors import ShrinkError
-from shrink.rundir import (
+from shrink.training.run_folder import (
     check_outside_run,
     check_resume_settings,
     check_shared_output_dir,
@@ -134,7 +134,7 @@ def test_output_paths_inside_a_run_are_refused_but_its_deploy_folder(tmp_path):
 
 
 def test_the_cli_output_checks_refuse_a_run_folder(tmp_path):
-    from shrink.cli import check_output_dir, check_output_file
+    from shrink.cli.runner import check_output_dir, check_output_file
 
     run = _run_folder(tmp_path)
     with pytest.raises(ShrinkError, match="--json .* inside the run folder"):

@@ -11,8 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
 from shrink import ShrinkError
-from shrink.criteria import pre_logits
-from shrink.selection import CRITERIA, layer_table, ratio_to_k, select_layers, transfer_entropy
+from shrink.selection.criteria import pre_logits
+from shrink.selection.layers import CRITERIA, layer_table, ratio_to_k, select_layers, transfer_entropy
 
 from .conftest import tiny_vit
 
@@ -198,7 +198,7 @@ def test_table_and_plot(tmp_path):
     r = select_layers(tiny_vit(), loader(), ratio=0.4, progress=False)
     text = layer_table(r)
     assert "H(attn)" in text and "TE" in text and str(r.layers) in text
-    from shrink.selection import plot_selection
+    from shrink.selection.layers import plot_selection
 
     plot_selection(r, tmp_path / "sel.png")
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-"""shrink.sharding: the lambda = 0 switch and whole-model saving, alone, under DDP and under FSDP2.
+"""shrink.training.sharding: the lambda = 0 switch and whole-model saving, alone, under DDP and under FSDP2.
 
 FSDP2 (``fully_shard``) runs on a CPU with gloo; Accelerate's FSDP plugin needs CUDA, so the library
 is tested here under torch's own FSDP2 (tests/sharding_main.py), and the Accelerate path on a GPU by
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import shrink
-from shrink.sharding import export_for_training, is_sharded, mark_shard_units, whole_model
+from shrink.training.sharding import export_for_training, is_sharded, mark_shard_units, whole_model
 from tests.conftest import run
 from tests.sharding_main import FSDP_YAML, fsdp_plugin_of, units
 

@@ -15,7 +15,7 @@ import timm
 import torch
 
 import shrink
-from shrink.blocks import FAMILIES, block_family, classify_block
+from shrink.blocks.contract import FAMILIES, block_family, classify_block
 
 MODULES = ("vision_transformer", "deit", "eva", "beit", "cait", "vision_transformer_relpos",
            "vision_transformer_hybrid", "vision_transformer_sam", "naflexvit")

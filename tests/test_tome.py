@@ -13,7 +13,10 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import shrink
-from shrink.tome import (
+from shrink.merging.merge import (
+    ramp,
+)
+from shrink.merging.patch import (
     ToMeAttentionFreeBlock,
     ToMeBlock,
     ToMeDilutedBlock,
@@ -25,9 +28,6 @@ from shrink.tome import (
     tome_schedule,
     tome_state,
     tome_token_counts,
-)
-from shrink.tome_merge import (
-    ramp,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_blocks_that_see_no_merged_tokens_run_the_plain_path(monkeypatch):
         def no_metric(*a, **k):
             raise AssertionError("r = 0 must not compute the ToMe attention / metric")
 
-        monkeypatch.setitem(shrink.tome_kernels._KERNELS, Attention, no_metric)
+        monkeypatch.setitem(shrink.merging.kernels._KERNELS, Attention, no_metric)
         assert torch.equal(model(x), ref)  # the timm code itself: bit-identical
 
 

@@ -11,11 +11,11 @@ import torch
 from timm.models.cait import ClassAttn, TalkingHeadAttn
 
 import shrink
-from shrink.blocks import get_blocks
-from shrink.tome import tome_state
-from shrink.tome_cait import talking_heads_with_metric
-from shrink.tome_kernels import attention_kernel
-from shrink.tome_merge import proportional_bias
+from shrink.blocks.contract import get_blocks
+from shrink.merging.cait import talking_heads_with_metric
+from shrink.merging.kernels import attention_kernel
+from shrink.merging.merge import proportional_bias
+from shrink.merging.patch import tome_state
 
 from ._families import CASES, build, images
 

@@ -8,10 +8,10 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import shrink
-from shrink.blocks import get_blocks
-from shrink.tome import key_validity, tome_state
-from shrink.tome_kernels import AttentionCall
-from shrink.tome_merge import bipartite_soft_matching
+from shrink.blocks.contract import get_blocks
+from shrink.merging.kernels import AttentionCall
+from shrink.merging.merge import bipartite_soft_matching
+from shrink.merging.patch import key_validity, tome_state
 
 from ._families import CASES, build, images
 
@@ -120,7 +120,7 @@ def test_parallel_blocks_attend_proportionally_to_token_size(key):
     repeated s times (first copies compared), and its metric is its keys averaged over heads."""
     model = build(key)
     blk = get_blocks(model)[1]
-    fam = shrink.blocks.block_family(blk)
+    fam = shrink.blocks.contract.block_family(blk)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, model.embed_dim, generator=g)
     size = torch.tensor([[1, 3, 1, 2, 1], [2, 1, 1, 4, 1]], dtype=torch.float32).unsqueeze(-1)

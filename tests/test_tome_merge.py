@@ -1,13 +1,10 @@
-"""shrink.tome_merge: the pure token-merging functions against the official definition and hand examples."""
+"""shrink.merging.merge: the pure token-merging functions against the official definition and hand examples."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shrink.tome import (
-    tome_schedule,
-)
-from shrink.tome_merge import (
+from shrink.merging.merge import (
     bipartite_soft_matching,
     init_source,
     max_merge,
@@ -16,6 +13,9 @@ from shrink.tome_merge import (
     merge_wavg,
     ramp,
     split_ab,
+)
+from shrink.merging.patch import (
+    tome_schedule,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

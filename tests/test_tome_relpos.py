@@ -1,4 +1,4 @@
-"""Token merging on relative-position-bias attention (shrink.tome_relpos): BEiT (per-block and shared
+"""Token merging on relative-position-bias attention (shrink.merging.relpos): BEiT (per-block and shared
 bias tables) and the RelPos ViTs (RelPosMlp / RelPosBias per block or shared, post-norm ResPostRelPosBlock).
 
 The bias between merged tokens is the mean over the pairs of their input tokens: checked against an
@@ -14,10 +14,10 @@ import timm
 import torch
 
 import shrink
-from shrink.tome import tome_state
-from shrink.tome_kernels import AttentionCall, attention_kernel
-from shrink.tome_merge import bipartite_soft_matching, init_source, merge_wavg
-from shrink.tome_relpos import TRACKER, merge_bias, merged_bias, merged_bias_dense
+from shrink.merging.kernels import AttentionCall, attention_kernel
+from shrink.merging.merge import bipartite_soft_matching, init_source, merge_wavg
+from shrink.merging.patch import tome_state
+from shrink.merging.relpos import TRACKER, merge_bias, merged_bias, merged_bias_dense
 
 from ._families import CASES, build, images
 

@@ -11,10 +11,10 @@ import torch
 from timm.layers import pos_embed_sincos
 
 import shrink
-from shrink.tome import tome_state, tome_token_counts
-from shrink.tome_kernels import AttentionCall, attention_kernel
-from shrink.tome_merge import bipartite_soft_matching, init_source, merge_source, merge_wavg
-from shrink.tome_rope import TRACKER, rope_attention, rope_coords, rope_embed_at
+from shrink.merging.kernels import AttentionCall, attention_kernel
+from shrink.merging.merge import bipartite_soft_matching, init_source, merge_source, merge_wavg
+from shrink.merging.patch import tome_state, tome_token_counts
+from shrink.merging.rope import TRACKER, rope_attention, rope_coords, rope_embed_at
 
 from ._families import CASES, SMALL
 from ._families import build as build_case

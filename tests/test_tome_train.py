@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 import main_lambda
 import shrink
-from shrink import train as train_mod
-from shrink.blocks import get_blocks
-from shrink.config import RunConfig, config_from_args, tome_r_arg, tome_schedule_for
-from shrink.dilution import deploy_mode, dilute, set_lambda
+from shrink.blocks.contract import get_blocks
+from shrink.blocks.dilution import deploy_mode, dilute, set_lambda
 from shrink.errors import ShrinkError
-from shrink.tome import apply_tome, is_tome, tome_info, tome_token_counts
-from shrink.wrappers import unwrap
+from shrink.merging.patch import apply_tome, is_tome, tome_info, tome_token_counts
+from shrink.training import trainer as train_mod
+from shrink.training.config import RunConfig, config_from_args, tome_r_arg, tome_schedule_for
+from shrink.unwrap import unwrap
 
 from .conftest import metrics, run, tiny_vit
 

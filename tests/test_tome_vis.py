@@ -1,4 +1,4 @@
-"""shrink.tome_vis and scripts/tome_visualize.py: the merge picture."""
+"""shrink.merging.vis and scripts/tome_visualize.py: the merge picture."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +13,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import shrink
-from shrink.tome import (
+from shrink.merging.patch import (
     apply_tome,
     tome_state,
     tome_token_counts,
@@ -42,7 +42,7 @@ def _test_image(path: Path, size: int = 64) -> Path:
 
 
 def test_merge_png_and_groups(tmp_path):
-    from shrink.tome_vis import merge_groups, render_groups, save_merge_png
+    from shrink.merging.vis import merge_groups, render_groups, save_merge_png
 
     model = _tiny_vit()
     with pytest.raises(shrink.ShrinkError):
@@ -98,7 +98,7 @@ def test_merge_png_for_a_greyscale_model(tmp_path):
     """vit_digits takes 1-channel 8x8 images: an RGB picture is converted to grey, not refused."""
     from PIL import Image
 
-    from shrink.tome_vis import save_merge_png
+    from shrink.merging.vis import save_merge_png
 
     model = shrink.create_model("vit_digits", pretrained=True).eval()
     shrink.apply_tome(model, r=2)

@@ -1,4 +1,4 @@
-"""shrink.train: whole runs (embedded default, DDP), the best rule, NaN loss, the lambda = 0 phase, fine-tuning."""
+"""shrink.training.trainer: whole runs (embedded default, DDP), the best rule, NaN loss, the lambda = 0 phase, fine-tuning."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 import main_lambda
 import shrink
-from shrink import train as train_mod
-from shrink.config import RunConfig
-from shrink.dilution import DilutedBlock
+from shrink.blocks.dilution import DilutedBlock
+from shrink.training import trainer as train_mod
+from shrink.training.config import RunConfig
 
 from .conftest import accelerate, image_folder, metrics, run
 
@@ -157,8 +157,8 @@ def test_ema_distill_repeated_aug_across_the_lambda_zero_switch(tmp_path):
 
 def test_dilution_epochs_zero_reports_the_dense_accuracy(tmp_path):
     """With lambda = 0 from the start, the dense accuracy is still the untouched model's."""
-    from shrink.data import build_dataset
-    from shrink.engine import evaluate
+    from shrink.data.datasets import build_dataset
+    from shrink.training.loop import evaluate
 
     cfg = RunConfig(remove_layers=[0, 2, 4], epochs=1, dilution_epochs=0, output_dir=str(tmp_path / "o"),
                     progress=False).validate()
@@ -230,7 +230,7 @@ def test_a_dilution_longer_than_the_run_is_warned_about(tmp_path, caplog):
 
     cfg = RunConfig(data_set="synthetic", synthetic_images=64, remove_layers=[1], epochs=1, dilution_epochs=3,
                     warmup_epochs=0, output_dir=str(tmp_path / "o"), progress=False).validate()
-    with caplog.at_level(logging.WARNING, logger="shrink.train"):
+    with caplog.at_level(logging.WARNING, logger="shrink.training.trainer"):
         s = train_mod.run(cfg)
     assert s["warnings"] == ["--dilution-epochs 3 >= --epochs 1: lambda never reaches 0 in this run, so the "
                              "attention-free model is never trained (best/ is the diluted model evaluated at "
@@ -256,7 +256,7 @@ def test_a_run_prints_each_epoch_and_warns_about_warmup_and_calibration(tmp_path
 
     cfg = RunConfig(data_set="synthetic", synthetic_images=64, remove_ratio=0.25, calib_images=5000, epochs=2,
                     dilution_epochs=1, warmup_epochs=2, output_dir=str(tmp_path / "o"), progress=False).validate()
-    with caplog.at_level(logging.WARNING, logger="shrink.train"):
+    with caplog.at_level(logging.WARNING, logger="shrink.training.trainer"):
         s = train_mod.run(cfg)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 0/2 diluted", "epoch 1/2 attention-free"], lines
@@ -294,7 +294,7 @@ def test_pretrained_weights_for_another_class_count_warn_that_the_head_is_new(tm
 
     cfg = RunConfig(data_set="synthetic", synthetic_images=64, num_classes=5, epochs=1, warmup_epochs=0,
                     output_dir=str(tmp_path / "o"), progress=False).validate()
-    with caplog.at_level(logging.WARNING, logger="shrink.train"):
+    with caplog.at_level(logging.WARNING, logger="shrink.training.trainer"):
         s = train_mod.run(cfg)
     assert s["warnings"] == ["the pretrained 10-class classifier head does not fit the 5 classes of the data: it "
                              "starts re-initialised (head)"]

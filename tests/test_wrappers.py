@@ -1,9 +1,9 @@
-"""shrink.wrappers: unwrap finds the bare model under DDP-like and torch.compile-like wrappers."""
+"""shrink.unwrap: unwrap finds the bare model under DDP-like and torch.compile-like wrappers."""
 from __future__ import annotations
 
 from torch import nn
 
-from shrink.wrappers import unwrap
+from shrink.unwrap import unwrap
 
 
 class DDPLike(nn.Module):

@@ -11,7 +11,7 @@ and :mod:`.runner` (:func:`run`). Every public name is re-exported here.
 """
 from __future__ import annotations
 
-from .measure import (
+from shrink.bench.measure import (
     ALLOCATORS,
     DEFAULT_ITERS,
     PRECISIONS,
@@ -25,10 +25,10 @@ from .measure import (
     set_allocator,
     time_calls,
 )
-from .ort import RUNTIMES, build_session, parse_runtimes, prepare_session
-from .report import CSV_COLUMNS, SCHEMA, format_csv, format_markdown, plot_png, write_outputs
-from .runner import benchmark_one, run
-from .spec import (
+from shrink.bench.ort import RUNTIMES, build_session, parse_runtimes, prepare_session
+from shrink.bench.report import CSV_COLUMNS, SCHEMA, format_csv, format_markdown, plot_png, write_outputs
+from shrink.bench.runner import benchmark_one, run
+from shrink.bench.spec import (
     VARIANTS,
     BenchConfig,
     ModelSpec,

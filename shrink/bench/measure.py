@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import block_family, classify_block
-from ..errors import ShrinkError
-from ..precision import DTYPES
+from shrink.blocks.contract import block_family, classify_block
+from shrink.errors import ShrinkError
+from shrink.precision import DTYPES
 
 _logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Total parameters, per top-level module, and inside blocks split into attention / mlp / other.
 
     ``attention`` is what removing each block's token-mixing branch would take away (the block
-    contract's answer, :mod:`shrink.blocks`); ``mlp`` is the rest of those blocks; ``other`` holds the
+    contract's answer, :mod:`shrink.blocks.contract`); ``mlp`` is the rest of those blocks; ``other`` holds the
     blocks the contract does not know (MLP families).
     """
     by_module: dict[str, int] = {}

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ShrinkError
-from .measure import PeakMemory, TimedModel, _with_oom_halving, time_calls
-from .spec import parse_choices
+from shrink.bench.measure import PeakMemory, TimedModel, _with_oom_halving, time_calls
+from shrink.bench.spec import parse_choices
+from shrink.errors import ShrinkError
 
 _logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def check_runtimes(runtimes: Sequence[str], device: torch.device, precision: str
     """Refuse what the ONNX Runtime backend cannot measure, before anything is built."""
     if "onnxruntime" not in runtimes:
         return
-    from ..deploy import require_deploy_extra
+    from shrink.deploy import require_deploy_extra
 
     require_deploy_extra()
     if precision != "fp32":
@@ -56,7 +56,7 @@ def _providers(device: torch.device) -> list[Any]:
 def build_session(model: nn.Module, size: Sequence[int], device: torch.device, threads: int | None = None,
                   example_batch: int = 2) -> tuple[Any, dict[str, Any]]:
     """An ONNX Runtime session of ``model`` (fp32, CPU copy exported) and what the export measured."""
-    from ..deploy import load_onnx_session, max_abs_diff, prepare_model, to_onnx
+    from shrink.deploy import load_onnx_session, max_abs_diff, prepare_model, to_onnx
 
     t0 = time.perf_counter()
     prepared = prepare_model(model).float().cpu()  # a copy: the caller's model is not moved or cast

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write, atomic_write_json, atomic_write_text
+from shrink.io import atomic_write, atomic_write_json, atomic_write_text
 
 SCHEMA = "shrink.bench/1"
 

@@ -14,10 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli import parse_device
-from ..errors import ShrinkError
-from ..factory import input_size
-from .measure import (
+from shrink.bench.measure import (
     DEFAULT_ITERS,
     PRECISIONS,
     TimedModel,
@@ -30,9 +27,9 @@ from .measure import (
     prepare_inference,
     set_allocator,
 )
-from .ort import build_session, check_runtimes, prepare_session
-from .report import SCHEMA, write_outputs
-from .spec import (
+from shrink.bench.ort import build_session, check_runtimes, prepare_session
+from shrink.bench.report import SCHEMA, write_outputs
+from shrink.bench.spec import (
     BenchConfig,
     ModelSpec,
     _build_base,
@@ -42,6 +39,9 @@ from .spec import (
     build_variant,
     plan,
 )
+from shrink.cli.runner import parse_device
+from shrink.errors import ShrinkError
+from shrink.modelio.create import input_size
 
 
 def _label(p: _Planned, model: nn.Module) -> str:

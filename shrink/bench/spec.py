@@ -11,12 +11,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import load_checkpoint
-from ..cli import parse_layers
-from ..dilution import attention_block_indices, dilute, get_blocks, validate_layers
-from ..errors import ShrinkError
-from ..export import attention_free_indices, export
-from ..factory import create_model, input_size
+from shrink.blocks.attention_free import attention_free_indices, export
+from shrink.blocks.dilution import attention_block_indices, dilute, get_blocks, validate_layers
+from shrink.cli.runner import parse_layers
+from shrink.errors import ShrinkError
+from shrink.modelio.checkpoint import load_checkpoint
+from shrink.modelio.create import create_model, input_size
 
 _logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def resolve_removal(model: nn.Module, spec: ModelSpec) -> list[int] | None:
     depth = len(get_blocks(model))
     layers = list(spec.remove_layers) if spec.remove_layers is not None else read_selection(spec.selection, depth)
     if spec.remove_ratio is not None:
-        from ..selection import ratio_to_k
+        from shrink.selection.layers import ratio_to_k
 
         k = ratio_to_k(spec.remove_ratio, depth)
         if k > len(layers):
@@ -194,7 +194,7 @@ def _free_blocks(model: nn.Module) -> list[int]:
 
 
 def _tome_module():
-    from .. import tome
+    from shrink.merging import patch as tome
 
     return tome
 

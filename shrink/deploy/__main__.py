@@ -1,7 +1,7 @@
 """``python -m shrink.deploy``: export a saved or named model to ONNX or a torch.export program (.pt2).
 
 The command-line face of :mod:`shrink.deploy`: flags checked (and the output path) before any
-model is built, one-line errors through :func:`shrink.cli.cli_main`.
+model is built, one-line errors through :func:`shrink.cli.runner.cli_main`.
 """
 from __future__ import annotations
 
@@ -13,13 +13,19 @@ from pathlib import Path
 
 from torch import nn
 
-from ..cli import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main, parse_layers
-from ..dilution import dilute, validate_layers
-from ..errors import ShrinkError
-from ..export import export
-from ..factory import create_model, load
-from ..rundir import DEPLOY, check_outside_run
-from . import FORMATS, MIN_OPSET, deploy, require_deploy_extra, sidecar_path
+from shrink.blocks.attention_free import export
+from shrink.blocks.dilution import dilute, validate_layers
+from shrink.cli.runner import (
+    OneLineArgumentParser,
+    add_threads_argument,
+    apply_threads,
+    cli_main,
+    parse_layers,
+)
+from shrink.deploy import FORMATS, MIN_OPSET, deploy, require_deploy_extra, sidecar_path
+from shrink.errors import ShrinkError
+from shrink.modelio.create import create_model, load
+from shrink.training.run_folder import DEPLOY, check_outside_run
 
 
 def build_parser() -> argparse.ArgumentParser:

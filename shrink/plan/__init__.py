@@ -4,9 +4,16 @@
 the latency prediction), ``proxy`` (the training-free accuracy proxy), ``search`` (the Pareto search
 and the plan files); ``python -m shrink.plan`` is the command line.
 """
-from .candidate import Candidate, block_kinds, token_counts
-from .proxy import Proxy, ProxyScore, load_calibration, removal_order
-from .search import SearchResult, Target, enumerate_candidates, pareto_front, search, write_outputs
+from shrink.plan.candidate import Candidate, block_kinds, token_counts
+from shrink.plan.proxy import Proxy, ProxyScore, load_calibration, removal_order
+from shrink.plan.search import (
+    SearchResult,
+    Target,
+    enumerate_candidates,
+    pareto_front,
+    search,
+    write_outputs,
+)
 
 __all__ = ["Candidate", "Proxy", "ProxyScore", "SearchResult", "Target", "block_kinds", "enumerate_candidates",
            "load_calibration", "pareto_front", "removal_order", "search", "token_counts", "write_outputs"]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli import (
+from shrink.cli.runner import (
     OneLineArgumentParser,
     add_threads_argument,
     apply_threads,
@@ -29,7 +29,7 @@ from ..cli import (
     parse_device,
     parse_layers,
 )
-from ..errors import ShrinkError
+from shrink.errors import ShrinkError
 
 _logger = logging.getLogger("shrink.plan")
 
@@ -67,10 +67,10 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data import DATA_SETS
-    from ..plan.cost import RUNTIMES
-    from ..precision import DTYPES
-    from ..selection import CRITERIA
+    from shrink.data.datasets import DATA_SETS
+    from shrink.plan.cost import RUNTIMES
+    from shrink.precision import DTYPES
+    from shrink.selection.layers import CRITERIA
 
     p = OneLineArgumentParser(
         prog="python -m shrink.plan",
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target(args: argparse.Namespace):
-    from .search import Target
+    from shrink.plan.search import Target
 
     given = [(k, getattr(args, f"target_{k}")) for k in ("speedup", "ms", "gmacs") if getattr(args, f"target_{k}")]
     if len(given) != 1:
@@ -164,9 +164,9 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def check_args(args: argparse.Namespace) -> dict[str, Any]:
     """Every cheap check before a model is built or an image read; returns the parsed lists."""
-    from ..data import check_data_path, resolve_data_set
-    from ..tome_merge import POLICIES
-    from .search import OUTPUT_FILES
+    from shrink.data.datasets import check_data_path, resolve_data_set
+    from shrink.merging.merge import POLICIES
+    from shrink.plan.search import OUTPUT_FILES
 
     target = _target(args)
     parse_device(args.device)
@@ -199,7 +199,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _build_model(args: argparse.Namespace, num_classes: int):
     """The dense model as main_lambda.py builds it; (model, name, base config keys for plan.yaml, warnings)."""
-    from ..factory import create_model, model_skeleton
+    from shrink.modelio.create import create_model, model_skeleton
 
     warnings: list[str] = []
     is_dir = args.finetune is not None and Path(args.finetune).is_dir()
@@ -235,12 +235,12 @@ def _build_model(args: argparse.Namespace, num_classes: int):
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """Plan from parsed ``args``: the search result, the written paths, the cost table, warnings, the order."""
-    from ..data import build_dataset, calibration_subset, count_classes
-    from ..dilution import get_blocks
-    from ..factory import input_size as model_input_size
-    from .cost import cached_cost_table
-    from .proxy import Proxy, load_calibration, removal_order
-    from .search import MacCounter, enumerate_candidates, search, write_outputs
+    from shrink.blocks.dilution import get_blocks
+    from shrink.data.datasets import build_dataset, calibration_subset, count_classes
+    from shrink.modelio.create import input_size as model_input_size
+    from shrink.plan.cost import cached_cost_table
+    from shrink.plan.proxy import Proxy, load_calibration, removal_order
+    from shrink.plan.search import MacCounter, enumerate_candidates, search, write_outputs
 
     t0 = time.perf_counter()
     parsed = check_args(args)
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     depth = len(get_blocks(model))
     merging = not args.no_merging
     if merging:  # apply_tome checks everything before it changes the model: a cheap probe
-        from ..tome import apply_tome, remove_tome
+        from shrink.merging.patch import apply_tome, remove_tome
 
         try:
             remove_tome(apply_tome(model, 1))
@@ -277,12 +277,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
                             train_transform=False, synthetic_size=args.calib_images, num_classes=num_classes)
     images, labels = load_calibration(calibration_subset(dataset, args.calib_images, seed=args.seed),
                                       num_workers=0 if args.data_set in ("digits", "synthetic") else args.num_workers)
-    from ..criteria import candidate_layers
+    from shrink.selection.criteria import candidate_layers
 
     k = min(depth - 1 if args.max_remove is None else args.max_remove, depth - 1, len(candidate_layers(model)))
     t_sel = time.perf_counter()
     if parsed["order"] is not None:
-        from ..dilution import validate_layers
+        from shrink.blocks.dilution import validate_layers
 
         order = validate_layers(model, parsed["order"])[:k]  # in the given order; repeats refused
         criterion = "manual"
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
 
 
 def _summary(out: dict[str, Any]) -> str:
-    from .search import _describe
+    from shrink.plan.search import _describe
 
     res = out["result"]
     c = res.chosen

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import ShrinkError
-from ..tome_merge import POLICIES, max_merge, tome_schedule
+from shrink.errors import ShrinkError
+from shrink.merging.merge import POLICIES, max_merge, tome_schedule
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Candidate:
 
     @property
     def r_arg(self) -> int | tuple[int, float]:
-        """The ``r`` argument of :func:`shrink.tome.apply_tome`."""
+        """The ``r`` argument of :func:`shrink.merging.patch.apply_tome`."""
         return (int(self.tome_r), float(self.tome_inflection)) if self.tome_inflection else int(self.tome_r)
 
     def schedule(self, depth: int) -> list[int]:
@@ -74,7 +74,7 @@ def token_counts(num_tokens: int, num_protected: int, schedule: Sequence[int]) -
     """Tokens entering each block, then the tokens after the last one (``len(schedule) + 1`` values).
 
     Block i merges ``min(schedule[i], max_merge(n_i))`` tokens between its token mixer and its MLP (as
-    :mod:`shrink.tome` does), so its attention runs on ``n_i`` tokens and its MLP on ``n_{i+1}``.
+    :mod:`shrink.merging.patch` does), so its attention runs on ``n_i`` tokens and its MLP on ``n_{i+1}``.
     """
     counts = [int(num_tokens)]
     for r in schedule:

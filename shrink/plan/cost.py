@@ -7,7 +7,7 @@ measured on a grid of token counts (every ``token_step`` tokens, linear interpol
 - ``plain``: a whole attention block as timm runs it (fused attention, no merging anywhere before);
 - ``attn``: the attention half of a ToMe block (proportional attention with token sizes, the keys
   metric), ``mlp``: the MLP half (``x + mlp(norm2(x))``) -- a block that merges r of n tokens runs
-  ``attn(n) + merge(n, r) + mlp(n - r)``, exactly as :mod:`shrink.tome` runs it;
+  ``attn(n) + merge(n, r) + mlp(n - r)``, exactly as :mod:`shrink.merging.patch` runs it;
 - ``free``: an attention-free block (exported, ``2x + mlp``);
 - ``merge`` / ``merge_hidden``: the matching and merging step (bipartite soft matching on the keys
   metric / on ``norm2(x)`` for policy "hidden", then the size-weighted merge) per (n, r), on a grid
@@ -61,17 +61,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bench.measure import set_allocator
-from ..blocks import AttentionFreeBlock, block_family, get_blocks
-from ..dilution import dilute
-from ..errors import ShrinkError
-from ..export import export
-from ..factory import input_size as model_input_size
-from ..io import atomic_write_json
-from ..precision import dtype_of
-from ..tome_kernels import AttentionCall, attention_kernel, model_support
-from ..tome_merge import bipartite_soft_matching, max_merge, merge_wavg
-from .candidate import Candidate, block_kinds, token_counts
+from shrink.bench.measure import set_allocator
+from shrink.blocks.attention_free import export
+from shrink.blocks.contract import AttentionFreeBlock, block_family, get_blocks
+from shrink.blocks.dilution import dilute
+from shrink.errors import ShrinkError
+from shrink.io import atomic_write_json
+from shrink.merging.kernels import AttentionCall, attention_kernel, model_support
+from shrink.merging.merge import bipartite_soft_matching, max_merge, merge_wavg
+from shrink.modelio.create import input_size as model_input_size
+from shrink.plan.candidate import Candidate, block_kinds, token_counts
+from shrink.precision import dtype_of
 
 __all__ = ["KINDS", "RUNTIMES", "SCHEMA", "CostKey", "CostTable", "build_cost_table", "build_plan_model",
            "cached_cost_table", "cost_key_for", "fit_coefficients", "measure_models"]
@@ -293,7 +293,7 @@ class CostTable:
         sched = cand.schedule(k.depth)
         counts = token_counts(k.num_tokens, k.num_protected, sched)
         out = [(f"edges({counts[-1]})", self.part_ms("edges", counts[-1]))]
-        sized = False  # as shrink.tome.apply_tome: a block after a merging block weighs attention by size
+        sized = False  # as shrink.merging.patch.apply_tome: a block after a merging block weighs attention by size
         for i, kind in enumerate(kinds):
             n, n2, r = counts[i], counts[i + 1], sched[i]
             if kind == "attn":
@@ -563,8 +563,8 @@ class _Ort(_Runtime):
     def _export(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], n_min: int) -> Any:
         import onnxruntime as ort
 
-        from ..bench.ort import _options, _providers
-        from ..deploy import _translation_table, require_deploy_extra
+        from shrink.bench.ort import _options, _providers
+        from shrink.deploy import _translation_table, require_deploy_extra
 
         require_deploy_extra()
         n = torch.export.Dim("n", min=max(n_min, 2), max=self.key.num_tokens)
@@ -801,7 +801,7 @@ def _metric_dim(block: nn.Module, x: torch.Tensor) -> int:
 
 def build_plan_model(base: nn.Module, cand: Candidate) -> nn.Module:
     """A copy of ``base`` under ``cand``: its removed blocks exported attention-free, then ToMe."""
-    from ..bench.spec import build_variant
+    from shrink.bench.spec import build_variant
 
     variant = ("pruned" if cand.removed else "dense") + ("+tome" if cand.tome_r else "")
     return build_variant(base, variant, list(cand.removed) or None, cand.tome_r, cand.tome_start_idx,
@@ -811,7 +811,7 @@ def build_plan_model(base: nn.Module, cand: Candidate) -> nn.Module:
 def _whole_runner(model: nn.Module, key: CostKey, rt: _Runtime) -> Callable[[], Any]:
     x = torch.randn(key.batch_size, *key.input_size, generator=torch.Generator().manual_seed(1))
     if key.runtime == "onnxruntime":
-        from ..bench.ort import build_session
+        from shrink.bench.ort import build_session
 
         session, _ = build_session(model, key.input_size, torch.device(key.device), key.threads,
                                    example_batch=max(2, key.batch_size))

@@ -1,10 +1,10 @@
 """The training-free accuracy proxy: how far a candidate, without any fine-tuning, is from the dense model.
 
 A candidate (:class:`~shrink.plan.candidate.Candidate`) is built from the dense model in place, without
-copying weights: its removed blocks are diluted (:func:`shrink.dilution.dilute`, a class swap plus a
+copying weights: its removed blocks are diluted (:func:`shrink.blocks.dilution.dilute`, a class swap plus a
 ``lam`` buffer) and run at lambda = 0, which is exactly the exported attention-free model; the other
 diluted blocks run at lambda = 1, which is bit-identical to the original block. Token merging is
-attached with :func:`shrink.tome.apply_tome` for the forward and removed after it. On a fixed set of
+attached with :func:`shrink.merging.patch.apply_tome` for the forward and removed after it. On a fixed set of
 calibration images the dense log-probabilities are computed once; a candidate's score is
 
 - ``kl``: the mean over images of ``KL(dense || candidate)`` of the softmax outputs, in nats (0 for the
@@ -12,7 +12,7 @@ calibration images the dense log-probabilities are computed once; a candidate's 
 - ``top1_agreement``: the fraction of images whose top-1 class is the dense model's (1 for the dense model);
 - ``top1_acc``: top-1 accuracy on the calibration labels (meaningful only for a trained model).
 
-The removal order comes from :func:`shrink.selection.select_layers` (transfer entropy by default): the
+The removal order comes from :func:`shrink.selection.layers.select_layers` (transfer entropy by default): the
 search removes prefixes of it.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..dilution import dilute, diluted_blocks, get_blocks
-from ..errors import ShrinkError
-from ..tome import apply_tome, is_tome, remove_tome
-from .candidate import Candidate
+from shrink.blocks.dilution import dilute, diluted_blocks, get_blocks
+from shrink.errors import ShrinkError
+from shrink.merging.patch import apply_tome, is_tome, remove_tome
+from shrink.plan.candidate import Candidate
 
 __all__ = ["Proxy", "ProxyScore", "load_calibration", "removal_order"]
 
@@ -69,13 +69,13 @@ def removal_order(
     progress: bool = False,
     te_abs: bool = False,
 ) -> list[int]:
-    """The first ``k`` layers ``criterion`` removes, in the order it removes them (``shrink.selection``).
+    """The first ``k`` layers ``criterion`` removes, in the order it removes them (``shrink.selection.layers``).
 
     Greedy criteria pick one layer after the other, so every prefix is what the criterion would remove at
     that size. ``last`` is returned from the last block backwards (its prefixes are then "the last j").
     ``manual`` has no order of its own: give the order to the search directly.
     """
-    from ..selection import select_layers
+    from shrink.selection.layers import select_layers
 
     if criterion == "manual":
         raise ShrinkError("criterion 'manual' has no removal order: give the order itself (--order 3,1,2)")

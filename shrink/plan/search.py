@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ShrinkError
-from ..tome_merge import max_merge
-from .candidate import Candidate, token_counts
+from shrink.errors import ShrinkError
+from shrink.merging.merge import max_merge
+from shrink.plan.candidate import Candidate, token_counts
 
 __all__ = ["INFLECTIONS", "Entry", "MacCounter", "SearchResult", "Target", "enumerate_candidates", "pareto_front",
            "check_plan_config", "plan_yaml", "r_grid", "search", "write_outputs"]
@@ -226,8 +226,8 @@ class MacCounter:
         import torch
         from fvcore.nn import FlopCountAnalysis
 
-        from ..bench.measure import _sdpa_macs
-        from ..dilution import get_blocks
+        from shrink.bench.measure import _sdpa_macs
+        from shrink.blocks.dilution import get_blocks
 
         p = next(self.model.parameters())
         x = torch.randn(1, *self.size, generator=torch.Generator().manual_seed(0)).to(p.device)
@@ -338,7 +338,7 @@ def search(
 # ------------------------------------------------------------------------------------------------
 
 def _run_config_fields() -> set[str]:
-    from ..config import RunConfig
+    from shrink.training.config import RunConfig
 
     return {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -373,7 +373,7 @@ def plan_yaml(cand: Candidate, base: dict[str, Any], tome_train: bool = True) ->
 
 def check_plan_config(cfg: dict[str, Any]) -> None:
     """ShrinkError (one line) unless RunConfig (main_lambda.py) accepts ``cfg`` as it stands."""
-    from ..config import RunConfig
+    from shrink.training.config import RunConfig
 
     try:
         RunConfig(**cfg).validate({k: "plan.yaml" for k in cfg}, set(cfg))
@@ -417,7 +417,7 @@ def plot_pareto(res: SearchResult, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write
+    from shrink.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [e.predicted_speedup for e in res.scored]
@@ -451,7 +451,7 @@ def write_outputs(res: SearchResult, out: str | Path, *, table: Any, base_config
     checked with RunConfig's own validation (``validate``), so main_lambda.py accepts what is written."""
     import yaml
 
-    from ..io import atomic_write_json, atomic_write_text
+    from shrink.io import atomic_write_json, atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Models in and out: build any timm model by name (checked first), save a shrunk one, load it back.
 
 ``create_model`` is ``timm.create_model`` that checks names, arguments and sizes on the meta device
-before anything is allocated or downloaded, loads a local checkpoint (:mod:`shrink.checkpoint`),
+before anything is allocated or downloaded, loads a local checkpoint (:mod:`shrink.modelio.checkpoint`),
 and remembers how the model was built. ``save`` writes ``model.safetensors`` + ``config.json``
 atomically, with the block structure (diluted / attention-free blocks); ``load`` rebuilds that
 structure and loads the weights strictly, after checking the config's schema and the file's header.
@@ -24,13 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .blocks import block_family
-from .checkpoint import key_report, load_checkpoint
-from .dilution import DilutedBlock, dilute, get_blocks
-from .errors import ShrinkError, first_line
-from .export import AttentionFreeBlock, attention_free_indices, export, is_folded
-from .io import atomic_dir
-from .wrappers import unwrap
+from shrink.blocks.attention_free import AttentionFreeBlock, attention_free_indices, export, is_folded
+from shrink.blocks.contract import block_family
+from shrink.blocks.dilution import DilutedBlock, dilute, get_blocks
+from shrink.errors import ShrinkError, first_line
+from shrink.io import atomic_dir
+from shrink.modelio.checkpoint import key_report, load_checkpoint
+from shrink.unwrap import unwrap
 
 __all__ = [
     "FORMAT", "MODEL_FILE", "CONFIG_FILE", "MAX_PARAMS", "build_from_config", "check_hub", "check_input_size",

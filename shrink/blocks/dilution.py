@@ -1,7 +1,7 @@
 """Lambda dilution of the attention sublayers of timm transformer blocks, and the lambda schedules.
 
 A diluted pre-norm block computes ``x = (2 - lam) * x + lam * attention_branch(x)`` and then the
-unchanged MLP branch (the rule of each block family is in :mod:`shrink.blocks`). ``lam = 1`` is the
+unchanged MLP branch (the rule of each block family is in :mod:`shrink.blocks.contract`). ``lam = 1`` is the
 original block, ``lam = 0`` is ``x -> 2x`` followed by the MLP, and at ``lam = 0`` the attention
 is not computed at all.
 """
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from torch import nn
 
-from .blocks import (  # noqa: F401 (DilutedBlock, get_blocks, attention_block_indices: re-exported)
+from shrink.blocks.contract import (
     DilutedBlock,
     attention_block_indices,
     check_lambda,
@@ -25,8 +25,8 @@ from .blocks import (  # noqa: F401 (DilutedBlock, get_blocks, attention_block_i
     get_blocks,
     unsupported_reason,
 )
-from .errors import ShrinkError
-from .wrappers import unwrap
+from shrink.errors import ShrinkError
+from shrink.unwrap import unwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def diluted_blocks(model: nn.Module) -> dict[int, DilutedBlock]:
 
 def dilute(model: nn.Module, layers: Sequence[int], lam: float = 1.0,
            residual_scale: float | None = None) -> nn.Module:
-    """Dilute the blocks at ``layers`` in place (see :mod:`shrink.blocks`) and return the model.
+    """Dilute the blocks at ``layers`` in place (see :mod:`shrink.blocks.contract`) and return the model.
 
     ``residual_scale`` is the identity factor at lambda = 0: None takes the block family's rule
     (2, the reference's, for pre-norm and parallel blocks; 1 for post-norm blocks). Blocks already

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ShrinkError
-from .rundir import check_outside_run
+from shrink.errors import ShrinkError
+from shrink.training.run_folder import check_outside_run
 
 if TYPE_CHECKING:
     import torch

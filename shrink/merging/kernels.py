@@ -9,7 +9,7 @@ embeddings, relative-position biases) must follow the merged tokens too.
 - An **attention kernel** (:func:`register_attention_kernel`) runs one attention class on merged
   tokens: ``kernel(attn, x, call) -> (output, metric or None)``; ``call`` (:class:`AttentionCall`)
   holds the token sizes, whether a metric is wanted, the block's index and extra inputs (``rope=``,
-  ``shared_rel_pos=``, ...) and the model's live :class:`~shrink.tome.ToMeState` (token positions,
+  ``shared_rel_pos=``, ...) and the model's live :class:`~shrink.merging.patch.ToMeState` (token positions,
   source map).
 - A **model support** (:func:`register_model_support`) says that a model class can run merged tokens
   end to end: how many prefix tokens never merge, a check of the model's settings, and what to
@@ -17,7 +17,7 @@ embeddings, relative-position biases) must follow the merged tokens too.
 
 Each family's file (``tome_rope``, ``tome_relpos``, ``tome_cait``) registers its own; this module
 holds timm ``Attention`` and ``VisionTransformer``. Nothing here reads block attributes (the block
-contract, :mod:`shrink.blocks`, hands the attention modules over).
+contract, :mod:`shrink.blocks.contract`, hands the attention modules over).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tome_merge import proportional_attention
+from shrink.merging.merge import proportional_attention
 
 __all__ = [
     "AttentionCall",

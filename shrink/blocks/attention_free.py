@@ -1,7 +1,7 @@
 """Export: diluted blocks become attention-free blocks whose attention parameters are gone.
 
 An attention-free block computes ``x = s x; x = x + MLP branch`` (``s = 2`` for pre-norm and
-parallel blocks, 1 for post-norm ones; see :mod:`shrink.blocks`). Its state dict is the original
+parallel blocks, 1 for post-norm ones; see :mod:`shrink.blocks.contract`). Its state dict is the original
 block's minus the parts only the token-mixing branch used (``norm1.*``, ``attn.*`` and ``ls1.*`` /
 ``gamma_1`` for pre-norm blocks; the q / k / v rows and attention columns of a parallel block's
 fused projections); no key is renamed. Model-level position tables that only attention read (a
@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from .blocks import (
+from shrink.blocks.contract import (
     AttentionFreeBlock,
     DilutedBlock,
     block_family,
@@ -30,7 +30,7 @@ from .blocks import (
     prune_shared_tables,
     removed_parameter_count,
 )
-from .errors import ShrinkError
+from shrink.errors import ShrinkError
 
 __all__ = ["AttentionFreeBlock", "attention_free_indices", "export", "fold_residual_scale", "is_folded",
            "removed_parameter_count"]

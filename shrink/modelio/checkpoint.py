@@ -15,7 +15,7 @@ A file that holds any other object is refused unless the caller opts in with ``t
 
 Each family's key remap stays where timm keeps it, as ``checkpoint_filter_fn`` in the model's
 file (:mod:`shrink.models`); :func:`load_checkpoint` applies it. This module imports no other
-part of ``shrink`` but :mod:`shrink.errors` and :mod:`shrink.wrappers`: model definitions below it, everything else above.
+part of ``shrink`` but :mod:`shrink.errors` and :mod:`shrink.unwrap`: model definitions below it, everything else above.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .errors import ShrinkError, first_line
-from .models import bottleneck_mlp
-from .wrappers import unwrap
+from shrink.errors import ShrinkError, first_line
+from shrink.models import bottleneck_mlp
+from shrink.unwrap import unwrap
 
 __all__ = ["checkpoint_filter", "get_bottleneck_mlp", "key_report", "load_checkpoint", "read_checkpoint"]
 

@@ -20,7 +20,7 @@ token may merge, and the class-attention blocks attend over the merged patches.
 - **Pooling**: ``'token'`` reads the class token (unchanged); ``'avg'`` averages the patch tokens
   weighted by size (``forward_head`` bound).
 - **forward_intermediates** (CaiT's own signature, no prefix tokens): unmerged through the source
-  map like the generic one in :mod:`shrink.tome`; ``NCHW`` always returns the full patch grid.
+  map like the generic one in :mod:`shrink.merging.patch`; ``NCHW`` always returns the full patch grid.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ShrinkError
-from .tome_kernels import (
+from shrink.errors import ShrinkError
+from shrink.merging.kernels import (
     AttentionCall,
     ModelSupport,
     Undo,
@@ -39,7 +39,7 @@ from .tome_kernels import (
     register_attention_kernel,
     register_model_support,
 )
-from .tome_merge import proportional_attention, proportional_bias, weighted_mean
+from shrink.merging.merge import proportional_attention, proportional_bias, weighted_mean
 
 __all__ = ["class_attention_sizes", "talking_heads_with_metric"]
 

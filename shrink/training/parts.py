@@ -1,7 +1,7 @@
 """The pieces of a run, built from a RunConfig with timm's factories (the DeiT recipe).
 
 Model, data sets and loaders, loss, optimizer and lr schedule, Mixup/CutMix, layer selection.
-Nothing here touches a device: :mod:`shrink.train` hands all of it to Accelerate.
+Nothing here touches a device: :mod:`shrink.training.trainer` hands all of it to Accelerate.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .blocks import set_drop_path
-from .config import RunConfig
-from .data import WorkerSeeder, build_dataset, calibration_subset, with_transform
-from .dilution import get_blocks, has_attention_layers, validate_layers
-from .errors import ShrinkError
-from .factory import create_model
-from .precision import dtype_of
+from shrink.blocks.contract import set_drop_path
+from shrink.blocks.dilution import get_blocks, has_attention_layers, validate_layers
+from shrink.data.datasets import WorkerSeeder, build_dataset, calibration_subset, with_transform
+from shrink.errors import ShrinkError
+from shrink.modelio.create import create_model
+from shrink.precision import dtype_of
+from shrink.training.config import RunConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def resolve_layers(cfg: RunConfig, model: nn.Module, calib_ds: Dataset, accelera
         return {"criterion": None, "layers": []}
     if not has_attention_layers(model):
         raise ShrinkError(f"{cfg.model} has no attention layers to remove; use --remove-ratio 0")
-    from .selection import select_layers
+    from shrink.selection.layers import select_layers
 
     result = [None]
     if accelerator.is_main_process:

@@ -17,12 +17,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .blocks import export_slices
-from .dilution import get_blocks
-from .errors import ShrinkError
-from .export import export
-from .factory import FORMAT, build_from_config, describe_architecture
-from .wrappers import unwrap
+from shrink.blocks.attention_free import export
+from shrink.blocks.contract import export_slices
+from shrink.blocks.dilution import get_blocks
+from shrink.errors import ShrinkError
+from shrink.modelio.create import FORMAT, build_from_config, describe_architecture
+from shrink.unwrap import unwrap
 
 _logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from .cli import MAX_THREADS, THREADS_HELP, OneLineArgumentParser, parse_layers
-from .data import DATA_SETS
-from .dilution import SCHEDULES
-from .errors import ShrinkError
+from shrink.blocks.dilution import SCHEDULES
+from shrink.cli.runner import MAX_THREADS, THREADS_HELP, OneLineArgumentParser, parse_layers
+from shrink.data.datasets import DATA_SETS
+from shrink.errors import ShrinkError
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -41,7 +41,7 @@ class RunConfig:
                                            "default; the reference for DeiT-T/S) | constant (drop_path in every "
                                            "block; the reference for DeiT-B)", group="model",
                                  choices=("linear", "constant"))
-    # data (shrink.data: resolve_data_set, check_data_path)
+    # data (shrink.data.datasets: resolve_data_set, check_data_path)
     data_set: str = _f("digits", "digits | cifar10 | cifar100 | folder | synthetic", group="data", choices=DATA_SETS)
     data_path: str | None = _f(None, "root of the data set: DATA_PATH/train and DATA_PATH/val for 'folder'; the "
                                      "download folder for CIFAR", group="data")
@@ -55,7 +55,7 @@ class RunConfig:
                                   "(0 = plain fine-tuning, no removal)", group="removal")
     remove_layers: list[int] | None = _f(None, "remove exactly these blocks, e.g. 0,1,3,4,6 (skips selection)",
                                          group="removal")
-    criterion: str = _f("transfer_entropy", "selection criterion for --remove-ratio (see shrink.selection)",
+    criterion: str = _f("transfer_entropy", "selection criterion for --remove-ratio (see shrink.selection.layers)",
                         group="removal")
     calib_images: int = _f(512, "calibration images for layer selection (a fixed subset of the train split)",
                            group="removal")
@@ -104,7 +104,7 @@ class RunConfig:
     # evaluation only
     eval: bool = _f(False, "only evaluate --checkpoint on the val split", group="eval")
     checkpoint: str | None = _f(None, "model to evaluate: a directory written by shrink.save", group="eval")
-    # token merging (shrink.tome): the deployable model's merging, used by --eval and recorded by a training run
+    # token merging (shrink.merging.patch): the deployable model's merging, used by --eval and recorded by a training run
     tome_r: int = _f(0, "token merging (ToMe): r tokens merged per merging block, 0 = off. With --eval: the "
                         "checkpoint is also evaluated with merging. In a training run: with --tome-train every "
                         "forward merges; without it the run trains as usual and also reports the deployable model's "
@@ -112,7 +112,7 @@ class RunConfig:
     tome_start_idx: int = _f(0, "first attention-bearing block (counted among those of the deployable model) that "
                                 "merges", group="tome")
     tome_inflection: float = _f(0.0, "r per merging block as the official (r, inflection) ramp "
-                                     "(shrink.tome_merge.ramp), in [-1, 1]: 0 = r in every merging block, "
+                                     "(shrink.merging.merge.ramp), in [-1, 1]: 0 = r in every merging block, "
                                      "-1 = from 2r down to 0, 1 = from 0 up to 2r", group="tome")
     tome_policy: str = _f("none", "ToMe in attention-free blocks: none (tokens pass, the reference) | hidden (merge "
                                   "before the MLP on norm2(x))", group="tome", choices=("none", "hidden"))
@@ -239,7 +239,7 @@ def _choice(cfg: RunConfig, key: str, choices, origin: Mapping[str, str]) -> Non
 def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] | None) -> None:
     from timm.optim import list_optimizers
 
-    from .selection import CRITERIA
+    from shrink.selection.layers import CRITERIA
 
     n = lambda key: _name(key, origin)  # noqa: E731
     for key in _RANGES:
@@ -314,7 +314,7 @@ def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] 
     if not cfg.eval:
         _check_model(cfg, n, explicit)
     else:
-        from .factory import model_skeleton
+        from shrink.modelio.create import model_skeleton
 
         saved = model_skeleton(None, checkpoint=cfg.checkpoint)  # config.json checked before any work
         size = getattr(getattr(saved, "patch_embed", None), "img_size", None)
@@ -351,7 +351,7 @@ def _check_model_path(path: str, name: str, *, dir_ok: bool, file_ok: bool = Tru
 
 
 def _check_data(cfg: RunConfig, n, explicit: set[str] | None) -> None:
-    from .data import check_data_path
+    from shrink.data.datasets import check_data_path
 
     if cfg.data_set in ("digits", "synthetic") and cfg.data_path is not None:
         raise ShrinkError(f"{n('data_path')} is not used by --data-set {cfg.data_set}; leave it out, or give "
@@ -362,8 +362,8 @@ def _check_data(cfg: RunConfig, n, explicit: set[str] | None) -> None:
 def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
     """Build the model's skeleton on the meta device: unknown names, bad arguments, input sizes the patch
     size does not divide, removals on models without attention and out-of-range layers all fail here."""
-    from .dilution import has_attention_layers, validate_layers
-    from .factory import model_skeleton
+    from shrink.blocks.dilution import has_attention_layers, validate_layers
+    from shrink.modelio.create import model_skeleton
 
     kwargs: dict[str, Any] = {}
     if cfg.num_classes is not None:
@@ -389,21 +389,21 @@ def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
     if cfg.tome_r > 0:  # the deployable model's merging: the removed layers' attention is gone there
         removed = cfg.remove_layers
         if removed is None:  # --remove-ratio: which layers is not known yet, how many is (the count is what matters)
-            from .blocks import attention_block_indices, get_blocks
-            from .selection import ratio_to_k
+            from shrink.blocks.contract import attention_block_indices, get_blocks
+            from shrink.selection.layers import ratio_to_k
 
             attn = attention_block_indices(model) if cfg.remove_ratio > 0 else []
             k = min(len(attn), ratio_to_k(cfg.remove_ratio, len(get_blocks(model)))) if attn else 0
             removed = attn[len(attn) - k:]
         _check_tome(model, removed, cfg, n)
     if cfg.pretrained and cfg.finetune is None and not cfg.resume:  # after the cheap checks: can the weights be had?
-        from .factory import check_hub
+        from shrink.modelio.create import check_hub
 
         check_hub(cfg.model, model)
 
 
 def tome_r_arg(cfg: RunConfig) -> int | tuple[int, float]:
-    """The ``r`` argument of :func:`shrink.tome.apply_tome` for these settings: ``tome_r``, or the
+    """The ``r`` argument of :func:`shrink.merging.patch.apply_tome` for these settings: ``tome_r``, or the
     ``(tome_r, tome_inflection)`` ramp when the inflection is not 0."""
     return (cfg.tome_r, float(cfg.tome_inflection)) if cfg.tome_inflection else cfg.tome_r
 
@@ -416,8 +416,8 @@ def tome_schedule_for(cfg: RunConfig, model, removed) -> list[int]:
     model as well, so a run merges the same tokens at every lambda (a removed block merges only with
     policy 'hidden'). Raises ShrinkError (one line) when the settings do not fit the model.
     """
-    from .blocks import classify_block, get_blocks
-    from .tome_merge import tome_schedule
+    from shrink.blocks.contract import classify_block, get_blocks
+    from shrink.merging.merge import tome_schedule
 
     removed = set(removed or ())
     kinds = []
@@ -430,7 +430,7 @@ def tome_schedule_for(cfg: RunConfig, model, removed) -> list[int]:
 
 def _check_tome(model, removed, cfg: RunConfig, n) -> None:
     """The merging settings fit the (meta-device) model: start index, ramp, family, pooling."""
-    from .tome import apply_tome, remove_tome
+    from shrink.merging.patch import apply_tome, remove_tome
 
     where = f"{n('tome_r')} {cfg.tome_r}" + (f" (on the deployable model, {len(removed)} attention layer(s) "
                                              f"removed)" if removed else "")

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder  # timm imports torchvision anyway
 
-from .errors import ShrinkError, first_line
+from shrink.errors import ShrinkError, first_line
 
 _logger = logging.getLogger(__name__)
 

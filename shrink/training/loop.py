@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ShrinkError
+from shrink.errors import ShrinkError
 
 
 class TrainingDiverged(ShrinkError):

@@ -1,4 +1,4 @@
-"""Token merging (ToMe) as pure tensor functions, with no model code (the adapter is shrink.tome).
+"""Token merging (ToMe) as pure tensor functions, with no model code (the adapter is shrink.merging.patch).
 
 Tokens are ``(B, N, C)``; the first ``num_protected`` (class, distillation, registers) never merge
 and stay in front. The partition is the official one (facebookresearch/ToMe): tokens alternate
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShrinkError
+from shrink.errors import ShrinkError
 
 POLICIES = ("none", "hidden")  # what attention-free blocks do: pass tokens through / merge on norm2(x)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ShrinkError
-from .io import _umask, atomic_write_text
+from shrink.errors import ShrinkError
+from shrink.io import _umask, atomic_write_text
 
 _logger = logging.getLogger(__name__)
 

@@ -36,15 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShrinkError
-from .tome_kernels import (
+from shrink.errors import ShrinkError
+from shrink.merging.kernels import (
     AttentionCall,
     ModelSupport,
     bind_methods,
     register_attention_kernel,
     register_model_support,
 )
-from .tome_merge import proportional_attention, weighted_mean
+from shrink.merging.merge import proportional_attention, weighted_mean
 
 __all__ = ["TRACKER", "rope_coords", "rope_embed_at", "rope_kinds"]
 

@@ -41,15 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShrinkError
-from .tome_kernels import (
+from shrink.errors import ShrinkError
+from shrink.merging.kernels import (
     AttentionCall,
     ModelSupport,
     bind_methods,
     register_attention_kernel,
     register_model_support,
 )
-from .tome_merge import init_source, proportional_bias, weighted_mean
+from shrink.merging.merge import init_source, proportional_bias, weighted_mean
 
 __all__ = ["TRACKER", "merge_bias", "merged_bias", "merged_bias_dense"]
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ShrinkError
+from shrink.errors import ShrinkError
 
 __all__ = [
     "AttentionFreeBlock",

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .criteria import PassStats, Runner, candidate_layers, check_model_api, finite_or_str
-from .dilution import get_blocks, validate_layers
-from .errors import ShrinkError
+from shrink.blocks.dilution import get_blocks, validate_layers
+from shrink.errors import ShrinkError
+from shrink.selection.criteria import PassStats, Runner, candidate_layers, check_model_api, finite_or_str
 
 _logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def plot_selection(result: SelectionResult, path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from .io import atomic_write
+    from shrink.io import atomic_write
 
     per = result.scores.get("per_layer", {})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .blocks import DilutedBlock, attention_block_indices, get_blocks, probe_branches
-from .blocks import skip_attention as blocks_skip_attention
-from .errors import ShrinkError
+from shrink.blocks.contract import DilutedBlock, attention_block_indices, get_blocks, probe_branches
+from shrink.blocks.contract import skip_attention as blocks_skip_attention
+from shrink.errors import ShrinkError
 
 
 class RunningMoments:

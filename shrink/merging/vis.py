@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .errors import ShrinkError
-from .io import atomic_write
-from .tome import is_tome, tome_state
-from .wrappers import unwrap
+from shrink.errors import ShrinkError
+from shrink.io import atomic_write
+from shrink.merging.patch import is_tome, tome_state
+from shrink.unwrap import unwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def merge_groups(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """
     model = unwrap(model)
     if not is_tome(model):
-        raise ShrinkError("the model has no ToMe applied: call shrink.tome.apply_tome(model, r) first")
+        raise ShrinkError("the model has no ToMe applied: call shrink.merging.patch.apply_tome(model, r) first")
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4 or image.shape[0] != 1:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write
+from shrink.io import atomic_write
 
 # labels of the reference artists of the plot (tests find them by these)
 DENSE_LABEL = "dense model"

@@ -12,7 +12,7 @@ first optimizer update whose lambda is 0, at an epoch start or within an epoch.
 attention-free model. A run resumes (``--resume``) from the state saved after its last completed
 epoch, or after its set-up; see :func:`_restore`.
 
-Token merging (``--tome-r``): the deployable model's merging schedule (:func:`shrink.config.tome_schedule_for`)
+Token merging (``--tome-r``): the deployable model's merging schedule (:func:`shrink.training.config.tome_schedule_for`)
 is fixed once. With ``--tome-train`` it is applied to the training model (after dilution) and to the
 EMA, so every forward merges, and again after the switch to the attention-free model; best/ and
 last/ are saved without the ToMe classes, the settings recorded in their config.json. Without
@@ -37,15 +37,12 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .cli import apply_threads
-from .config import RunConfig, tome_r_arg, tome_schedule_for
-from .data import build_dataset, count_classes
-from .dilution import deploy_mode, dilute, lambda_at, set_lambda
-from .engine import TrainingDiverged, TrainParts, evaluate, train_one_epoch
-from .errors import ShrinkError
-from .export import attention_free_indices, export
-from .factory import load, read_config, save
-from .io import (
+from shrink.blocks.attention_free import attention_free_indices, export
+from shrink.blocks.dilution import deploy_mode, dilute, lambda_at, set_lambda
+from shrink.cli.runner import apply_threads
+from shrink.data.datasets import build_dataset, count_classes
+from shrink.errors import ShrinkError
+from shrink.io import (
     atomic_append_line,
     atomic_write,
     atomic_write_json,
@@ -53,7 +50,11 @@ from .io import (
     clean_leftovers,
     replace_dir,
 )
-from .recipe import (
+from shrink.merging.patch import apply_tome, is_tome, remove_tome, tome_token_counts
+from shrink.modelio.create import load, read_config, save
+from shrink.training.config import RunConfig, tome_r_arg, tome_schedule_for
+from shrink.training.loop import TrainingDiverged, TrainParts, evaluate, train_one_epoch
+from shrink.training.parts import (
     build_datasets,
     build_loss,
     build_mixup,
@@ -63,16 +64,15 @@ from .recipe import (
     make_loader,
     resolve_layers,
 )
-from .rundir import (
+from shrink.training.run_folder import (
     check_resume_settings,
     check_shared_output_dir,
     create_run_dir,
     inspect_output_dir,
     remove_run_dir,
 )
-from .sharding import export_for_training, mark_shard_units, whole_model
-from .tome import apply_tome, is_tome, remove_tome, tome_token_counts
-from .wrappers import unwrap
+from shrink.training.sharding import export_for_training, mark_shard_units, whole_model
+from shrink.unwrap import unwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -565,7 +565,7 @@ def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader
     ``best_acc_reloaded`` is best/ reloaded from disk and evaluated the way it was chosen (with merging
     under --tome-train, applied as ``main_lambda.py --eval --tome-r ...`` applies it); with --tome-r
     the summary also has ``best_acc_with_tome`` and ``best_acc_without_tome``."""
-    from .report import plot_metrics, read_metrics
+    from shrink.training.metrics import plot_metrics, read_metrics
 
     best_acc_reloaded = params_after = None
     with_tome = without_tome = None

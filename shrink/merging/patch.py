@@ -15,10 +15,10 @@ submodules (state-dict keys unchanged) and merges ``r`` tokens between the token
 at the second block that still has attention (a diluted block counts as attention-bearing when its
 lambda is > 0 at the time of ``apply_tome``). Attention-free blocks merge (policy ``"hidden"``)
 only from that block on. ``r`` is an int (every merging block), a ``(r, inflection)`` tuple (a
-ramp over the merging blocks, the official formula, see :func:`shrink.tome_merge.ramp`), or a list
+ramp over the merging blocks, the official formula, see :func:`shrink.merging.merge.ramp`), or a list
 with one entry per block. The r of each block is stored on the block; nothing is popped during
 forward. Which tokens merge follows the official partition (A/B by position in the whole sequence,
-see :mod:`shrink.tome_merge`), so on DeiT and distilled DeiT the logits are the official code's.
+see :mod:`shrink.merging.merge`), so on DeiT and distilled DeiT the logits are the official code's.
 
 A block with r = 0 that no merging block precedes (all of them after ``apply_tome(model, 0)``) runs
 its original timm forward: fused attention, no metric, no size bookkeeping, so it costs nothing.
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import (
+from shrink.blocks.contract import (
     AttentionFreeBlock,
     DilutedBlock,
     block_family,
@@ -55,8 +55,8 @@ from .blocks import (
     mix,
     unsupported_reason,
 )
-from .errors import ShrinkError
-from .tome_kernels import (
+from shrink.errors import ShrinkError
+from shrink.merging.kernels import (
     AttentionCall,
     ModelSupport,
     attention_kernel,
@@ -65,7 +65,7 @@ from .tome_kernels import (
     model_support,
     register_model_support,
 )
-from .tome_merge import (
+from shrink.merging.merge import (
     POLICIES,
     bipartite_soft_matching,
     init_source,
@@ -74,7 +74,7 @@ from .tome_merge import (
     tome_schedule,
     weighted_mean,
 )
-from .wrappers import unwrap
+from shrink.unwrap import unwrap
 
 __all__ = [
     "POLICIES",
@@ -165,7 +165,7 @@ class ToMeBlock(nn.Module):
     its class swapped to a subclass of this and of its class; state-dict keys unchanged.
 
     It merges ``tome_r`` tokens between the token mixer and the MLP branch, asking the block
-    contract (:mod:`shrink.blocks`) for the two branches."""
+    contract (:mod:`shrink.blocks.contract`) for the two branches."""
 
     tome_r: int
     tome_index: int
@@ -420,7 +420,7 @@ def _block_kinds(model: nn.Module) -> list[str]:
 def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> ModelSupport:
     """The model's support, or a one-line ShrinkError unless every block from the first merge on can
     run merged tokens (its family merges: not windowed attention; each of its attention modules has a
-    kernel, :mod:`shrink.tome_kernels`) and the model class has a support."""
+    kernel, :mod:`shrink.merging.kernels`) and the model class has a support."""
     blocks = get_blocks(model)
     first = next(i for i, r in enumerate(schedule) if r > 0)
     for i, (b, kind) in enumerate(zip(blocks, kinds, strict=True)):
@@ -606,7 +606,7 @@ def remove_tome(model: nn.Module) -> nn.Module:
     """Undo apply_tome in place: the original block objects come back with their current weights."""
     model = unwrap(model)
     if not is_tome(model):
-        raise ShrinkError("the model has no ToMe applied (call shrink.tome.apply_tome first)")
+        raise ShrinkError("the model has no ToMe applied (call shrink.merging.patch.apply_tome first)")
     for b in get_blocks(model):
         if isinstance(b, ToMeBlock):
             b.__class__ = b._tome_prev
@@ -676,4 +676,3 @@ def tome_token_counts(
 
 
 # the families' kernels and model supports register themselves on import
-from . import tome_cait, tome_relpos, tome_rope  # noqa: E402, F401  isort: skip

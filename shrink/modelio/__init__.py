@@ -1,0 +1,48 @@
+"""Models in and out: checkpoint reading (ours and foreign), create_model, save / load."""
+from shrink.modelio.checkpoint import (
+    checkpoint_filter,
+    get_bottleneck_mlp,
+    key_report,
+    load_checkpoint,
+    read_checkpoint,
+)
+from shrink.modelio.create import (
+    CONFIG_FILE,
+    FORMAT,
+    MAX_PARAMS,
+    MODEL_FILE,
+    build_from_config,
+    check_hub,
+    check_input_size,
+    create_model,
+    describe_architecture,
+    input_size,
+    load,
+    model_skeleton,
+    read_config,
+    save,
+    validate_config,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "MAX_PARAMS",
+    "MODEL_FILE",
+    "build_from_config",
+    "check_hub",
+    "check_input_size",
+    "checkpoint_filter",
+    "create_model",
+    "describe_architecture",
+    "get_bottleneck_mlp",
+    "input_size",
+    "key_report",
+    "load",
+    "load_checkpoint",
+    "model_skeleton",
+    "read_checkpoint",
+    "read_config",
+    "save",
+    "validate_config",
+]

@@ -1,0 +1,46 @@
+"""Selection: the criteria (entropy, transfer entropy, the peers') and the layer search."""
+from shrink.selection.criteria import (
+    PassStats,
+    Runner,
+    RunningMean,
+    RunningMoments,
+    candidate_layers,
+    check_model_api,
+    finite_or_str,
+    gaussian_entropy,
+    pre_logits,
+    skip_attention,
+)
+from shrink.selection.layers import (
+    CRITERIA,
+    LOG_BASE,
+    SCORED,
+    SelectionResult,
+    layer_table,
+    plot_selection,
+    ratio_to_k,
+    select_layers,
+    transfer_entropy,
+)
+
+__all__ = [
+    "CRITERIA",
+    "LOG_BASE",
+    "PassStats",
+    "Runner",
+    "RunningMean",
+    "RunningMoments",
+    "SCORED",
+    "SelectionResult",
+    "candidate_layers",
+    "check_model_api",
+    "finite_or_str",
+    "gaussian_entropy",
+    "layer_table",
+    "plot_selection",
+    "pre_logits",
+    "ratio_to_k",
+    "select_layers",
+    "skip_attention",
+    "transfer_entropy",
+]
