@@ -2,12 +2,32 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from shrink.errors import ShrinkError
+
+
+def jsonable(obj: Any, *, strict: bool = False, where: str = "value") -> Any:
+    """``obj`` as plain JSON data: tuples become lists, keys strings, non-finite floats the strings
+    'nan', 'inf', '-inf'. Anything else that JSON cannot hold becomes its ``str`` (``strict=False``)
+    or is refused with a :class:`ShrinkError` naming ``where`` (``strict=True``)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, strict=strict, where=f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, strict=strict, where=f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    if strict:
+        raise ShrinkError(f"{where}={obj!r} cannot be stored as JSON")
+    return str(obj)
 
 
 def _umask() -> int:
