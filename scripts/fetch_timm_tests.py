@@ -3,10 +3,10 @@
 
 Downloads the source distribution of the *installed* timm version with pip (``pip download
 timm==<version> --no-deps --no-binary :all:``) and extracts its ``tests/`` folder to
-``.cache/timm-tests/<version>/tests``. Run it once at set-up time (CI runs it after the install);
-the tests themselves never download anything:
+``.cache/timm-tests/<version>/tests``. The test session calls it on first use (the ``timm_tests``
+fixture of ``tests/conftest.py``), so ``pytest`` alone is enough; by hand, to fetch ahead of time:
 
-    python scripts/fetch_timm_tests.py && pytest tests/test_timm_contract.py
+    python scripts/fetch_timm_tests.py
 
 Idempotent: an existing extraction is kept (``--force`` fetches again). Standard library only,
 so it works before anything else of the project is importable. Errors are one line on stderr,

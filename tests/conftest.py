@@ -418,3 +418,37 @@ def real_image_folder(root: Path, per_class: int = 12, val_per_class: int = 4, s
                     data = path.read_bytes()
                     path.write_bytes(data[: len(data) * 2 // 3])
     return root
+
+
+# ------------------------------------------------------------------------------------------------
+# timm's own test suite (tests/test_timm_contract.py): fetched here, once, on first use
+# ------------------------------------------------------------------------------------------------
+
+def _fetch_script():
+    """scripts/fetch_timm_tests.py as a module: the one copy of the download-and-extract logic."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_timm_tests", ROOT / "scripts" / "fetch_timm_tests.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def timm_tests() -> Path:
+    """The ``tests/`` folder of the installed timm's sdist, cached in ``.cache/timm-tests/<version>``.
+
+    Fetched inside the test session (``pip download`` of the sdist, no second set-up command); a
+    machine that cannot reach the package index skips the tests that need it, saying why.
+    ``SHRINK_TIMM_TESTS_CACHE`` names another cache folder."""
+    import tarfile
+
+    fetch = _fetch_script()
+    cache = Path(os.environ.get("SHRINK_TIMM_TESTS_CACHE") or fetch.DEFAULT_CACHE)
+    try:
+        version = fetch.installed_timm_version()
+        path, _ = fetch.fetch(version, cache)
+    except (fetch.FetchError, OSError, tarfile.TarError) as e:
+        pytest.skip(f"timm's own tests could not be fetched ({' '.join(str(e).split())}); "
+                    f"they are cached in .cache/timm-tests once the package index is reachable")
+    return path

@@ -1,7 +1,8 @@
 """timm's model contract: timm's own ``tests/test_models.py`` run on the models this project registers.
 
-The test file of the *installed* timm is extracted once at set-up time (``python scripts/fetch_timm_tests.py``,
-into ``.cache/timm-tests/<version>/tests``) and run here, unchanged, in a subprocess with
+The test file of the *installed* timm is fetched once, inside the test session (the ``timm_tests``
+fixture of conftest.py: the sdist through ``pip download``, extracted into
+``.cache/timm-tests/<version>/tests``, skipped with the reason when the index cannot be reached) and run here, unchanged, in a subprocess with
 ``tests/timm_contract_plugin.py`` (which restricts its model lists to the project's names). Every
 (timm test, project model) pair is accounted for:
 
@@ -16,10 +17,9 @@ A pair listed in one of the tables that passes, or that runs although listed as 
 test too, so the tables stay true. ``docs/mlp_families.md`` ("timm's model contract") has the results
 per family.
 
-    python scripts/fetch_timm_tests.py && pytest tests/test_timm_contract.py
+    pytest tests/test_timm_contract.py
 """
 import fnmatch
-import importlib.metadata
 import os
 import signal
 import subprocess
@@ -33,9 +33,6 @@ import pytest
 from .timm_contract_plugin import CLAIMS_ENV, claim, model_of, project_model_names
 
 REPO = Path(__file__).resolve().parents[1]
-TIMM_VERSION = importlib.metadata.version("timm")
-TIMM_TESTS = REPO / ".cache" / "timm-tests" / TIMM_VERSION / "tests"
-FETCH = "python scripts/fetch_timm_tests.py"
 # the contract runs in this many processes side by side (one thread each), each test in whichever reaches it
 # first: CI's 2 cores, both busy while the pytest process that runs this file waits
 SHARDS = 2
@@ -232,14 +229,6 @@ def result_key(node_id: str) -> tuple[str, str] | None:
     return (test, model) if model else None
 
 
-def require_timm_tests() -> None:
-    if not (TIMM_TESTS / "test_models.py").is_file():
-        msg = f"timm {TIMM_VERSION}'s own tests are not extracted ({TIMM_TESTS}): run `{FETCH}` first"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 def test_contract_problems_keep_the_tables_true(monkeypatch):
     models = ["fnet_nano", "bottleneck_mlp_nano"]
     full = {(t, m): ("passed", "") for t in PER_MODEL_TESTS for m in models
@@ -257,10 +246,9 @@ def test_contract_problems_keep_the_tables_true(monkeypatch):
     assert "remove the entry" in contract_problems(full, models)[0]  # excluded, but it passes
 
 
-def test_collection_matches_the_tables():
+def test_collection_matches_the_tables(timm_tests):
     """timm's test_models.py collected with the plugin: exactly the pairs the tables expect (seconds, not minutes)."""
-    require_timm_tests()
-    proc = run_timm_tests(TIMM_TESTS, None, timeout=300, extra=("--collect-only",))
+    proc = run_timm_tests(timm_tests, None, timeout=300, extra=("--collect-only",))
     assert proc.returncode == 0, "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
     collected = [line for line in proc.stdout.splitlines() if line.startswith("tests/test_models.py::")]
     keys = [result_key(n) for n in collected]
@@ -299,10 +287,9 @@ def test_each_test_runs_in_the_first_process_that_claims_it(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_timm_model_contract(tmp_path):
-    require_timm_tests()
+def test_timm_model_contract(tmp_path, timm_tests):
     results: dict[tuple[str, str], tuple[str, str]] = {}
-    for proc, junit in run_timm_tests_in_shards(TIMM_TESTS, tmp_path):
+    for proc, junit in run_timm_tests_in_shards(timm_tests, tmp_path):
         if proc.returncode not in (0, 1) or not junit.is_file():  # 1: some test failed; anything else: no run
             tail = "\n".join(proc.stdout.splitlines()[-40:])
             pytest.fail(f"timm's test_models.py ({junit.stem}) did not run (exit code {proc.returncode}):\n{tail}")

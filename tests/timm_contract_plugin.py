@@ -1,7 +1,7 @@
 """pytest plugin: run timm's own ``tests/test_models.py`` on this project's registered models only.
 
 Used by ``tests/test_timm_contract.py``, which runs, in a subprocess, from the folder that holds the
-extracted ``tests/`` (``python scripts/fetch_timm_tests.py``)::
+extracted ``tests/`` (fetched by the ``timm_tests`` fixture of conftest.py)::
 
     cd .cache/timm-tests/<version>
     PYTHONPATH=<repo>/tests python -m pytest tests/test_models.py -c /dev/null --rootdir . -p timm_contract_plugin
