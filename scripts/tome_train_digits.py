@@ -47,7 +47,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def evaluate_dir(checkpoint: Path, r: int, threads: int | None) -> dict:
     """``main_lambda.py --eval --checkpoint DIR [--tome-r r]`` in this process: its result dict."""
-    from shrink.training.config import config_from_args
+    from shrink.cli.run_flags import config_from_args
     from shrink.training.trainer import run
 
     argv = ["--eval", "--checkpoint", str(checkpoint), "--no-progress", "--num-workers", "0"]
@@ -75,7 +75,7 @@ def dense_row(out: Path, threads: int | None) -> dict:
 
 
 def train_run(out: Path, name: str, seed: int, r: int, args) -> dict:
-    from shrink.training.config import config_from_args
+    from shrink.cli.run_flags import config_from_args
     from shrink.training.trainer import run
 
     argv = ["--remove-ratio", "0.4", "--seed", str(seed), "--epochs", str(args.epochs), "--dilution-epochs",

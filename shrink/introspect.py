@@ -26,13 +26,19 @@ def _channels(model: nn.Module, cfg: dict) -> int:
     return int(tuple(cfg.get("input_size", (3,)))[0])
 
 
-def input_size(model: nn.Module, size: int | Sequence[int] | None = None) -> tuple[int, int, int]:
+def input_size(model: nn.Module, size: int | Sequence[int] | None = None, *,
+               img_size: int | None = None) -> tuple[int, int, int]:
     """(C, H, W) of one image for ``model``.
 
     ``size`` may be an int (a square side), (H, W) or (C, H, W); without it, the size the model was
     built for (its patch embedding's or stem's ``img_size``), else its ``pretrained_cfg``, else 224.
-    The channels come from the patch embedding, else the ``pretrained_cfg``.
+    The channels come from the patch embedding, else the ``pretrained_cfg``. ``img_size=`` is the
+    keyword of ``shrink.modelio.create.input_size``, which is this function.
     """
+    if img_size is not None:
+        if size is not None:
+            raise ShrinkError("give the input size once (size or img_size), not both")
+        size = img_size
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c = _channels(model, cfg)
     if size is None:

@@ -14,14 +14,19 @@ from shrink.errors import ShrinkError
 
 
 def jsonable(obj: Any, *, strict: bool = False, where: str = "value") -> Any:
-    """``obj`` as plain JSON data: tuples become lists, keys strings, non-finite floats the strings
-    'nan', 'inf', '-inf'. Anything else that JSON cannot hold becomes its ``str`` (``strict=False``)
-    or is refused with a :class:`ShrinkError` naming ``where`` (``strict=True``)."""
+    """``obj`` as plain JSON data: tuples become lists, keys strings.
+
+    ``strict=False`` (reports, logs): non-finite floats become the strings 'nan', 'inf', '-inf', and
+    anything else JSON cannot hold its ``str``. ``strict=True`` (a file read back as data, such as a
+    saved model's config.json): those are refused with a :class:`ShrinkError` naming ``where``.
+    """
     if isinstance(obj, dict):
         return {str(k): jsonable(v, strict=strict, where=f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(v, strict=strict, where=f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, float) and not math.isfinite(obj):
+        if strict:
+            raise ShrinkError(f"{where}={obj!r} cannot be stored as JSON (not a finite number)")
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if obj is None or isinstance(obj, (str, bool, int, float)):
         return obj

@@ -361,7 +361,7 @@ def check_mlp_config(path: Path) -> None:
     """A configs/mlp/*.yaml: loads, names a registered model at its cfg's input size, plain training."""
     import yaml
 
-    from shrink.training.config import load_yaml
+    from shrink.cli.run_flags import load_yaml
 
     raw = yaml.safe_load(path.read_text())
     cfg = load_yaml(path)  # the integrator's loader accepts every key

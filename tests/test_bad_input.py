@@ -583,7 +583,7 @@ def test_finetune_folder_honours_model_arguments(shared):
 
 def test_good_input_passes(tmp_path):
     """The checks refuse bad values, not good ones: YAML and flags, --data-path alone, a saved model's name."""
-    from shrink.training.config import config_from_args
+    from shrink.cli.run_flags import config_from_args
 
     fx.image_folder(tmp_path)
     (tmp_path / "c.yaml").write_text("lr: 1e-4\nremove_layers: 3\nbatch_size: 8\nmixup: 0.8\nsched: step\n")

@@ -230,3 +230,13 @@ def test_no_entry_point_goes_without_threads():
                if "cli_main(" in p.read_text() and "add_threads_argument(" not in p.read_text()
                and p.name != "main_lambda.py"]  # main_lambda: RunConfig.threads, the same help and check
     assert not missing, missing
+
+
+def test_the_value_parsers_live_below_the_cli_and_answer_there_too():
+    """shrink.values is their one home (the library imports it); shrink.cli keeps the public names."""
+    import shrink.cli
+    import shrink.cli.runner
+    import shrink.values
+
+    for name in ("parse_layers", "parse_device", "parse_threads", "apply_threads", "MAX_THREADS", "THREADS_HELP"):
+        assert getattr(shrink.cli, name) is getattr(shrink.values, name) is getattr(shrink.cli.runner, name)

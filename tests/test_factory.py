@@ -170,3 +170,22 @@ def test_on_a_timm_without_its_argument_record_a_timm_model_still_saves(tmp_path
     back, x = shrink.load(tmp_path / "m"), torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert (back(x) - m(x)).abs().max().item() == 0.0
+
+
+def test_the_modelio_split_keeps_one_function_per_name():
+    """create / saved / schema: the public names answer from shrink.modelio.create as before, as the same
+    objects; input_size is shrink.introspect's (old keyword img_size= included); a model argument
+    config.json cannot hold is refused in one line."""
+    import shrink.introspect
+    import shrink.modelio as modelio
+    from shrink.modelio import create, saved, schema
+
+    for name in ("save", "load", "build_from_config", "describe_architecture", "check_input_size"):
+        assert getattr(create, name) is getattr(saved, name) is getattr(modelio, name)
+    for name in ("FORMAT", "MODEL_FILE", "CONFIG_FILE", "MAX_PARAMS", "read_config", "validate_config"):
+        assert getattr(create, name) is getattr(schema, name) is getattr(modelio, name)
+    assert create.input_size is shrink.introspect.input_size is modelio.input_size
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    assert create.input_size(model) == (3, 64, 64) and create.input_size(model, img_size=32) == (3, 32, 32)
+    with pytest.raises(shrink.ShrinkError, match="model argument norm_layer=.* cannot be stored as JSON"):
+        create.model_skeleton("vit_tiny_patch16_224", norm_layer=torch.nn.LayerNorm)

@@ -59,3 +59,20 @@ def test_clean_leftovers_removes_temporaries_and_restores_old(tmp_path):
     clean_leftovers(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["state"]
     assert recover_dir(tmp_path / "state") == tmp_path / "state"
+
+
+def test_jsonable_strict_refuses_what_config_json_cannot_hold():
+    import math
+
+    import pytest
+
+    from shrink.errors import ShrinkError
+    from shrink.io import jsonable
+
+    assert jsonable({"a": (1, 2), 3: [math.inf]}) == {"a": [1, 2], "3": ["inf"]}
+    assert jsonable({"a": (1, 2)}, strict=True) == {"a": [1, 2]}
+    assert jsonable(object) == str(object)
+    with pytest.raises(ShrinkError, match=r"model argument act\[1\]=.* cannot be stored as JSON"):
+        jsonable([1, object], strict=True, where="model argument act")
+    with pytest.raises(ShrinkError, match="not a finite number"):
+        jsonable({"drop_rate": math.nan}, strict=True, where="model argument")

@@ -181,7 +181,8 @@ def test_readme_parser_on_a_small_example():
 def test_embedded_yaml_is_the_defaults():
     """configs/embedded.yaml says 'no --config uses exactly these values': every key it lists has the
     code's default value, and --config with it resolves to the same settings as no --config."""
-    from shrink.training.config import RunConfig, config_from_args, load_yaml
+    from shrink.cli.run_flags import config_from_args, load_yaml
+    from shrink.training.config import RunConfig
 
     path = ROOT / "configs" / "embedded.yaml"
     data = load_yaml(path)

@@ -1,4 +1,8 @@
-"""The command line: the one runner behind every entry point, the shared flags and parsers."""
+"""The command line: the one runner behind every entry point, the shared flags and parsers, the run's flags.
+
+The top layer: library packages do not import it. The value parsers (parse_layers, parse_device,
+parse_threads, MAX_THREADS, THREADS_HELP, apply_threads) live in :mod:`shrink.values` and answer here too.
+"""
 from __future__ import annotations
 
 import importlib
@@ -24,6 +28,10 @@ _EXPORTS = {
     "check_distinct": "runner",
     "check_input_file": "runner",
     "exit_with": "runner",
+    "build_parser": "run_flags",
+    "load_yaml": "run_flags",
+    "config_from_args": "run_flags",
+    "embedded_yaml": "run_flags",
 }
 __all__ = sorted(_EXPORTS)
 

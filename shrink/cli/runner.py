@@ -16,13 +16,16 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from shrink.errors import ShrinkError
+from shrink.errors import ShrinkError, first_line
 from shrink.training.run_folder import check_outside_run
+from shrink.values import MAX_THREADS, THREADS_HELP, apply_threads, parse_device, parse_layers, parse_threads
 
-if TYPE_CHECKING:
-    import torch
+# the value parsers live in shrink.values (the library uses them too); the CLI keeps their names here
+__all__ = ["MAX_THREADS", "THREADS_HELP", "OneLineArgumentParser", "Terminated", "add_threads_argument",
+           "apply_threads", "check_distinct", "check_input_file", "check_output_dir", "check_output_file",
+           "cli_main", "exit_with", "is_verbose", "one_line", "parse_device", "parse_layers", "parse_threads",
+           "say_error", "setup_output"]
 
 _NOISY_LOGGERS = ("timm", "huggingface_hub", "accelerate", "torch", "PIL", "matplotlib", "fvcore", "urllib3",
                   "filelock", "iopath")
@@ -72,61 +75,11 @@ def _os_error_line(e: OSError) -> str:
     return f"{' -> '.join(names)}: {what}" if names else one_line(what)
 
 
-def parse_layers(text: str, what: str = "layers") -> list[int]:
-    """``"0,2,4"`` (or ``"[0, 2, 4]"``) -> ``[0, 2, 4]``; the one parser of block-index lists."""
-    try:
-        return [int(t) for t in str(text).replace(" ", "").strip("[]").split(",") if t != ""]
-    except ValueError:
-        raise ShrinkError(f"{what}: expected comma-separated integers, got {text!r}") from None
-
-
-MAX_THREADS = 4096
-THREADS_HELP = ("torch CPU threads of each process (intra-op: torch.set_num_threads); default: torch's own "
-                "choice (the machine's cores, or OMP_NUM_THREADS when set)")
-
-
-def parse_threads(text: str | int) -> int:
-    """``--threads``: an integer from 1 to MAX_THREADS (argparse type and YAML check alike)."""
-    try:
-        n = int(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got {text!r}") from None
-    if isinstance(text, bool) or not 1 <= n <= MAX_THREADS or str(n) != str(text).strip():
-        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got {text!r}")
-    return n
-
-
 def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None = None) -> None:
     """The one ``--threads`` flag of every command that runs a model: same meaning, default None (torch's
     choice) unless a measurement script fixes it (``default``, then named in the help)."""
     help_text = THREADS_HELP if default is None else THREADS_HELP.split("; default")[0] + f"; default {default}"
     parser.add_argument("--threads", type=parse_threads, default=default, metavar="N", help=help_text)
-
-
-def apply_threads(threads: int | None) -> None:
-    """Set torch's CPU threads for this process (``None``: leave torch's choice)."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
-        raise ShrinkError(f"--threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def parse_device(name: str, flag: str = "--device") -> torch.device:
-    """``cpu`` or ``cuda[:N]``, refused in one line when unknown or when CUDA is not there."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ShrinkError(f"unknown {flag} {name!r}; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ShrinkError(f"{flag} {name!r} is not supported; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ShrinkError(f"{flag} cuda asked for, but CUDA is not available on this machine; use {flag} cpu")
-    return device
 
 
 def cli_main(
@@ -204,11 +157,6 @@ def _terminate_as_exception() -> None:
         pass
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return one_line(text.splitlines()[0]) if text else type(e).__name__
-
-
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
               "connection refused")
 
@@ -217,7 +165,7 @@ def _peer_error(e: BaseException) -> str:
     """gloo's message without its source location and advice: ``Connection closed by peer [127.0.0.1]:57047``."""
     import re
 
-    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(e))
+    text = re.sub(r"^\[[^\]]*\]\s*", "", one_line(first_line(e)))
     return text.split(". ")[0].rstrip(".")
 
 

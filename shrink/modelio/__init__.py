@@ -1,4 +1,5 @@
-"""Models in and out: checkpoint reading (ours and foreign), create_model, save / load."""
+"""Models in and out: checkpoint reading (ours and foreign: ``checkpoint``), ``create_model`` (``create``),
+save / load of a model folder (``saved``) and its config.json schema (``schema``)."""
 from shrink.modelio.checkpoint import (
     checkpoint_filter,
     get_bottleneck_mlp,
@@ -6,23 +7,9 @@ from shrink.modelio.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from shrink.modelio.create import (
-    CONFIG_FILE,
-    FORMAT,
-    MAX_PARAMS,
-    MODEL_FILE,
-    build_from_config,
-    check_hub,
-    check_input_size,
-    create_model,
-    describe_architecture,
-    input_size,
-    load,
-    model_skeleton,
-    read_config,
-    save,
-    validate_config,
-)
+from shrink.modelio.create import check_hub, create_model, input_size, model_skeleton
+from shrink.modelio.saved import build_from_config, check_input_size, describe_architecture, load, save
+from shrink.modelio.schema import CONFIG_FILE, FORMAT, MAX_PARAMS, MODEL_FILE, read_config, validate_config
 
 __all__ = [
     "CONFIG_FILE",

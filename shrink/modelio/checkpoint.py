@@ -137,7 +137,7 @@ def checkpoint_filter(model: nn.Module) -> Callable[[dict[str, torch.Tensor], nn
     the identity for every other model (DeiT / ViT checkpoints load under their own names).
     """
     module_name = type(unwrap(model)).__module__
-    if module_name.startswith(f"{__package__}.models.") or module_name in _TIMM_FILTERED:
+    if module_name.startswith("shrink.models.") or module_name in _TIMM_FILTERED:
         fn = getattr(sys.modules.get(module_name), "checkpoint_filter_fn", None)
         if fn is not None:
             return fn

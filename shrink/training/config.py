@@ -1,23 +1,35 @@
-"""One dataclass for a run: defaults < YAML file (--config) < command-line flags, then validation.
+"""One dataclass for a run, its validation, and the merging of its levels of settings.
 
-Every field is a command-line flag (``remove_ratio`` -> ``--remove-ratio``) and a YAML key.
+Every field is a command-line flag (``remove_ratio`` -> ``--remove-ratio``) and a YAML key. This module
+works on values already in memory: the command line and the YAML files are read at the edge
+(:mod:`shrink.cli.run_flags`: ``build_parser``, ``load_yaml``, ``config_from_args``), which hands the
+levels, defaults < the run's saved config.yaml < the --config file < flags, to :func:`resolve_settings`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from shrink.blocks.dilution import SCHEDULES
-from shrink.cli.runner import MAX_THREADS, THREADS_HELP, OneLineArgumentParser, parse_layers
 from shrink.data.datasets import DATA_SETS
 from shrink.errors import ShrinkError
+from shrink.training.config_checks import (
+    MAX_SEED,
+    SCHEDS,
+    check_types,
+    check_values,
+    name_of,
+    tome_r_arg,
+    tome_schedule_for,
+    warn,
+)
+from shrink.values import THREADS_HELP, parse_layers
+
+__all__ = ["MAX_SEED", "SCHEDS", "RunConfig", "check_settings", "coerce", "resolve_settings", "tome_r_arg",
+           "tome_schedule_for"]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -130,342 +142,42 @@ class RunConfig:
         the model is built on the meta device (no memory, no download) to check layers and input size.
         ``explicit`` lists the settings the user gave (flags or YAML); ``None`` means "not known".
         """
-        _check_types(self, origin or {})
-        _check_values(self, origin or {}, explicit)
+        check_types(self, origin or {})
+        check_values(self, origin or {}, explicit)
         return self
+
+    def model_kwargs(self, num_classes: int | None = None) -> dict[str, Any]:
+        """The timm model kwargs these settings ask for: ``num_classes`` (``self.num_classes``, else the
+        data's ``num_classes``; left out when neither is known), ``drop_path_rate``, ``img_size``. The one
+        copy: the model a run builds and the skeleton its settings are checked on take the same kwargs."""
+        kwargs: dict[str, Any] = {}
+        classes = self.num_classes or num_classes
+        if classes is not None:
+            kwargs["num_classes"] = classes
+        if self.drop_path:
+            kwargs["drop_path_rate"] = self.drop_path
+        if self.input_size is not None:
+            kwargs["img_size"] = self.input_size
+        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
 # ----------------------------------------------------------------------------------------------
-# Validation
+# Settings from text: coercion, a level's keys and types, the levels merged
 # ----------------------------------------------------------------------------------------------
-
-# timm 1.0's create_scheduler_v2 names (it has no list function)
-SCHEDS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt")
-MAX_SEED = 2**32 - 1  # numpy's seed range (Accelerate's set_seed seeds numpy too)
-_BIG = 1 << 20  # no image side, class count or image count of a sane run is this large
-
-# name -> (low, high, low_inclusive, high_inclusive); None = unbounded
-_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "num_classes": (1, _BIG, True, True), "drop_path": (0, 1, True, False), "input_size": (1, 16384, True, True),
-    "num_workers": (0, 1024, True, True), "batch_size": (1, _BIG, True, True),
-    "remove_ratio": (0, 1, True, False), "calib_images": (1, 100 * _BIG, True, True),
-    "dilution_epochs": (0, None, True, True), "epochs": (1, _BIG, True, True), "lr": (0, None, False, True),
-    "blr": (0, None, False, True), "weight_decay": (0, None, True, True), "warmup_epochs": (0, _BIG, True, True),
-    "warmup_lr": (0, None, True, True), "min_lr": (0, None, True, True), "clip_grad": (0, None, False, True),
-    "grad_accum": (1, 4096, True, True), "smoothing": (0, 1, True, False), "mixup": (0, None, True, True),
-    "cutmix": (0, None, True, True), "color_jitter": (0, None, True, True), "reprob": (0, 1, True, True),
-    "model_ema_decay": (0, 1, False, False), "distill_alpha": (0, 1, True, True), "distill_tau": (0, None, False, True),
-    "seed": (0, MAX_SEED, True, True), "eval_every": (1, _BIG, True, True), "tome_r": (0, _BIG, True, True),
-    "tome_start_idx": (0, _BIG, True, True), "tome_inflection": (-1, 1, True, True),
-    "synthetic_images": (1, 100 * _BIG, True, True),
-    "threads": (1, MAX_THREADS, True, True),
-}
-
-
-def _name(key: str, origin: Mapping[str, str]) -> str:
-    src = origin.get(key, "flag")
-    return f"--{key.replace('_', '-')}" if src == "flag" else f"{src}: {key}"
-
-
-def _check_types(cfg: RunConfig, origin: Mapping[str, str]) -> None:
-    """Every field holds a value of its declared type (YAML can hold anything); ints widen to floats."""
-    for f in dataclasses.fields(cfg):
-        v, t = getattr(cfg, f.name), str(f.type)
-        optional = t.endswith("| None")
-        base = t.replace("| None", "").strip()
-        if v is None:
-            if optional:
-                continue
-            raise ShrinkError(f"{_name(f.name, origin)} needs a value, got none")
-        if base == "bool":
-            ok = isinstance(v, bool)
-        elif base == "int":
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif base == "float":
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if ok:
-                v = float(v)
-                if not math.isfinite(v):
-                    raise ShrinkError(f"{_name(f.name, origin)} must be a finite number, got {v}")
-                setattr(cfg, f.name, v)
-        elif base == "str":
-            ok = isinstance(v, str)
-            if ok and optional and not v.strip():
-                raise ShrinkError(f"{_name(f.name, origin)} is empty; leave it out or write none")
-        elif base == "list[int]":
-            if isinstance(v, int) and not isinstance(v, bool):  # YAML 'remove_layers: 3'
-                v = [v]
-                setattr(cfg, f.name, v)
-            ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-            if ok and not v:
-                raise ShrinkError(f"{_name(f.name, origin)} is empty; give at least one block index or leave it out")
-        else:  # a field type this check does not know: leave it to its own validation
-            continue
-        if not ok:
-            raise ShrinkError(f"{_name(f.name, origin)} must be {_KIND.get(base, base)}"
-                              f"{' or none' if optional else ''}, got {v!r} ({type(v).__name__})")
-
-
-_KIND = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-         "list[int]": "a list of integers (e.g. 0,1,3)"}
-
-
-def _check_range(cfg: RunConfig, key: str, origin: Mapping[str, str]) -> None:
-    v = getattr(cfg, key, None)
-    if v is None or key not in _RANGES:
-        return
-    lo, hi, lo_in, hi_in = _RANGES[key]
-    bad = (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi))
-    if bad:
-        if hi is None:
-            want = f"{'>=' if lo_in else '>'} {lo}"
-        elif lo_in and hi_in and isinstance(v, int):
-            want = f"an integer from {lo} to {hi}"
-        else:
-            want = f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-        raise ShrinkError(f"{_name(key, origin)} must be {want}, got {v!r}")
-
-
-def _choice(cfg: RunConfig, key: str, choices, origin: Mapping[str, str]) -> None:
-    v = getattr(cfg, key)
-    if v not in choices:
-        shown = ", ".join(choices) if len(choices) <= 12 else ", ".join(list(choices)[:12]) + ", ..."
-        raise ShrinkError(f"{_name(key, origin)}: unknown value {v!r}; choose one of {shown}")
-
-
-def _check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] | None) -> None:
-    from timm.optim import list_optimizers
-
-    from shrink.selection.layers import CRITERIA
-
-    n = lambda key: _name(key, origin)  # noqa: E731
-    for key in _RANGES:
-        _check_range(cfg, key, origin)
-    for f in dataclasses.fields(cfg):  # every field declared with choices (YAML skips argparse's check)
-        if "choices" in f.metadata:
-            _choice(cfg, f.name, f.metadata["choices"], origin)
-    _choice(cfg, "data_set", DATA_SETS, origin)
-    _choice(cfg, "lambda_schedule", SCHEDULES, origin)
-    _choice(cfg, "mixed_precision", ("no", "fp16", "bf16"), origin)
-    _choice(cfg, "tome_policy", ("none", "hidden"), origin)
-    _choice(cfg, "criterion", CRITERIA, origin)
-    _choice(cfg, "sched", SCHEDS, origin)
-    if cfg.opt.lower() not in list_optimizers() and cfg.opt.lower().split("_")[-1] not in list_optimizers():
-        raise ShrinkError(f"{n('opt')}: unknown optimizer {cfg.opt!r} (see timm.optim.list_optimizers())")
-    if cfg.log_with not in (None, "tensorboard", "wandb"):
-        raise ShrinkError(f"{n('log_with')} must be tensorboard or wandb, got {cfg.log_with!r}")
-    if not cfg.output_dir.strip():
-        raise ShrinkError(f"{n('output_dir')} must name a folder, got {cfg.output_dir!r}")
-    if "\x00" in cfg.output_dir or any(s is not None and "\x00" in s for s in (cfg.data_path, cfg.finetune,
-                                                                                cfg.checkpoint)):
-        raise ShrinkError("a path holds a NUL character")
-    if not cfg.model.strip():
-        raise ShrinkError(f"{n('model')} must name a model")
-    if cfg.aa is not None and cfg.aa.lower() != "none":
-        _check_aa(cfg.aa, n("aa"))
-
-    # --- combinations ---
-    if cfg.remove_layers is not None:
-        if len(set(cfg.remove_layers)) != len(cfg.remove_layers):
-            raise ShrinkError(f"{n('remove_layers')} has a repeated index: {cfg.remove_layers}")
-        if any(i < 0 for i in cfg.remove_layers):
-            raise ShrinkError(f"{n('remove_layers')} has a negative index: {cfg.remove_layers}")
-        if cfg.remove_ratio:
-            raise ShrinkError(f"give {n('remove_ratio')} or {n('remove_layers')}, not both")
-    if cfg.criterion == "manual" and cfg.remove_ratio:
-        raise ShrinkError(f"{n('criterion')} manual picks no layers; give the layers with --remove-layers")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise ShrinkError(f"{n('batch_size')} must be even with mixup/cutmix (timm's Mixup pairs images), "
-                          f"got {cfg.batch_size}")
-    if cfg.eval:
-        if not cfg.checkpoint:
-            raise ShrinkError("--eval needs --checkpoint DIR (a model written by shrink.save)")
-        if cfg.resume:
-            raise ShrinkError("--eval and --resume do not go together (--eval only evaluates --checkpoint)")
-    else:
-        if cfg.checkpoint:
-            raise ShrinkError(f"{n('checkpoint')} is the model for --eval; to start training from weights use "
-                              f"--finetune")
-    if cfg.tome_train and cfg.tome_r == 0:
-        raise ShrinkError(f"{n('tome_train')} merges tokens while training: give {n('tome_r')} > 0 (tokens merged "
-                          f"per block)")
-    if cfg.tome_r == 0:
-        for key in ("tome_start_idx", "tome_inflection", "tome_policy"):
-            if getattr(cfg, key) != getattr(RunConfig, key):
-                _warn(f"{n(key)} is ignored: {n('tome_r')} is 0 (no token merging)")
-
-    # --- files ---
-    if cfg.finetune is not None:
-        _check_model_path(cfg.finetune, n("finetune"), dir_ok=True)
-    if cfg.checkpoint is not None:
-        _check_model_path(cfg.checkpoint, n("checkpoint"), dir_ok=True, file_ok=False)
-    _check_data(cfg, n, explicit)
-    if cfg.log_with is not None:
-        import importlib.util
-
-        needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[cfg.log_with]
-        if not any(importlib.util.find_spec(m) for m in needs):
-            raise ShrinkError(f"--log-with {cfg.log_with} needs the {needs[0]} package: pip install {needs[0]}")
-
-    # --- the model, on the meta device: name, arguments, input size, layers (no memory, no download) ---
-    if not cfg.eval:
-        _check_model(cfg, n, explicit)
-    else:
-        from shrink.modelio.create import model_skeleton
-
-        saved = model_skeleton(None, checkpoint=cfg.checkpoint)  # config.json checked before any work
-        size = getattr(getattr(saved, "patch_embed", None), "img_size", None)
-        if cfg.input_size is not None and size is not None and tuple(size) != (cfg.input_size, cfg.input_size):
-            raise ShrinkError(f"{n('input_size')} {cfg.input_size}: {cfg.checkpoint} was saved for input size "
-                              f"{size[0]}; leave --input-size out")
-        if cfg.tome_r > 0:  # the merging the evaluation will apply, tried on the skeleton
-            _check_tome(saved, [], cfg, n)
-
-
-def _check_aa(aa: str, name: str) -> None:
-    from timm.data.transforms_factory import transforms_imagenet_train
-
-    try:
-        transforms_imagenet_train(32, auto_augment=aa)
-    except Exception as e:  # noqa: BLE001 - timm raises AssertionError / ValueError / KeyError on bad policies
-        raise ShrinkError(f"{name}: not a RandAugment/AutoAugment policy timm knows: {aa!r} ({e})") from None
-
-
-def _check_model_path(path: str, name: str, *, dir_ok: bool, file_ok: bool = True) -> None:
-    p = Path(path)
-    if not path.strip() or not p.exists():
-        raise ShrinkError(f"{name}: checkpoint not found: {path!r}")
-    if p.is_dir():
-        if not dir_ok:
-            raise ShrinkError(f"{name}: {path} is a folder, expected a weights file")
-        if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
-            raise ShrinkError(f"{name}: {path} is not a model saved by shrink.save (config.json and "
-                              f"model.safetensors expected)")
-    elif not file_ok:
-        raise ShrinkError(f"{name} must be a model folder written by shrink.save, got the file {path}")
-    elif not p.is_file():
-        raise ShrinkError(f"{name}: {path} is not a regular file")
-
-
-def _check_data(cfg: RunConfig, n, explicit: set[str] | None) -> None:
-    from shrink.data.datasets import check_data_path
-
-    if cfg.data_set in ("digits", "synthetic") and cfg.data_path is not None:
-        raise ShrinkError(f"{n('data_path')} is not used by --data-set {cfg.data_set}; leave it out, or give "
-                          f"--data-set folder / cifar10 / cifar100")
-    check_data_path(cfg.data_set, cfg.data_path, flag=n("data_path"))
-
-
-def _check_model(cfg: RunConfig, n, explicit: set[str] | None) -> None:
-    """Build the model's skeleton on the meta device: unknown names, bad arguments, input sizes the patch
-    size does not divide, removals on models without attention and out-of-range layers all fail here."""
-    from shrink.blocks.dilution import has_attention_layers, validate_layers
-    from shrink.modelio.create import model_skeleton
-
-    kwargs: dict[str, Any] = {}
-    if cfg.num_classes is not None:
-        kwargs["num_classes"] = cfg.num_classes
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    if cfg.input_size is not None:
-        kwargs["img_size"] = cfg.input_size
-    is_dir = cfg.finetune is not None and Path(cfg.finetune).is_dir()
-    chosen = "model" in explicit if explicit is not None else cfg.model != RunConfig.model
-    name = cfg.model if (not is_dir or chosen) else None
-    model = model_skeleton(name, checkpoint=cfg.finetune if is_dir else None, **kwargs)
-    if is_dir and name is None:  # the saved architecture is the model: recorded in config.yaml as such
-        cfg.model = model.shrink_arch["name"]
-    if cfg.remove_layers is not None or cfg.remove_ratio > 0:
-        if not has_attention_layers(model):
-            raise ShrinkError(f"{cfg.model} is not a ViT: it has no attention layers to remove; use --remove-ratio 0")
-        if cfg.remove_layers is not None:
-            try:
-                validate_layers(model, cfg.remove_layers)
-            except ShrinkError as e:
-                raise ShrinkError(f"{n('remove_layers')}: {e}") from None
-    if cfg.tome_r > 0:  # the deployable model's merging: the removed layers' attention is gone there
-        removed = cfg.remove_layers
-        if removed is None:  # --remove-ratio: which layers is not known yet, how many is (the count is what matters)
-            from shrink.blocks.contract import attention_block_indices, get_blocks
-            from shrink.selection.layers import ratio_to_k
-
-            attn = attention_block_indices(model) if cfg.remove_ratio > 0 else []
-            k = min(len(attn), ratio_to_k(cfg.remove_ratio, len(get_blocks(model)))) if attn else 0
-            removed = attn[len(attn) - k:]
-        _check_tome(model, removed, cfg, n)
-    if cfg.pretrained and cfg.finetune is None and not cfg.resume:  # after the cheap checks: can the weights be had?
-        from shrink.modelio.create import check_hub
-
-        check_hub(cfg.model, model)
-
-
-def tome_r_arg(cfg: RunConfig) -> int | tuple[int, float]:
-    """The ``r`` argument of :func:`shrink.merging.patch.apply_tome` for these settings: ``tome_r``, or the
-    ``(tome_r, tome_inflection)`` ramp when the inflection is not 0."""
-    return (cfg.tome_r, float(cfg.tome_inflection)) if cfg.tome_inflection else cfg.tome_r
-
-
-def tome_schedule_for(cfg: RunConfig, model, removed) -> list[int]:
-    """r of every block of the *deployable* model, the blocks in ``removed`` attention-free there.
-
-    ``main_lambda.py --eval --checkpoint RUN/best`` with the same settings applies exactly this
-    schedule to the exported model; a training run applies it, as a per-block list, to the diluted
-    model as well, so a run merges the same tokens at every lambda (a removed block merges only with
-    policy 'hidden'). Raises ShrinkError (one line) when the settings do not fit the model.
-    """
-    from shrink.blocks.contract import classify_block, get_blocks
-    from shrink.merging.merge import tome_schedule
-
-    removed = set(removed or ())
-    kinds = []
-    for i, b in enumerate(get_blocks(model)):
-        kind = classify_block(b)
-        free = i in removed or kind == "attention-free" or (kind == "diluted" and not b.attn_active)
-        kinds.append("free" if free else "attn")
-    return tome_schedule(kinds, tome_r_arg(cfg), cfg.tome_start_idx, cfg.tome_policy)
-
-
-def _check_tome(model, removed, cfg: RunConfig, n) -> None:
-    """The merging settings fit the (meta-device) model: start index, ramp, family, pooling."""
-    from shrink.merging.patch import apply_tome, remove_tome
-
-    where = f"{n('tome_r')} {cfg.tome_r}" + (f" (on the deployable model, {len(removed)} attention layer(s) "
-                                             f"removed)" if removed else "")
-    try:
-        schedule = tome_schedule_for(cfg, model, removed)
-        apply_tome(model, schedule, policy=cfg.tome_policy)  # class swaps only: family and pooling checks
-        remove_tome(model)
-    except ShrinkError as e:
-        raise ShrinkError(f"{where}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Parsing
-# ----------------------------------------------------------------------------------------------
-
-def _warn(line: str) -> None:
-    """A warning about the settings, once per launch (the first process; every process parses them)."""
-    import logging
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        logging.getLogger(__name__).warning(line)
-
 
 def _int_list(text: str) -> list[int]:
     try:
         return parse_layers(str(text), "value")
     except ShrinkError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _optional(cast):
     def parse(text: str):
         if not str(text).strip():  # an unset shell variable ('--data-path $IMAGENET') is a mistake, not "none"
-            raise argparse.ArgumentTypeError("empty value (leave the flag out, or write none)")
+            raise ValueError("empty value (leave the flag out, or write none)")
         return None if str(text).lower() in ("none", "null") else cast(text)
     parse.__name__ = getattr(cast, "__name__", "value")
     return parse
@@ -475,9 +187,9 @@ def _float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        raise ValueError(f"invalid number {text!r}") from None
     if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be finite")
+        raise ValueError(f"invalid number {text!r}: must be finite")
     return v
 
 
@@ -485,112 +197,62 @@ def _int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        raise ValueError(f"invalid integer {text!r}") from None
 
 
-_TYPES = {"str": str, "int": _int, "float": _float, "str | None": _optional(str), "int | None": _optional(_int),
-          "float | None": _optional(_float), "list[int] | None": _optional(_int_list)}
+# a field's declared type -> its string-to-value coercion (raises ValueError with a one-line message);
+# bool fields have none: a flag is --x / --no-x, a YAML value true / false
+_COERCE = {"str": str, "int": _int, "float": _float, "str | None": _optional(str), "int | None": _optional(_int),
+           "float | None": _optional(_float), "list[int] | None": _optional(_int_list)}
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per RunConfig field (defaults are applied later)."""
-    parser = OneLineArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help="YAML file of settings (keys = flag names with underscores); flags override it")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    defaults = RunConfig()
-    for f in dataclasses.fields(RunConfig):
-        g = f.metadata.get("group", "other")
-        if g not in groups:
-            groups[g] = parser.add_argument_group(g)
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f.metadata["help"] + f" (default: {default})"
-        if f.type == "bool":
-            groups[g].add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-            groups[g].add_argument(flag, type=_TYPES.get(f.type, str), help=help_text,
-                                   metavar=f.name.upper(), **kw)
-    return parser
+def coerce(field_type: str):
+    """The string-to-value function of a RunConfig field type (``str`` for types without one)."""
+    return _COERCE.get(str(field_type), str)
 
 
-_MAX_YAML = 1 << 20  # a settings file is a few hundred bytes; refuse to parse megabytes
+def check_settings(data: Any, where: str) -> dict[str, Any]:
+    """One level of settings (a YAML file's mapping): keys known to RunConfig, strings coerced like flags.
 
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The settings of a YAML file, keys checked against RunConfig; strings coerced like flags."""
-    p = Path(path)
-    if not str(path).strip() or not p.exists():
-        raise ShrinkError(f"config file not found: {str(path)!r}")
-    if not p.is_file():
-        raise ShrinkError(f"config file {p} is not a regular file")
-    if p.stat().st_size > _MAX_YAML:
-        raise ShrinkError(f"config file {p} is larger than {_MAX_YAML} bytes; not a settings file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ShrinkError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise ShrinkError(f"cannot parse {p}: not a UTF-8 text file") from None
-    except OSError as e:
-        raise ShrinkError(f"cannot read {p}: {e.strerror or e}") from None
-    except RecursionError:
-        raise ShrinkError(f"cannot parse {p}: nested too deeply") from None
+    ``where`` names the level in the one-line errors (the file's path). Keys may use dashes.
+    """
     if not isinstance(data, dict):
-        raise ShrinkError(f"{p} must hold a mapping of settings (key: value lines)")
+        raise ShrinkError(f"{where} must hold a mapping of settings (key: value lines)")
     bad_keys = [k for k in data if not isinstance(k, str)]
     if bad_keys:
-        raise ShrinkError(f"{p}: setting names must be strings, got {bad_keys[0]!r}")
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ShrinkError(f"{p}: unknown setting(s) {', '.join(unknown)}")
+        raise ShrinkError(f"{where}: setting names must be strings, got {bad_keys[0]!r}")
     types = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ShrinkError(f"{where}: unknown setting(s) {', '.join(unknown)}")
     for k, v in data.items():  # YAML reads 1e-5 as a string: coerce strings like the command line does
-        if isinstance(v, str) and types[k] not in ("str", "str | None") and types[k] in _TYPES:
+        if isinstance(v, str) and types[k] not in ("str", "str | None") and types[k] in _COERCE:
             try:
-                data[k] = _TYPES[types[k]](v)
-            except (ValueError, argparse.ArgumentTypeError):
-                raise ShrinkError(f"{p}: {k}: cannot read {v!r} as {types[k]}") from None
+                data[k] = _COERCE[types[k]](v)
+            except ValueError:
+                raise ShrinkError(f"{where}: {k}: cannot read {v!r} as {types[k]}") from None
         elif isinstance(v, str) and types[k] == "bool":
-            raise ShrinkError(f"{p}: {k}: expected true or false, got {v!r}")
+            raise ShrinkError(f"{where}: {k}: expected true or false, got {v!r}")
     return data
 
 
-def _same_level_removal(values: dict[str, Any], where: str) -> None:
+def _same_level_removal(values: Mapping[str, Any], where: str) -> None:
     ratio, layers = values.get("remove_ratio"), values.get("remove_layers")
     if layers is not None and ratio not in (None, 0, 0.0):
         raise ShrinkError(f"{where}: give remove_ratio or remove_layers, not both")
 
 
-def config_from_args(argv: list[str] | None = None, description: str | None = None) -> RunConfig:
-    """Parse ``argv``: defaults < the run's saved config.yaml (with --resume) < the --config YAML < flags.
+def resolve_settings(levels: Iterable[tuple[str, Mapping[str, Any]]]) -> RunConfig:
+    """The validated RunConfig of ``levels``, lowest first, over the defaults: ``(where, settings)`` pairs,
+    ``where`` the file a level came from, or ``"flag"`` for the command line.
 
     Every value, wherever it came from, passes the same checks (:meth:`RunConfig.validate`). A
-    ``--data-path`` without a data set given anywhere means ``--data-set folder`` (as in timm's
-    train.py). Of --remove-ratio and --remove-layers the later level wins; both at one level is an error.
+    ``data_path`` without a data set given anywhere means ``data_set: folder`` (as in timm's train.py).
+    Of remove_ratio and remove_layers the later level wins; both at one level is an error.
     """
-    parser = build_parser(description)
-    ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    levels: list[tuple[str, dict[str, Any]]] = []
-    if ns.get("resume"):  # continue with the settings the run was started with
-        out = ns.get("output_dir", RunConfig.output_dir)
-        saved = Path(out) / "config.yaml" if str(out).strip() else None
-        if saved is not None and saved.is_file():
-            old = load_yaml(saved)
-            old.pop("resume", None)
-            old.pop("output_dir", None)
-            levels.append((str(saved), old))
-    if "config" in ns:
-        path = ns.pop("config")
-        levels.append((str(path), load_yaml(path)))
-    levels.append(("flag", ns))
     for where, level in levels:
         _same_level_removal(level, "command line" if where == "flag" else where)
         if "remove_layers" in level and level["remove_layers"] is not None:
@@ -605,10 +267,26 @@ def config_from_args(argv: list[str] | None = None, description: str | None = No
     if values.get("finetune") is not None and values.get("pretrained", True) and not values.get("resume"):
         values["pretrained"] = False  # --finetune gives the weights: config.yaml records what really happened
         if "pretrained" in explicit:
-            _warn(f"{_name('pretrained', origin)} is ignored: --finetune {values['finetune']} gives the starting "
+            warn(f"{name_of('pretrained', origin)} is ignored: --finetune {values['finetune']} gives the starting "
                   f"weights (recorded as pretrained: false)")
     try:
         cfg = RunConfig(**values)
     except TypeError as e:
         raise ShrinkError(str(e)) from None
     return cfg.validate(origin, explicit)
+
+
+# The file and flag readers moved to shrink.cli.run_flags (this module reads no files and parses no flags);
+# their old names answer here for one release (docs/architecture.md: old paths), with a PendingDeprecationWarning.
+_MOVED = ("build_parser", "load_yaml", "config_from_args")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"shrink.training.config.{name} moved to shrink.cli.run_flags.{name}",
+                      PendingDeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("shrink.cli.run_flags"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from shrink.errors import ShrinkError
+from shrink.errors import ShrinkError, first_line
 from shrink.io import _umask, atomic_write_text
 
 _logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def inspect_output_dir(output_dir: str, resume: bool) -> RunDir:
         try:
             saved = yaml.safe_load((out / CONFIG).read_text())
         except (OSError, yaml.YAMLError) as e:
-            raise ShrinkError(f"cannot read {out / CONFIG}: {str(e).splitlines()[0]}") from None
+            raise ShrinkError(f"cannot read {out / CONFIG}: {first_line(e)}") from None
         if not isinstance(saved, dict):
             raise ShrinkError(f"{out / CONFIG} is not a mapping of settings")
     return RunDir(path=out, existed=out.is_dir(), started=started, saved_config=saved)
