@@ -56,13 +56,15 @@ def _tome_rows(summary: dict, pct) -> list[tuple[str, object]]:
                                              f"{pct(summary.get('best_acc_without_tome'))}")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from shrink.training.config import config_from_args
+def main(argv: list[str] | None = None, *, trainer=None) -> int:
+    """The command line; ``trainer``: a subclass of :class:`shrink.training.trainer.Trainer` to run instead
+    (its seams: see that class)."""
+    from shrink.cli.run_flags import config_from_args
     from shrink.training.trainer import run
 
     def body(argv):
         cfg = config_from_args(argv, description=__doc__)
-        summary = run(cfg)
+        summary = run(cfg, trainer=trainer)
         from accelerate import PartialState
 
         if PartialState().is_main_process:

@@ -25,14 +25,16 @@ def main() -> int:
     import torch
 
     import main_lambda
-    import shrink.training.trainer as train
+    from shrink.training.trainer import Trainer
 
     report = {"model_checks": 0, "input_checks": 0, "loss_checks": 0, "teacher_checks": 0, "ema_checks": 0,
               "augment_seed": None, "lambdas": []}
-    original = train.train_one_epoch
 
-    def checked_epoch(parts, loader, accelerator, **kw):
-        def check_parts():
+    class Checked(Trainer):
+        """The Trainer's seams: the loss, each epoch, each step of the lambda schedule."""
+
+        def check_parts(self):
+            parts = self.parts
             check_on_device("model", parts.raw)
             report["model_checks"] += 1
             if parts.ema is not None:
@@ -41,46 +43,44 @@ def main() -> int:
             if parts.teacher is not None:
                 check_on_device("teacher", parts.teacher)
 
-        def on_input(module, args):
-            check_on_device("model input", args)
-            report["input_checks"] += 1
+        def build_loss(self, mixup_active):
+            loss_fn = super().build_loss(mixup_active)
 
-        def on_teacher_input(module, args):
-            check_on_device("teacher input", args)
-            report["teacher_checks"] += 1
+            def checked_loss(logits, targets):
+                check_on_device("loss inputs", (logits, targets))
+                report["loss_checks"] += 1
+                return loss_fn(logits, targets)
+            return checked_loss
 
-        loss_fn = parts.loss_fn
+        def train_epoch(self, epoch):
+            def on_input(module, args):
+                check_on_device("model input", args)
+                report["input_checks"] += 1
 
-        def checked_loss(logits, targets):
-            check_on_device("loss inputs", (logits, targets))
-            report["loss_checks"] += 1
-            return loss_fn(logits, targets)
+            def on_teacher_input(module, args):
+                check_on_device("teacher input", args)
+                report["teacher_checks"] += 1
 
-        if report["augment_seed"] is None:
-            report["augment_seed"] = torch.initial_seed()
-        before = kw.get("before_step")
+            if report["augment_seed"] is None:
+                report["augment_seed"] = torch.initial_seed()
+            self.check_parts()
+            hooks = [self.parts.raw.register_forward_pre_hook(on_input)]
+            if self.parts.teacher is not None:
+                hooks.append(self.parts.teacher.register_forward_pre_hook(on_teacher_input))
+            try:
+                return super().train_epoch(epoch)
+            finally:
+                for h in hooks:
+                    h.remove()
 
-        def before_step(update):
-            lam = before(update)
+        def dilution_step(self, epoch, update):
+            lam = super().dilution_step(epoch, update)
             report["lambdas"].append(lam)
-            check_parts()  # after a switch too (the model is exported in place: the same module)
+            self.check_parts()  # after a switch too (the model is exported in place: the same module)
             return lam
 
-        check_parts()
-        parts.loss_fn = checked_loss
-        hooks = [parts.raw.register_forward_pre_hook(on_input)]
-        if parts.teacher is not None:
-            hooks.append(parts.teacher.register_forward_pre_hook(on_teacher_input))
-        try:
-            return original(parts, loader, accelerator, **{**kw, "before_step": before_step if before else None})
-        finally:
-            parts.loss_fn = loss_fn
-            for h in hooks:
-                h.remove()
-
-    train.train_one_epoch = checked_epoch
     with FakeDevice():
-        code = main_lambda.main(argv)
+        code = main_lambda.main(argv, trainer=Checked)
     rank = int(os.environ.get("RANK", "0"))
     Path(f"{prefix}.{rank}.json").write_text(json.dumps(report))
     return code

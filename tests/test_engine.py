@@ -57,7 +57,7 @@ def test_train_one_epoch_lowers_the_loss_and_reports_the_mean():
     assert first.lam is None and first.lr == pytest.approx(0.5)
 
 
-def test_before_step_runs_once_per_update_and_its_lambda_is_reported():
+def test_lambda_at_runs_once_per_update_and_its_lambda_is_reported():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model = nn.Linear(6, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -65,11 +65,11 @@ def test_before_step_runs_once_per_update_and_its_lambda_is_reported():
     parts = TrainParts(model=model, raw=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss())
     calls = []
 
-    def before_step(update: int) -> float:
+    def lambda_at(update: int) -> float:
         calls.append(update)
         return 1.0 - update / 4
 
-    stats = train_one_epoch(parts, loader, accelerator, epoch=0, before_step=before_step, progress=False)
+    stats = train_one_epoch(parts, loader, accelerator, epoch=0, lambda_at=lambda_at, progress=False)
     assert calls == [0, 1, 2, 3] and stats.lam == pytest.approx(0.25)
 
 

@@ -11,7 +11,7 @@ from .conftest import ROOT
 def test_deit_base_configs_use_a_constant_drop_path():
     from timm.layers import DropPath
 
-    from shrink.training.config import load_yaml
+    from shrink.cli.run_flags import load_yaml
     from shrink.training.parts import build_model
 
     for name in ("deit_base_40", "deit_base_50"):

@@ -21,10 +21,11 @@ import main_lambda
 import shrink
 from shrink.blocks.contract import get_blocks
 from shrink.blocks.dilution import deploy_mode, dilute, set_lambda
+from shrink.cli.run_flags import config_from_args
 from shrink.errors import ShrinkError
 from shrink.merging.patch import apply_tome, is_tome, tome_info, tome_token_counts
 from shrink.training import trainer as train_mod
-from shrink.training.config import RunConfig, config_from_args, tome_r_arg, tome_schedule_for
+from shrink.training.config import RunConfig, tome_r_arg, tome_schedule_for
 from shrink.unwrap import unwrap
 
 from .conftest import metrics, run, tiny_vit
@@ -168,7 +169,6 @@ def tome_run(tmp_path_factory):
     """The uninterrupted run, with the tokens after each block in every forward of training and evaluation."""
     out = tmp_path_factory.mktemp("tome") / "run"
     seen: list[tuple[str, list[int]]] = []
-    real_train, real_eval = train_mod.train_one_epoch, train_mod.evaluate
 
     def watch(model, what: str):
         blocks = get_blocks(unwrap(model))
@@ -185,38 +185,30 @@ def tome_run(tmp_path_factory):
         for h in hooks:
             h.remove()
 
-    def train_one_epoch(parts, *a, **kw):
-        # before_step swaps the blocks of the diluted model for exported ones at the switch: hook both phases
-        hooks = watch(parts.raw, "train")
-        real_before = kw.get("before_step")
+    class Watched(train_mod.Trainer):
+        hooks: list = []
 
-        def before_step(update, **k):
-            lam = real_before(update, **k)
-            unhook(hooks)
-            hooks[:] = watch(parts.raw, "train")
-            return lam
+        def train_epoch(self, epoch):
+            self.hooks = watch(self.parts.raw, "train")
+            try:
+                return super().train_epoch(epoch)
+            finally:
+                unhook(self.hooks)
 
-        if real_before is not None:
-            kw["before_step"] = before_step
-        try:
-            return real_train(parts, *a, **kw)
-        finally:
-            unhook(hooks)
+        def switch_to_attention_free(self, epoch):
+            # the blocks of the diluted model are replaced by exported ones: hook both phases
+            super().switch_to_attention_free(epoch)
+            unhook(self.hooks)
+            self.hooks = watch(self.parts.raw, "train")
 
-    def evaluate(model, *a, desc="eval", **kw):
-        hooks = watch(model, desc.split(" ")[0])
-        try:
-            return real_eval(model, *a, desc=desc, **kw)
-        finally:
-            unhook(hooks)
+        def evaluate(self, model, desc):
+            hooks = watch(model, desc.split(" ")[0])
+            try:
+                return super().evaluate(model, desc)
+            finally:
+                unhook(hooks)
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train_mod, "train_one_epoch", train_one_epoch)
-    mp.setattr(train_mod, "evaluate", evaluate)
-    try:
-        summary = train_mod.run(config_from_args([*RUN, "--output-dir", str(out)]))
-    finally:
-        mp.undo()
+    summary = train_mod.run(config_from_args([*RUN, "--output-dir", str(out)]), trainer=Watched)
     return out, summary, seen
 
 

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 import main_lambda
 import shrink
 from shrink.blocks.dilution import DilutedBlock
+from shrink.training import state
 from shrink.training import trainer as train_mod
 from shrink.training.config import RunConfig
+from shrink.training.loop import prepare_on_device
 
 from .conftest import accelerate, image_folder, metrics, run
 
@@ -72,45 +74,43 @@ def test_ddp_two_processes_matches_single_process_outputs(tmp_path):
     assert not list(ddp.glob(".*.tmp")) and not list(ddp.glob(".*.old"))
 
 
-def test_best_is_the_best_deployable_model(tmp_path, monkeypatch):
+def test_best_is_the_best_deployable_model(tmp_path):
     """Accuracy at the current lambda peaks early, deploy accuracy late: the late epoch is best."""
     current = iter([90.0, 80.0, 70.0, 60.0, 50.0])  # dense, then epochs 0..3
     deploy = iter([10.0, 20.0, 30.0, 60.0, 40.0])   # start, then epochs 0..3
 
-    def fake_evaluate(model, loader, accelerator, **kw):
-        """Deploy mode is lambda = 0 in every diluted block (an attention-free model has none)."""
-        diluted = [b for b in model.modules() if isinstance(b, DilutedBlock)]
-        acc = next(deploy if diluted and not any(b.attn_active for b in diluted) else current, None)
-        return real_evaluate(model, loader, accelerator, **kw) if acc is None else acc  # the final check of best/
+    class Scripted(train_mod.Trainer):
+        def evaluate(self, model, desc):
+            """Deploy mode is lambda = 0 in every diluted block (an attention-free model has none)."""
+            diluted = [b for b in model.modules() if isinstance(b, DilutedBlock)]
+            acc = next(deploy if diluted and not any(b.attn_active for b in diluted) else current, None)
+            return super().evaluate(model, desc) if acc is None else acc  # the final check of best/
 
-    real_evaluate = train_mod.evaluate
-
-    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
     cfg = RunConfig(remove_layers=[0, 5], epochs=4, dilution_epochs=3, output_dir=str(tmp_path / "o"),
                     progress=False).validate()
-    s = train_mod.run(cfg)
+    s = train_mod.run(cfg, trainer=Scripted)
     assert s["best_epoch"] == 2 and s["deploy_acc_best"] == 60.0
     extra = json.loads((tmp_path / "o" / "best" / "config.json").read_text())["extra"]
     assert extra["epoch"] == 2 and extra["acc_deploy"] == 60.0
     assert shrink.attention_free_indices(shrink.load(tmp_path / "o" / "best")) == [0, 5]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = train_mod.build_loss
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     calls = {"n": 0}
 
-    def nan_after_first_epoch(cfg, mixup_active):
-        base = real(cfg, mixup_active)
+    class NanAfterFirstEpoch(train_mod.Trainer):
+        def build_loss(self, mixup_active):
+            base = super().build_loss(mixup_active)
 
-        def loss(logits, target):
-            calls["n"] += 1
-            value = base(logits, target)
-            return value * float("nan") if calls["n"] > 22 else value
-        return loss
+            def loss(logits, target):
+                calls["n"] += 1
+                value = base(logits, target)
+                return value * float("nan") if calls["n"] > 22 else value
+            return loss
 
-    monkeypatch.setattr(train_mod, "build_loss", nan_after_first_epoch)
     out = tmp_path / "o"
-    code = main_lambda.main(["--remove-layers", "0", "--epochs", "3", "--output-dir", str(out), "--no-progress"])
+    code = main_lambda.main(["--remove-layers", "0", "--epochs", "3", "--output-dir", str(out), "--no-progress"],
+                            trainer=NanAfterFirstEpoch)
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("WARNING ")]
     assert code == 2 and len(err) == 1 and "loss is nan" in err[0]  # (warm-up as long as the run: a warning)
     assert (out / "best" / "model.safetensors").is_file()
@@ -182,10 +182,10 @@ def _prepared_tiny(compile: bool, seed: int):
     from .conftest import tiny_vit
 
     accelerator = Accelerator(cpu=True)
-    train_mod._save_bare_model_state(accelerator)
+    state.keep_bare_model_keys(accelerator)
     raw = tiny_vit(seed=seed).train()
     optimizer = torch.optim.AdamW(raw.parameters(), lr=1e-3)
-    model, optimizer, _ = train_mod._prepare(accelerator, RunConfig(compile=compile), raw, optimizer)
+    model, optimizer, _ = prepare_on_device(accelerator, raw, optimizer, compile=compile)
     return accelerator, raw, model
 
 
@@ -197,14 +197,14 @@ def test_state_resumes_across_a_change_of_compile(tmp_path, saved_compiled):
 
     accelerator, raw, model = _prepared_tiny(saved_compiled, seed=0)
     assert hasattr(model, "_orig_mod") == saved_compiled  # the training model really is compiled
-    train_mod._save_state(accelerator, tmp_path, train_mod.TrainerState(), None)
+    state.save_state(accelerator, tmp_path, state.TrainerState(), None)
     with safe_open(str(tmp_path / "state" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert keys == set(raw.state_dict()), sorted(keys)[:3]
 
     accelerator, other, _ = _prepared_tiny(not saved_compiled, seed=1)
     assert not torch.equal(other.pos_embed, raw.pos_embed)
-    train_mod._restore(accelerator, tmp_path / "state", train_mod.TrainerState(), None)
+    state.restore_state(accelerator, tmp_path / "state", state.TrainerState(), None)
     for k, v in raw.state_dict().items():
         assert torch.equal(other.state_dict()[k], v), k
 
@@ -218,7 +218,7 @@ def test_state_tensors_load_onto_the_accelerator_device_and_lose_wrapper_prefixe
     save_file({"_orig_mod.module.w": torch.ones(2), "b": torch.zeros(1)}, str(path))
     with pytest.raises(Exception, match="cpu:0"):
         load_file(str(path), device="cpu:0")
-    got = train_mod.load_state_tensors(path, torch.device("cpu:0"))
+    got = state.load_state_tensors(path, torch.device("cpu:0"))
     assert set(got) == {"w", "b"} and got["w"].device.type == "cpu" and torch.equal(got["w"], torch.ones(2))
 
 
@@ -270,20 +270,25 @@ def test_a_run_prints_each_epoch_and_warns_about_warmup_and_calibration(tmp_path
     assert all("train_acc" in r for r in metrics(tmp_path / "o"))
 
 
-def test_run_applies_threads_first(tmp_path, monkeypatch):
+def test_run_applies_threads_first(tmp_path):
     """--threads reaches torch before anything is built, for training and for --eval (issue 20 item 14)."""
     seen = []
 
     class Stop(Exception):
         pass
 
-    def apply(n):
-        seen.append(n)
-        raise Stop
+    class FirstThing(train_mod.Trainer):
+        def __init__(self, cfg):  # the first thing of a training run: torch has the threads already
+            seen.append(torch.get_num_threads())
+            raise Stop
 
-    monkeypatch.setattr(train_mod, "apply_threads", apply)
-    with pytest.raises(Stop):
-        train_mod.run(RunConfig(threads=1, output_dir=str(tmp_path / "o"), progress=False).validate())
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(Stop):
+            train_mod.run(RunConfig(threads=1, output_dir=str(tmp_path / "o"), progress=False).validate(),
+                          trainer=FirstThing)
+    finally:
+        torch.set_num_threads(before)
     assert seen == [1] and not (tmp_path / "o").exists()
 
 
@@ -307,10 +312,10 @@ def test_a_state_saved_with_compiles_wrapper_keys_still_resumes(tmp_path):
     from safetensors.torch import save_file
 
     accelerator, raw, _ = _prepared_tiny(False, seed=0)
-    train_mod._save_state(accelerator, tmp_path, train_mod.TrainerState(), None)
+    state.save_state(accelerator, tmp_path, state.TrainerState(), None)
     path = tmp_path / "state" / "model.safetensors"
     save_file({f"_orig_mod.{k}": v.contiguous() for k, v in load_file(str(path)).items()}, str(path))
     accelerator, other, _ = _prepared_tiny(True, seed=1)
-    train_mod._restore(accelerator, tmp_path / "state", train_mod.TrainerState(), None)
+    state.restore_state(accelerator, tmp_path / "state", state.TrainerState(), None)
     for k, v in raw.state_dict().items():
         assert torch.equal(other.state_dict()[k], v), k

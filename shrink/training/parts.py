@@ -15,8 +15,8 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shrink.blocks.contract import set_drop_path
 from shrink.blocks.dilution import get_blocks, has_attention_layers, validate_layers
+from shrink.blocks.parts import set_drop_path
 from shrink.data.datasets import WorkerSeeder, build_dataset, calibration_subset, with_transform
 from shrink.errors import ShrinkError
 from shrink.modelio.create import create_model
@@ -26,19 +26,6 @@ from shrink.training.config import RunConfig
 _logger = logging.getLogger(__name__)
 
 IN_MEMORY = ("digits", "synthetic")
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _model_kwargs(cfg: RunConfig, num_classes: int) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"num_classes": cfg.num_classes or num_classes}
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    if cfg.input_size is not None:
-        kwargs["img_size"] = cfg.input_size
-    return kwargs
 
 
 def set_constant_drop_path(model: nn.Module, rate: float) -> None:
@@ -51,7 +38,7 @@ def build_model(cfg: RunConfig, num_classes: int, download: bool = True) -> nn.M
     """The starting model: timm name + pretrained weights, or a local checkpoint (file or saved directory).
 
     ``download=False`` skips the pretrained weights (a resumed run loads its own state over them)."""
-    kwargs = _model_kwargs(cfg, num_classes)
+    kwargs = cfg.model_kwargs(num_classes)
     try:
         model = create_model(cfg.model, pretrained=cfg.pretrained and download and not cfg.finetune,
                              checkpoint=cfg.finetune,

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from shrink.blocks.attention_free import export
-from shrink.blocks.contract import export_slices
 from shrink.blocks.dilution import get_blocks
+from shrink.blocks.parts import export_slices
 from shrink.errors import ShrinkError
 from shrink.modelio.create import FORMAT, build_from_config, describe_architecture
 from shrink.unwrap import unwrap

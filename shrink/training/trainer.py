@@ -1,69 +1,74 @@
 """The whole run: model -> select layers -> dilute -> train with a lambda schedule -> export -> save.
 
-Read :func:`run` top to bottom. Everything that can fail on bad input is checked before any
+Read :meth:`Trainer.fit` top to bottom. Everything that can fail on bad input is checked before any
 weights are read; the output folder is created (with its ``config.yaml``) only once the model and
 the data are known to be good. Everything that lives on a device reaches it through one function,
-:func:`_prepare`: at the start, and again when lambda reaches 0 for good and the model is exported
-in place (the attention parameters leave the model and the optimizer, the last phase trains the
-deployable network itself, and DDP never sees unused parameters). That switch happens at the
-first optimizer update whose lambda is 0, at an epoch start or within an epoch.
+:func:`prepare_on_device`: at the start, and again when lambda reaches 0 for good and the model is
+exported in place (the attention parameters leave the model and the optimizer, the last phase trains
+the deployable network itself, and DDP never sees unused parameters). That switch happens at the
+first optimizer update whose lambda is 0, at an epoch start or within an epoch, in the Trainer's own
+loop (:meth:`Trainer.dilution_step`).
 
 "best" is the best *deployable* model: the diluted blocks evaluated at lambda = 0, saved as an
 attention-free model. A run resumes (``--resume``) from the state saved after its last completed
-epoch, or after its set-up; see :func:`_restore`.
+epoch, or after its set-up (:mod:`shrink.training.state`, :meth:`Trainer.restore`).
 
-Token merging (``--tome-r``): the deployable model's merging schedule (:func:`shrink.training.config.tome_schedule_for`)
-is fixed once. With ``--tome-train`` it is applied to the training model (after dilution) and to the
-EMA, so every forward merges, and again after the switch to the attention-free model; best/ and
-last/ are saved without the ToMe classes, the settings recorded in their config.json. Without
-``--tome-train`` the run trains as usual and evaluates a merging copy of the deployable model too.
+Token merging (``--tome-r``): the deployable model's merging schedule is fixed once
+(:func:`shrink.training.evaluation.tome_setup`). With ``--tome-train`` it is applied to the training
+model (after dilution) and to the EMA, so every forward merges, and again after the switch to the
+attention-free model; best/ and last/ are saved without the ToMe classes, the settings recorded in
+their config.json. Without ``--tome-train`` the run trains as usual and evaluates a merging copy of
+the deployable model too.
+
+Long because the Trainer is one class whose steps read in order (set-up, prepare, restore, the epoch
+loop with its dilution step and the switch, evaluation, saving); the pieces that stand alone live in
+:mod:`~shrink.training.state`, :mod:`~shrink.training.evaluation`, :mod:`~shrink.training.loop`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, set_seed
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shrink.blocks.attention_free import attention_free_indices, export
 from shrink.blocks.dilution import deploy_mode, dilute, lambda_at, set_lambda
-from shrink.cli.runner import apply_threads
-from shrink.data.datasets import build_dataset, count_classes
+from shrink.data.datasets import count_classes
 from shrink.errors import ShrinkError
-from shrink.io import (
-    atomic_append_line,
-    atomic_write,
-    atomic_write_json,
-    atomic_write_text,
-    clean_leftovers,
-    replace_dir,
+from shrink.introspect import num_params
+from shrink.io import atomic_append_line, atomic_write_json, atomic_write_text, clean_leftovers
+from shrink.merging.patch import apply_tome
+from shrink.modelio.create import save
+from shrink.training import parts as recipe
+from shrink.training.config import RunConfig
+from shrink.training.evaluation import (
+    deployable,
+    evaluate_checkpoint,
+    measure_best,
+    merge_as_trained,
+    run_summary,
+    tome_extra,
+    tome_setup,
 )
-from shrink.merging.patch import apply_tome, is_tome, remove_tome, tome_token_counts
-from shrink.modelio.create import load, read_config, save
-from shrink.training.config import RunConfig, tome_r_arg, tome_schedule_for
-from shrink.training.loop import TrainingDiverged, TrainParts, evaluate, train_one_epoch
-from shrink.training.parts import (
-    build_datasets,
-    build_loss,
-    build_mixup,
-    build_model,
-    build_optimizer,
-    count_params,
-    make_loader,
-    resolve_layers,
+from shrink.training.loop import (
+    EpochMeter,
+    EpochStats,
+    TrainingDiverged,
+    TrainParts,
+    evaluate,
+    make_accelerator,
+    prepare_on_device,
+    train_step,
 )
+from shrink.training.report import epoch_line, say, surprising_settings, weights_record
 from shrink.training.run_folder import (
     check_resume_settings,
     check_shared_output_dir,
@@ -71,566 +76,386 @@ from shrink.training.run_folder import (
     inspect_output_dir,
     remove_run_dir,
 )
-from shrink.training.sharding import export_for_training, mark_shard_units, whole_model
+from shrink.training.sharding import export_for_training, whole_model
+from shrink.training.state import (
+    TrainerState,
+    keep_bare_model_keys,
+    read_trainer_state,
+    restore_state,
+    save_state,
+    truncate_metrics,
+)
 from shrink.unwrap import unwrap
+from shrink.values import apply_threads
 
 _logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainerState:
-    """What --resume needs beyond Accelerate's state (JSON, never pickled)."""
+def run(cfg: RunConfig, trainer: type[Trainer] | None = None) -> dict[str, Any]:
+    """Train (or, with ``cfg.eval``, evaluate) and return the summary dict.
 
-    epoch: int = -1  # last completed epoch (-1: the set-up is done, no epoch yet)
-    best_acc: float = -1.0
-    best_epoch: int = -1
-    best_source: str = "model"
-    dense_acc: float | None = None
-    deploy_acc_start: float | None = None
-    layers: list[int] = field(default_factory=list)
-    selection: dict[str, Any] = field(default_factory=dict)
-    params_dense: int = 0
-    attention_free: bool = False  # the model was exported (lambda = 0 for good) when the state was saved
-    num_processes: int = 1
-    weights: dict[str, Any] = field(default_factory=dict)  # where the starting weights came from (_weights_record)
-    warnings: list[str] = field(default_factory=list)  # the run's warnings, one line each, for summary.json
-
-
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Train (or, with ``cfg.eval``, evaluate) and return the summary dict."""
+    ``trainer``: a subclass of :class:`Trainer` to run instead (its seams, for tests and extensions)."""
     apply_threads(cfg.threads)
     if cfg.eval:
         return evaluate_checkpoint(cfg)
-    rd = inspect_output_dir(cfg.output_dir, cfg.resume)
-    changes = check_resume_settings(rd.saved_config, cfg.to_dict()) if cfg.resume else []
-    out = rd.path
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-        log_with=cfg.log_with, project_dir=str(out),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-        cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    _save_bare_model_state(accelerator)
-    if cfg.model_ema and accelerator.distributed_type == DistributedType.FSDP:
-        raise ShrinkError("--model-ema is not supported with FSDP (the EMA would be a copy of a sharded model); "
-                          "leave it out")
-    set_seed(cfg.seed)  # the same on every process: model init, selection, data order
-    if cfg.resume and main:
-        for what in clean_leftovers(out) + clean_leftovers(out / "state"):
-            _logger.info("%s: %s", out, what)
-    accelerator.wait_for_everyone()
-    state_dir = out / "state"
-    resumed = (state_dir / "trainer_state.json").is_file()
-    ts = _read_trainer_state(state_dir, accelerator) if resumed else TrainerState(num_processes=accelerator.num_processes)
-
-    # --- the model and the data (RunConfig.validate already checked the architecture on the meta device)
-    num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
-    model = build_model(cfg, num_classes, download=not resumed or cfg.distill)  # resume: the state has the weights
-    if not resumed:
-        ts.weights = _weights_record(cfg, model, num_classes, ts, main)
-    train_ds, calib_ds, val_ds = build_datasets(cfg, model)
-    if len(train_ds) < cfg.batch_size * accelerator.num_processes:
-        raise ShrinkError(f"the train split ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size} "
-                          f"per process ({accelerator.num_processes} process(es))")
-    if main and not rd.started:
-        create_run_dir(rd, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    try:
-        check_shared_output_dir(out, accelerator)  # several machines: every process must see the same folder
-        return _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, train_ds, calib_ds, val_ds)
-    except BaseException as e:
-        # a new run that completed no epoch owns nothing worth keeping: leave the folder as it was found
-        discard = main and not rd.started and ts.epoch < 0
-        if discard:
-            remove_run_dir(rd)
-        if isinstance(e, TrainingDiverged):
-            kept = "nothing was kept" if discard else f"the state after epoch {ts.epoch} is kept in {state_dir}"
-            raise TrainingDiverged(f"{e}; stopping ({kept})", e.epoch, e.step) from None
-        raise
+    return (trainer or Trainer)(cfg).fit()
 
 
-def _train(cfg, accelerator, out, ts, resumed, changes, model, num_classes, train_ds, calib_ds, val_ds) -> dict[str, Any]:
-    main = accelerator.is_main_process
-    if not resumed:
-        ts.params_dense = count_params(model)
-        info = resolve_layers(cfg, model, calib_ds, accelerator)
+class Trainer:
+    """One training run of a :class:`RunConfig`: ``Trainer(cfg).fit()`` returns the summary dict.
+
+    Seams (override in a subclass, hand it to :func:`run` or ``main_lambda.main(argv, trainer=...)``):
+
+    * :meth:`build_loss` ``(mixup_active)``: the loss function of a training step (like Hugging Face
+      Trainer's ``compute_loss``).
+    * :meth:`evaluate` ``(model, desc)``: top-1 (%) on the val split; every evaluation of the run goes
+      through it (``desc``: "dense", "deploy@start", "eval N", "deploy N", "deploy+tome N", "ema N",
+      "best", "best+tome"); the caller has set lambda or deploy mode.
+    * :meth:`train_epoch` ``(epoch)``: one epoch; :meth:`training_step` ``(images, targets, epoch, step)``:
+      one micro-batch; :meth:`dilution_step` ``(epoch, update)``: the lambda schedule before each
+      optimizer update, which calls :meth:`switch_to_attention_free` ``(epoch)`` when lambda reaches 0.
+    * :meth:`save_state` / :meth:`restore`: the resumable state, saved and restored in one place each
+      (the functions under them, for a state without a Trainer: :mod:`shrink.training.state`).
+
+    After :meth:`prepare`: ``accelerator``, ``parts`` (:class:`TrainParts`: the prepared model, the bare
+    model ``raw``, optimizer, loss, EMA, teacher), ``scheduler``, ``train_loader``, ``val_loader``,
+    ``state`` (:class:`TrainerState`), ``out`` (the run's folder), ``tome`` (the merging settings or None).
+    """
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.state = TrainerState()
+
+    def fit(self) -> dict[str, Any]:
+        """The run, top to bottom."""
+        self.setup()                               # Accelerator, output folder, model, data; not on a device yet
+        with self.discard_on_failure():            # a new run that completes no epoch leaves no folder behind
+            self.prepare()                         # layers chosen and diluted, optimizer; onto the device
+            if self.resumed:
+                self.restore()                     # model, optimizer, RNG, EMA, best: from out/state
+            self.report_settings()                 # settings that run but surprise: a warning line each
+            if not self.resumed:
+                self.evaluate_start()              # the dense and the deployable accuracy before training
+                self.save_state()                  # the set-up is done: a kill from now on resumes here
+            self.open_metrics()
+            t_run = time.perf_counter()
+            for epoch in range(self.state.epoch + 1, self.cfg.epochs):
+                t_epoch = time.perf_counter()
+                self.scheduler.step(epoch)         # the lr schedule (per epoch)
+                stats = self.train_epoch(epoch)    # the dilution (lambda) schedule steps, the switch in it
+                row = self.epoch_row(epoch, stats)
+                if self.is_eval_epoch(epoch):
+                    candidates = self.evaluate_epoch(epoch, row)  # the deployable (lambda = 0) model, EMA's
+                    self.save_best(epoch, candidates)              # best/ when it beats the best so far
+                self.save_last(epoch, row, stats)  # last/ and a line of metrics.jsonl
+                self.state.epoch = epoch
+                self.save_state()                  # what --resume continues from
+                self.report_epoch(row, time.perf_counter() - t_epoch)
+            return self.finish(time.perf_counter() - t_run)
+
+    # --- Set-up: nothing here touches a device
+
+    def setup(self) -> None:
+        """The Accelerator, the output folder, the trainer state of a resume, the model and the data."""
+        cfg = self.cfg
+        self.run_dir = inspect_output_dir(cfg.output_dir, cfg.resume)
+        self.changes = check_resume_settings(self.run_dir.saved_config, cfg.to_dict()) if cfg.resume else []
+        self.out = self.run_dir.path
+        self.accelerator = make_accelerator(cfg, self.out)
+        self.main = self.accelerator.is_main_process
+        keep_bare_model_keys(self.accelerator)
+        if cfg.model_ema and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ShrinkError("--model-ema is not supported with FSDP (the EMA would be a copy of a sharded model); "
+                              "leave it out")
+        set_seed(cfg.seed)  # the same on every process: model init, selection, data order
+        if cfg.resume and self.main:
+            for what in clean_leftovers(self.out) + clean_leftovers(self.out / "state"):
+                _logger.info("%s: %s", self.out, what)
+        self.accelerator.wait_for_everyone()
+        self.resumed = (self.out / "state" / "trainer_state.json").is_file()
+        self.state = read_trainer_state(self.out / "state", self.accelerator) if self.resumed else \
+            TrainerState(num_processes=self.accelerator.num_processes)
+        self.build_model_and_data()
+        if self.main and not self.run_dir.started:
+            create_run_dir(self.run_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def build_model_and_data(self) -> None:
+        """The model and the data sets (RunConfig.validate already checked the architecture on the meta device)."""
+        cfg, n = self.cfg, self.accelerator.num_processes
+        self.num_classes = count_classes(cfg.data_set, cfg.data_path, default=cfg.num_classes or 10)
+        # resume: the state has the weights
+        self.model = recipe.build_model(cfg, self.num_classes, download=not self.resumed or cfg.distill)
+        if not self.resumed:
+            self.state.weights, warning = weights_record(cfg, self.model, self.num_classes)
+            if warning:
+                self.warn(warning)
+        self.train_ds, self.calib_ds, self.val_ds = recipe.build_datasets(cfg, self.model)
+        if len(self.train_ds) < cfg.batch_size * n:
+            raise ShrinkError(f"the train split ({len(self.train_ds)} images) is smaller than one batch of "
+                              f"{cfg.batch_size} per process ({n} process(es))")
+
+    @contextlib.contextmanager
+    def discard_on_failure(self):
+        """A new run that completed no epoch owns nothing worth keeping: on any failure the folder is left
+        as it was found. A diverged loss says what was kept."""
+        try:
+            yield
+        except BaseException as e:
+            discard = self.main and not self.run_dir.started and self.state.epoch < 0
+            if discard:
+                remove_run_dir(self.run_dir)
+            if isinstance(e, TrainingDiverged):
+                kept = "nothing was kept" if discard else \
+                    f"the state after epoch {self.state.epoch} is kept in {self.out / 'state'}"
+                raise TrainingDiverged(f"{e}; stopping ({kept})", e.epoch, e.step) from None
+            raise
+
+    # --- Prepare: the layers, the optimizer, and everything onto the device
+
+    def prepare(self) -> None:
+        """Layers chosen (or taken from the state) and diluted, ToMe, optimizer and loss, then everything
+        onto the device through :func:`prepare_on_device`; the EMA copies the prepared model."""
+        cfg, ts, acc = self.cfg, self.state, self.accelerator
+        check_shared_output_dir(self.out, acc)  # several machines: every process must see the same folder
+        model, self.model = self.model, None  # from here on: self.parts.raw
+        if not self.resumed:
+            self.select_layers(model)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill else None  # the dense model
+        if ts.layers:
+            dilute(model, ts.layers)
+        if ts.attention_free:
+            export(model, inplace=True)
+        self.tome = tome_setup(cfg, model, ts.layers)  # with --tome-train the model merges from here on
+        self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * acc.num_processes * cfg.grad_accum / 512
+        optimizer, self.scheduler = recipe.build_optimizer(cfg, model, self.lr)
+        mixup_fn = recipe.build_mixup(cfg, self.num_classes)
+        self.parts = p = TrainParts(
+            model=model, raw=model, optimizer=optimizer, loss_fn=self.build_loss(mixup_fn is not None),
+            mixup_fn=mixup_fn, clip_grad=cfg.clip_grad, distill_alpha=cfg.distill_alpha, distill_tau=cfg.distill_tau)
+        p.model, p.optimizer, (self.train_loader, self.val_loader) = prepare_on_device(
+            acc, model, optimizer, recipe.make_loader(self.train_ds, cfg, train=True),
+            recipe.make_loader(self.val_ds, cfg, train=False), compile=cfg.compile)
+        p.raw = unwrap(acc.unwrap_model(p.model))  # the module that was prepared (sharded under FSDP)
+        if cfg.model_ema:
+            from timm.utils import ModelEmaV3
+
+            p.ema = ModelEmaV3(p.raw, decay=cfg.model_ema_decay)  # a copy of the model already on the device
+            merge_as_trained(cfg, self.tome, p.ema.module)
+        if teacher is not None:
+            p.teacher = teacher.to(acc.device)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)  # updates per epoch, per process
+
+    def select_layers(self, model: nn.Module) -> None:
+        """Which blocks lose their attention (--remove-layers, or selected on the calibration images)."""
+        ts, cfg = self.state, self.cfg
+        ts.params_dense = num_params(model)
+        info = recipe.resolve_layers(cfg, model, self.calib_ds, self.accelerator)
         ts.layers, ts.selection = info["layers"], info
         used = info.get("calib_images")
         if isinstance(used, int) and used < cfg.calib_images:
-            _warn(ts, main, f"--calib-images {cfg.calib_images}: the train split has {len(calib_ds)} images, so the "
-                            f"layer selection used {used} (summary.json: calib_images_used)")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill else None  # the dense model
-    if ts.layers:
-        dilute(model, ts.layers)
-    if ts.attention_free:
-        export(model, inplace=True)
-    tome = _tome_setup(cfg, model, ts.layers)  # None without --tome-r; with --tome-train the model merges from here on
+            self.warn(f"--calib-images {cfg.calib_images}: the train split has {len(self.calib_ds)} images, so the "
+                      f"layer selection used {used} (summary.json: calib_images_used)")
 
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
-    lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 512
-    optimizer, scheduler = build_optimizer(cfg, model, lr)
-    mixup_fn = build_mixup(cfg, num_classes)
-    parts = TrainParts(model=model, raw=model, optimizer=optimizer, loss_fn=build_loss(cfg, mixup_fn is not None),
-                       mixup_fn=mixup_fn, clip_grad=cfg.clip_grad,
-                       distill_alpha=cfg.distill_alpha, distill_tau=cfg.distill_tau)
-    parts.model, parts.optimizer, (train_loader, val_loader) = _prepare(
-        accelerator, cfg, model, optimizer, make_loader(train_ds, cfg, train=True), make_loader(val_ds, cfg, train=False))
-    parts.raw = unwrap(accelerator.unwrap_model(parts.model))  # the module that was prepared (sharded under FSDP)
-    if cfg.model_ema:
-        from timm.utils import ModelEmaV3
+    def build_loss(self, mixup_active: bool):
+        """Seam: the loss function ``loss_fn(logits, targets)`` of a training step (without distillation)."""
+        return recipe.build_loss(self.cfg, mixup_active)
 
-        parts.ema = ModelEmaV3(parts.raw, decay=cfg.model_ema_decay)  # a copy of the model already on the device
-        _merge_as_trained(cfg, tome, parts.ema.module)
-    if teacher is not None:
-        parts.teacher = teacher.to(accelerator.device)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)  # optimizer updates per epoch, per process
+    # --- State: saved and restored in one place each (shrink.training.state)
 
-    if resumed:
-        _restore(accelerator, out / "state", ts, parts.ema)
-        if main:
-            say(f"resumed after epoch {ts.epoch} of {cfg.epochs}" if ts.epoch >= 0 else
-                f"resumed after the set-up (layer selection and the first evaluations), before epoch 0 of {cfg.epochs}")
-    # settings that run but surprise (after the state loaded, so a resume that cannot load says only that)
-    if ts.layers and not ts.attention_free and cfg.dilution_epochs >= cfg.epochs:
-        _warn(ts, main, f"--dilution-epochs {cfg.dilution_epochs:g} >= --epochs {cfg.epochs}: lambda never reaches 0 in "
-                        f"this run, so the attention-free model is never trained (best/ is the diluted model "
-                        f"evaluated at lambda = 0)")
-    if cfg.warmup_epochs >= cfg.epochs:
-        _warn(ts, main, f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the run ends inside the "
-                        f"warm-up, so the learning rate never reaches {lr:.3g} (metrics.jsonl: lr)")
-    if main and tome is not None:
-        how = "in every forward of the run" if cfg.tome_train else \
-            "in an extra evaluation of the deployable model (acc_deploy_tome)"
-        say(f"token merging {how}: r per block {tome['r_per_block']}, tokens after each block "
-            f"{tome['tokens_per_block']}")
-    if main and changes:  # the state loaded: record the allowed changes (more epochs, ...) of this resume
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _logger.info("resuming with changed settings: %s", ", ".join(changes))
-    if not resumed:
-        ts.dense_acc = _eval(parts.raw, val_loader, accelerator, cfg, "dense", deploy=False)
-        if ts.layers:
-            ts.deploy_acc_start = _eval(parts.raw, val_loader, accelerator, cfg, "deploy@start", deploy=True)
-        set_seed(cfg.seed, device_specific=True)  # from here on each process draws its own augmentations
-        _save_state(accelerator, out, ts, parts.ema)  # the set-up is done: a kill from now on resumes here
-    if main:
-        _truncate_metrics(out / "metrics.jsonl", ts.epoch + 1)
-    if cfg.log_with:
-        accelerator.init_trackers("logs", config={k: v for k, v in cfg.to_dict().items()
-                                                  if isinstance(v, (int, float, str, bool))})
-    accelerator.wait_for_everyone()
+    def save_state(self) -> None:
+        """Seam: Accelerate's state, the EMA and :class:`TrainerState` into out/state, swapped in atomically."""
+        save_state(self.accelerator, self.out, self.state, self.parts.ema)
 
-    def switch_to_attention_free(epoch: int) -> None:
-        """lambda is 0 from now on: the attention leaves the model (and the EMA), training goes on."""
-        nonlocal scheduler
+    def restore(self) -> None:
+        """Seam: --resume, in one place. The model was built in the phase the state was saved in (its
+        ``trainer_state.json``, read by :meth:`setup`); here the model, optimizer, grad scaler, RNG of every
+        process, the EMA and a best/ newer than the state come back, and the allowed changed settings
+        of this resume are recorded in config.yaml."""
+        restore_state(self.accelerator, self.out / "state", self.state, self.parts.ema)
+        if self.main:
+            say(f"resumed after epoch {self.state.epoch} of {self.cfg.epochs}" if self.state.epoch >= 0 else
+                f"resumed after the set-up (layer selection and the first evaluations), before epoch 0 of "
+                f"{self.cfg.epochs}")
+        if self.main and self.changes:
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            _logger.info("resuming with changed settings: %s", ", ".join(self.changes))
 
-        def prepare(model: nn.Module):
-            nonlocal scheduler
-            _merge_as_trained(cfg, tome, model)  # the exported blocks are new objects: merge as before the switch
-            optimizer, scheduler = build_optimizer(cfg, model, lr)
-            scheduler.step(epoch)
-            prepared, optimizer, _ = _prepare(accelerator, cfg, model, optimizer)
-            return prepared, optimizer
-
-        parts.model, parts.raw, parts.optimizer = export_for_training(parts.raw, parts.optimizer, prepare)
-        if parts.ema is not None:
-            export(parts.ema.module, inplace=True)
-            _merge_as_trained(cfg, tome, parts.ema.module)
-        ts.attention_free = True
-        _logger.info("lambda reached 0 at epoch %d: attention removed from blocks %s", epoch,
-                     attention_free_indices(parts.raw))
-
-    t_run = time.perf_counter()
-    for epoch in range(ts.epoch + 1, cfg.epochs):
-        t_epoch = time.perf_counter()
-        scheduler.step(epoch)
-
-        def before_step(update: int, epoch: int = epoch) -> float | None:
-            if not ts.layers:
-                return None
-            lam = lambda_at(cfg.lambda_schedule, epoch, update, steps_per_epoch, cfg.dilution_epochs)
-            if lam == 0.0 and not ts.attention_free:
-                switch_to_attention_free(epoch)
-            if not ts.attention_free:
-                set_lambda(parts.raw, lam)
-            return 0.0 if ts.attention_free else lam
-
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(parts, train_loader, accelerator, epoch=epoch, before_step=before_step,
-                                progress=cfg.progress)
-        row: dict[str, Any] = {"epoch": epoch, "lambda": stats.lam, "lr": stats.lr, "train_loss": stats.loss,
-                               "train_acc": stats.acc}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            _evaluate_epoch(cfg, accelerator, parts, val_loader, ts, epoch, row, out, tome)
-        row["seconds"] = round(stats.seconds, 3)
-        whole = whole_model(parts.raw)  # under FSDP a collective: every process takes part
-        if main:
-            save(deployable(whole), out / "last", extra={"epoch": epoch, "removed_layers": ts.layers,
-                                                         "weights": ts.weights, **_tome_extra(tome)})
-            atomic_append_line(out / "metrics.jsonl", json.dumps(row))
+    def open_metrics(self) -> None:
+        """metrics.jsonl without the epochs this run does again; the trackers of --log-with."""
+        cfg = self.cfg
+        if self.main:
+            truncate_metrics(self.out / "metrics.jsonl", self.state.epoch + 1)
         if cfg.log_with:
-            accelerator.log({k: v for k, v in row.items() if v is not None}, step=epoch)
-        ts.epoch = epoch
-        _save_state(accelerator, out, ts, parts.ema)
-        if main:
-            phase = "attention-free" if ts.attention_free else "diluted" if ts.layers else "dense"
-            phase += " + ToMe" if cfg.tome_train else ""
-            say(epoch_line(row, cfg.epochs, phase, time.perf_counter() - t_epoch))
+            self.accelerator.init_trackers("logs", config={k: v for k, v in cfg.to_dict().items()
+                                                           if isinstance(v, (int, float, str, bool))})
+        self.accelerator.wait_for_everyone()
 
-    summary = _finish(accelerator, cfg, ts, out, val_loader, time.perf_counter() - t_run, tome)
-    if cfg.log_with:
-        accelerator.end_training()
-    return summary
+    # --- Training: the Trainer owns the step, and with it the lambda schedule and the switch
 
+    def train_epoch(self, epoch: int) -> EpochStats:
+        """Seam: one epoch. Before each optimizer update the lambda schedule steps (:meth:`dilution_step`),
+        which is where the model may change (the switch); every micro-batch is :meth:`training_step`."""
+        acc = self.accelerator
+        self.train_loader.set_epoch(epoch)
+        meter = EpochMeter(self.train_loader, acc, f"epoch {epoch}", self.cfg.progress)
+        self.parts.model.train()
+        for step, (images, targets) in meter:
+            if step % acc.gradient_accumulation_steps == 0:  # the first micro-batch of an optimizer update
+                meter.lam = self.dilution_step(epoch, step // acc.gradient_accumulation_steps)
+            meter.add(*self.training_step(images, targets, epoch, step))
+        return meter.result(self.parts.optimizer)
 
-def say(line: str) -> None:
-    """One line of a run's report on stdout (around the progress bars, which are on stderr)."""
-    from tqdm.auto import tqdm
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, epoch: int, step: int):
+        """Seam: one micro-batch (:func:`shrink.training.loop.train_step`): (loss, images, correct)."""
+        return train_step(self.parts, images, targets, self.accelerator, epoch=epoch, step=step)
 
-    tqdm.write(line, file=sys.stdout)
-    sys.stdout.flush()
+    def dilution_step(self, epoch: int, update: int) -> float | None:
+        """Seam: the lambda schedule before optimizer update ``update`` of ``epoch``. At the first update
+        whose lambda is 0 the model switches to attention-free (:meth:`switch_to_attention_free`);
+        before it, lambda is set in the diluted blocks. Returns the lambda in force (None: no dilution)."""
+        ts, cfg = self.state, self.cfg
+        if not ts.layers:
+            return None
+        lam = lambda_at(cfg.lambda_schedule, epoch, update, self.steps_per_epoch, cfg.dilution_epochs)
+        if lam == 0.0 and not ts.attention_free:
+            self.switch_to_attention_free(epoch)
+        if not ts.attention_free:
+            set_lambda(self.parts.raw, lam)
+        return 0.0 if ts.attention_free else lam
 
+    def switch_to_attention_free(self, epoch: int) -> None:
+        """Seam: lambda is 0 from now on. The attention leaves the model (and the EMA); a new optimizer over
+        the remaining parameters (their state carried over) and the model are prepared again."""
+        p = self.parts
+        p.model, p.raw, p.optimizer = export_for_training(p.raw, p.optimizer,
+                                                          lambda model: self._prepare_exported(model, epoch))
+        if p.ema is not None:
+            export(p.ema.module, inplace=True)
+            merge_as_trained(self.cfg, self.tome, p.ema.module)
+        self.state.attention_free = True
+        _logger.info("lambda reached 0 at epoch %d: attention removed from blocks %s", epoch,
+                     attention_free_indices(p.raw))
 
-def epoch_line(row: dict[str, Any], epochs: int, phase: str, seconds: float) -> str:
-    """The one line printed after each epoch: epoch, phase, lambda, loss, top-1 on the training batches /
-    at the current lambda / deployable (lambda = 0; and the EMA's), lr, wall seconds of the epoch."""
-    def pct(key: str) -> str:
-        v = row.get(key)
-        return "-" if v is None else f"{v:.2f}"
+    def _prepare_exported(self, model: nn.Module, epoch: int):
+        merge_as_trained(self.cfg, self.tome, model)  # the exported blocks are new objects: merge as before
+        optimizer, self.scheduler = recipe.build_optimizer(self.cfg, model, self.lr)
+        self.scheduler.step(epoch)
+        prepared, optimizer, _ = prepare_on_device(self.accelerator, model, optimizer, compile=self.cfg.compile)
+        return prepared, optimizer
 
-    lam = row.get("lambda")
-    ema = f" ema {pct('ema_acc_deploy')}" if "ema_acc_deploy" in row else ""
-    tome = f" (with ToMe {pct('acc_deploy_tome')})" if "acc_deploy_tome" in row else ""
-    return (f"epoch {row['epoch']}/{epochs} {phase}: lambda {'-' if lam is None else f'{lam:.3f}'}, "
-            f"loss {row['train_loss']:.4f}, top-1 train {pct('train_acc')} eval {pct('acc')} "
-            f"deployable {pct('acc_deploy')}{tome}{ema}, lr {row['lr']:.3g}, {seconds:.1f} s")
+    # --- Evaluation, best/ and last/
 
+    def evaluate(self, model: nn.Module, desc: str) -> float:
+        """Seam: top-1 (%) of ``model`` on the val split, as it is (lambda / deploy mode set by the caller)."""
+        return evaluate(model, self.val_loader, self.accelerator, desc=desc, progress=self.cfg.progress)
 
-def _warn(ts: TrainerState, main: bool, line: str) -> None:
-    """A surprise worth a line: printed once (main process), kept in the run's warnings (summary.json)."""
-    if line in ts.warnings:
-        return
-    ts.warnings.append(line)
-    if main:
-        _logger.warning(line)
-
-
-def _weights_record(cfg: RunConfig, model: nn.Module, num_classes: int, ts: TrainerState, main: bool) -> dict:
-    """Where the starting weights came from (summary.json, best/ and last/ config.json): ``pretrained``
-    (timm's weights), ``finetune`` (--finetune PATH) or ``random``; and whether the classifier head was
-    re-initialised because the class count differs (a warning too)."""
-    if cfg.finetune is not None:
-        rec = {"pretrained": False, "source": "finetune", "path": str(cfg.finetune)}
-        reinit = list(getattr(model, "shrink_head_reinitialised", []))
-        had = "the --finetune checkpoint's"
-    elif cfg.pretrained:
-        pc = getattr(model, "pretrained_cfg", None) or {}
-        where = pc.get("hf_hub_id") or pc.get("url") or pc.get("file")
-        rec = {"pretrained": True, "source": "pretrained", "path": str(where) if where else None}
-        n = pc.get("num_classes")
-        reinit = ["head"] if isinstance(n, int) and n > 0 and n != num_classes else []
-        had = f"the pretrained {n}-class"
-    else:
-        rec, reinit, had = {"pretrained": False, "source": "random", "path": None}, [], ""
-    rec["head_reinitialised"] = bool(reinit)
-    if reinit:
-        _warn(ts, main, f"{had} classifier head does not fit the {num_classes} classes of the data: it starts "
-                        f"re-initialised ({', '.join(reinit)})")
-    return rec
-
-
-def _prepare(accelerator: Accelerator, cfg: RunConfig, raw: nn.Module, optimizer, *loaders):
-    """The one path by which the training objects reach the device: at the start (with the loaders)
-    and at the switch to the attention-free model (model and optimizer only; the loaders stay)."""
-    accelerator.free_memory()  # forget the objects of the previous phase (their DDP wrapper, optimizer)
-    mark_shard_units(raw, getattr(accelerator.state, "fsdp_plugin", None))  # FSDP: each block its own unit
-    model = torch.compile(raw) if cfg.compile else raw
-    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
-    return model, optimizer, loaders
-
-
-def _eval(model, loader, accelerator, cfg, desc, *, deploy: bool) -> float:
-    if deploy:
+    def evaluate_deployable(self, model: nn.Module, desc: str) -> float:
+        """Top-1 (%) at lambda = 0 in every diluted block: what the exported model computes."""
         with deploy_mode(model):
-            return evaluate(model, loader, accelerator, desc=desc, progress=cfg.progress)
-    return evaluate(model, loader, accelerator, desc=desc, progress=cfg.progress)
+            return self.evaluate(model, desc)
 
+    def evaluate_start(self) -> None:
+        """The dense and the deployable accuracy before training; then each process draws its own augmentations."""
+        ts, raw = self.state, self.parts.raw
+        ts.dense_acc = self.evaluate(raw, "dense")
+        if ts.layers:
+            ts.deploy_acc_start = self.evaluate_deployable(raw, "deploy@start")
+        set_seed(self.cfg.seed, device_specific=True)
 
-def _evaluate_epoch(cfg, accelerator, parts: TrainParts, val_loader, ts: TrainerState, epoch: int,
-                    row: dict[str, Any], out: Path, tome: dict[str, Any] | None = None) -> None:
-    """Accuracy at the current lambda and deployable (lambda = 0); keep the best deployable model.
+    def is_eval_epoch(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.eval_every == 0 or epoch == self.cfg.epochs - 1
 
-    With --tome-train the model (and the EMA) merge, so every accuracy is with merging; with --tome-r
-    alone ``acc_deploy_tome`` is the deployable model's accuracy with merging (a merging copy of it)."""
-    raw = parts.raw
-    row["acc"] = _eval(raw, val_loader, accelerator, cfg, f"eval {epoch}", deploy=False)
-    diluted = ts.layers and not ts.attention_free
-    row["acc_deploy"] = _eval(raw, val_loader, accelerator, cfg, f"deploy {epoch}", deploy=True) if diluted \
-        else row["acc"]
-    if tome is not None and not cfg.tome_train:
-        merging = deployable(whole_model(raw)).to(accelerator.device)  # under FSDP a collective, as below
-        apply_tome(merging, tome["r_per_block"], policy=cfg.tome_policy)
-        row["acc_deploy_tome"] = evaluate(merging, val_loader, accelerator, desc=f"deploy+tome {epoch}",
-                                          progress=cfg.progress)
-        del merging
-    candidates = [("model", row["acc_deploy"], raw)]
-    if parts.ema is not None:
-        row["ema_acc_deploy"] = _eval(parts.ema.module, val_loader, accelerator, cfg, f"ema {epoch}", deploy=True)
-        candidates.append(("ema", row["ema_acc_deploy"], parts.ema.module))
-    source, acc, best_model = max(candidates, key=lambda c: c[1])
-    if acc > ts.best_acc:
-        ts.best_acc, ts.best_epoch, ts.best_source = acc, epoch, source
-        whole = whole_model(best_model)  # under FSDP a collective: every process takes part
-        if accelerator.is_main_process:
-            save(deployable(whole), out / "best", extra={"epoch": epoch, "acc_deploy": acc, "source": source,
-                                                         "removed_layers": ts.layers, "weights": ts.weights,
-                                                         **_tome_extra(tome)})
+    @staticmethod
+    def epoch_row(epoch: int, stats: EpochStats) -> dict[str, Any]:
+        return {"epoch": epoch, "lambda": stats.lam, "lr": stats.lr, "train_loss": stats.loss, "train_acc": stats.acc}
 
+    def evaluate_epoch(self, epoch: int, row: dict[str, Any]) -> list[tuple[str, float, nn.Module]]:
+        """Accuracy at the current lambda and deployable (lambda = 0) into ``row``; returns the candidates
+        for best/ as (source, deployable accuracy, model).
 
-# ----------------------------------------------------------------------------------------------
-# Token merging in a run (--tome-r, --tome-train)
-# ----------------------------------------------------------------------------------------------
-
-def _tome_setup(cfg: RunConfig, model: nn.Module, layers: list[int]) -> dict[str, Any] | None:
-    """The run's merging settings (None without --tome-r): the deployable model's r per block and the
-    tokens left after each block. With --tome-train the (diluted) model merges from here on."""
-    if cfg.tome_r <= 0:
-        return None
-    schedule = tome_schedule_for(cfg, model, layers)
-    tome = {"r": cfg.tome_r, "inflection": cfg.tome_inflection, "start_idx": cfg.tome_start_idx,
-            "policy": cfg.tome_policy, "train": cfg.tome_train, "r_per_block": schedule}
-    apply_tome(model, schedule, policy=cfg.tome_policy)  # after dilution (a ToMe model refuses to be diluted)
-    tome["tokens_per_block"] = tome_token_counts(model)  # the same at every lambda: r per block is fixed
-    if not cfg.tome_train:
-        remove_tome(model)
-    _logger.info("token merging (%s): r per block %s, tokens after each block %s",
-                 "training" if cfg.tome_train else "evaluation", schedule, tome["tokens_per_block"])
-    return tome
-
-
-def _merge_as_trained(cfg: RunConfig, tome: dict[str, Any] | None, model: nn.Module) -> None:
-    """With --tome-train: ``model`` (the EMA, a newly exported model) merges with the run's schedule."""
-    if cfg.tome_train and tome is not None:
-        apply_tome(model, tome["r_per_block"], policy=cfg.tome_policy)
-
-
-def _tome_extra(tome: dict[str, Any] | None) -> dict[str, Any]:
-    """The merging settings recorded in best/ and last/ config.json (``extra.tome``)."""
-    if tome is None:
-        return {}
-    return {"tome": {k: tome[k] for k in ("r", "inflection", "start_idx", "policy", "train", "r_per_block",
-                                          "tokens_per_block")}}
-
-
-def deployable(model: nn.Module) -> nn.Module:
-    """The attention-free copy of ``model`` that best/ and last/ hold: exported, without ToMe classes."""
-    out = export(model)
-    if is_tome(out):
-        remove_tome(out)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# State: saved after the set-up and after every epoch; restored in one place
-# ----------------------------------------------------------------------------------------------
-
-def _save_state(accelerator: Accelerator, out: Path, ts: TrainerState, ema) -> None:
-    """Accelerate state + trainer_state.json (+ ema.safetensors) into out/state, swapped in atomically."""
-    tmp = out / ".state.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        With --tome-train the model (and the EMA) merge, so every accuracy is with merging; with --tome-r
+        alone ``acc_deploy_tome`` is the deployable model's accuracy with merging (a merging copy of it)."""
+        cfg, raw, ema = self.cfg, self.parts.raw, self.parts.ema
+        row["acc"] = self.evaluate(raw, f"eval {epoch}")
+        diluted = self.state.layers and not self.state.attention_free
+        row["acc_deploy"] = self.evaluate_deployable(raw, f"deploy {epoch}") if diluted else row["acc"]
+        if self.tome is not None and not cfg.tome_train:
+            merging = deployable(whole_model(raw)).to(self.accelerator.device)  # under FSDP a collective
+            apply_tome(merging, self.tome["r_per_block"], policy=cfg.tome_policy)
+            row["acc_deploy_tome"] = self.evaluate(merging, f"deploy+tome {epoch}")
+            del merging
+        candidates = [("model", row["acc_deploy"], raw)]
         if ema is not None:
-            sd = {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
-            atomic_write(tmp / "ema.safetensors", lambda p: save_file(sd, str(p)))
-        atomic_write_json(tmp / "trainer_state.json", asdict(ts))  # last: its presence marks a whole state
-        replace_dir(tmp, out / "state")
-    accelerator.wait_for_everyone()
+            row["ema_acc_deploy"] = self.evaluate_deployable(ema.module, f"ema {epoch}")
+            candidates.append(("ema", row["ema_acc_deploy"], ema.module))
+        return candidates
 
+    def save_best(self, epoch: int, candidates: list[tuple[str, float, nn.Module]]) -> None:
+        """best/: the best deployable model so far, attention-free (every process takes part under FSDP)."""
+        ts = self.state
+        source, acc, best_model = max(candidates, key=lambda c: c[1])
+        if acc > ts.best_acc:
+            ts.best_acc, ts.best_epoch, ts.best_source = acc, epoch, source
+            whole = whole_model(best_model)  # under FSDP a collective: every process takes part
+            if self.main:
+                save(deployable(whole), self.out / "best", extra={
+                    "epoch": epoch, "acc_deploy": acc, "source": source, "removed_layers": ts.layers,
+                    "weights": ts.weights, **tome_extra(self.tome)})
 
-def _strip_wrappers(key: str) -> str:
-    while key.startswith(_WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
+    def save_last(self, epoch: int, row: dict[str, Any], stats: EpochStats) -> None:
+        """last/ (the deployable model after this epoch) and the epoch's line of metrics.jsonl."""
+        row["seconds"] = round(stats.seconds, 3)
+        whole = whole_model(self.parts.raw)  # under FSDP a collective: every process takes part
+        if self.main:
+            save(deployable(whole), self.out / "last", extra={"epoch": epoch, "removed_layers": self.state.layers,
+                                                              "weights": self.state.weights, **tome_extra(self.tome)})
+            atomic_append_line(self.out / "metrics.jsonl", json.dumps(row))
+        if self.cfg.log_with:
+            self.accelerator.log({k: v for k, v in row.items() if v is not None}, step=epoch)
 
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """Evaluate the saved best model, write summary.json and the plot (main process).
 
-def _save_bare_model_state(accelerator: Accelerator) -> None:
-    """``state/model.safetensors`` holds the bare model's keys, whatever wraps it (torch.compile, DDP), and
-    loads into the bare model through :func:`load_state_tensors` (onto ``accelerator.device``; keys of
-    older states lose their wrapper prefixes), so a resume may switch ``--compile`` on or off. Under
-    FSDP Accelerate saves and loads the sharded model its own way."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return
+        ``best_acc_reloaded``: best/ reloaded from disk and evaluated the way it was chosen
+        (:func:`shrink.training.evaluation.measure_best`)."""
+        from shrink.training.metrics import plot_metrics, read_metrics
 
-    def on_save(models, weights, output_dir) -> None:
-        for i, sd in enumerate(weights):
-            weights[i] = {_strip_wrappers(k): v for k, v in sd.items()}
+        cfg, out = self.cfg, self.out
+        best = measure_best(cfg, out / "best", self.accelerator.device, self.evaluate, self.tome)
+        final = read_metrics(out / "metrics.jsonl")
+        summary = run_summary(cfg, self.state, out, final, best, self.accelerator.num_processes, seconds, self.tome)
+        if self.main:
+            atomic_write_json(out / "summary.json", summary)
+            plot_metrics(final, out / "metrics.png", summary)
+        self.accelerator.wait_for_everyone()
+        if cfg.log_with:
+            self.accelerator.end_training()
+        return summary
 
-    def on_load(models, input_dir) -> None:  # the weights go through load_state_tensors, as the EMA's do
-        for i, model in enumerate(list(models)):
-            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
-            if path.is_file():
-                unwrap(accelerator.unwrap_model(model)).load_state_dict(load_state_tensors(path, accelerator.device))
-                models.remove(model)  # loaded: Accelerate goes on with the optimizer, scaler and RNG states
+    # --- What the run says
 
-    accelerator.register_save_state_pre_hook(on_save)
-    accelerator.register_load_state_pre_hook(on_load)
+    def report_settings(self) -> None:
+        """Settings that run but surprise (after the state loaded, so a resume that cannot load says only
+        that): a warning each; the merging settings."""
+        cfg = self.cfg
+        for line in surprising_settings(cfg, self.state, self.lr):
+            self.warn(line)
+        if self.main and self.tome is not None:
+            how = "in every forward of the run" if cfg.tome_train else \
+                "in an extra evaluation of the deployable model (acc_deploy_tome)"
+            say(f"token merging {how}: r per block {self.tome['r_per_block']}, tokens after each block "
+                f"{self.tome['tokens_per_block']}")
 
+    def report_epoch(self, row: dict[str, Any], seconds: float) -> None:
+        if self.main:
+            phase = "attention-free" if self.state.attention_free else "diluted" if self.state.layers else "dense"
+            phase += " + ToMe" if self.cfg.tome_train else ""
+            say(epoch_line(row, self.cfg.epochs, phase, seconds))
 
-def _read_trainer_state(state_dir: Path, accelerator: Accelerator) -> TrainerState:
-    path = state_dir / "trainer_state.json"
-    try:
-        data = json.loads(path.read_text())
-        known = {f.name for f in fields(TrainerState)}
-        ts = TrainerState(**{k: v for k, v in data.items() if k in known})
-        if not isinstance(ts.epoch, int) or not isinstance(ts.layers, list) or \
-                not all(isinstance(i, int) for i in ts.layers):
-            raise ValueError("wrong types")
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ShrinkError(f"cannot resume: {path} is damaged ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    if ts.num_processes != accelerator.num_processes:
-        raise ShrinkError(f"cannot resume: the run was saved by {ts.num_processes} process(es) and this one has "
-                          f"{accelerator.num_processes}; launch it with --num_processes {ts.num_processes}")
-    return ts
-
-
-def _restore(accelerator: Accelerator, state_dir: Path, ts: TrainerState, ema) -> None:
-    """Load Accelerate's state (model, optimizer, scaler, RNG of every process) and the EMA.
-
-    The model must already be in the phase the state was saved in (diluted, or attention-free when
-    ``ts.attention_free``); a switch due in the next epoch happens in the loop, as in an
-    uninterrupted run. Any file that does not load stops the resume with one line.
-    """
-    from accelerate.utils.other import load as accelerate_load
-
-    rng = state_dir / f"random_states_{accelerator.process_index}.pkl"
-    try:  # Accelerate skips an unreadable RNG file silently; a resume must not continue with other randomness
-        states = accelerate_load(str(rng))  # weights_only=True with Accelerate's allow-list
-        if not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states):
-            raise ValueError("keys missing")
-    except Exception as e:  # noqa: BLE001 - any failure to read it is a damaged state
-        raise ShrinkError(f"cannot resume: {rng} does not load ({_first_line(e)})") from None
-    try:
-        accelerator.load_state(str(state_dir))
-    except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types on damaged files
-        raise ShrinkError(f"cannot resume from {state_dir}: {_first_line(e)}") from None
-    if ema is not None:
-        path = state_dir / "ema.safetensors"
-        try:
-            ema.module.load_state_dict(load_state_tensors(path, accelerator.device))
-        except Exception as e:  # noqa: BLE001
-            raise ShrinkError(f"cannot resume: {path} does not load ({_first_line(e)})") from None
-    best = state_dir.parent / "best"
-    if (best / "config.json").is_file():  # best/ may be newer than the state (kill between the two writes)
-        extra = read_config(best).get("extra", {})
-        if isinstance(extra.get("acc_deploy"), (int, float)) and extra["acc_deploy"] > ts.best_acc:
-            ts.best_acc, ts.best_epoch = float(extra["acc_deploy"]), int(extra.get("epoch", ts.best_epoch))
-            ts.best_source = str(extra.get("source", ts.best_source))
-    _logger.info("resumed from %s after epoch %d", state_dir, ts.epoch)
-
-
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's, in states of older versions
-
-
-def load_state_tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The one reader of the weights a resume loads (``state/model.safetensors``, ``state/ema.safetensors``):
-    safetensors, read on the CPU and moved to ``device`` (``accelerator.device``; safetensors itself
-    refuses names such as ``cpu:0`` that a multi-process CPU run has), wrapper prefixes removed from the
-    keys (torch.compile's ``_orig_mod.``, DDP's ``module.``, in states of older versions)."""
-    return {_strip_wrappers(k): v.to(device) for k, v in load_file(str(path), device="cpu").items()}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _truncate_metrics(path: Path, start_epoch: int) -> None:
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if json.loads(r)["epoch"] < start_epoch]
-    if len(keep) != len(rows):
-        atomic_write_text(path, "".join(r + "\n" for r in keep))
-
-
-def _finish(accelerator, cfg: RunConfig, ts: TrainerState, out: Path, val_loader, seconds: float,
-            tome: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate the saved best model, write summary.json and the plot (main process).
-
-    ``best_acc_reloaded`` is best/ reloaded from disk and evaluated the way it was chosen (with merging
-    under --tome-train, applied as ``main_lambda.py --eval --tome-r ...`` applies it); with --tome-r
-    the summary also has ``best_acc_with_tome`` and ``best_acc_without_tome``."""
-    from shrink.training.metrics import plot_metrics, read_metrics
-
-    best_acc_reloaded = params_after = None
-    with_tome = without_tome = None
-    if (out / "best").is_dir():
-        best = load(out / "best", device=accelerator.device)
-        params_after = count_params(best)
-        without_tome = evaluate(best, val_loader, accelerator, desc="best", progress=cfg.progress)
-        if tome is not None:  # exactly what --eval --checkpoint best --tome-r ... does
-            apply_tome(best, tome_r_arg(cfg), cfg.tome_start_idx, cfg.tome_policy)
-            with_tome = evaluate(best, val_loader, accelerator, desc="best+tome", progress=cfg.progress)
-        best_acc_reloaded = with_tome if cfg.tome_train else without_tome
-    final = read_metrics(out / "metrics.jsonl")
-    summary = {
-        "kind": "train",
-        "model": cfg.model, "data_set": cfg.data_set, "epochs": cfg.epochs,
-        "removed_layers": ts.layers, "criterion": ts.selection.get("criterion"),
-        "selection": ts.selection,
-        "dense_acc": ts.dense_acc, "deploy_acc_start": ts.deploy_acc_start,
-        "deploy_acc_best": ts.best_acc if ts.best_epoch >= 0 else None, "best_epoch": ts.best_epoch,
-        "best_source": ts.best_source, "best_acc_reloaded": best_acc_reloaded,
-        "tome": None if tome is None else {k: v for k, v in tome.items() if k != "tokens_per_block"},
-        "tokens_per_block": None if tome is None else tome["tokens_per_block"],
-        "final_acc": final[-1].get("acc") if final else None,
-        "final_acc_deploy": final[-1].get("acc_deploy") if final else None,
-        "params_dense": ts.params_dense, "params_deploy": params_after,
-        "seconds_training": round(seconds, 1),
-        "num_processes": accelerator.num_processes,
-        "pretrained": ts.weights.get("pretrained"), "weights": ts.weights,
-        "calib_images_used": ts.selection.get("calib_images"),
-        "warnings": ts.warnings,
-        **({"best_acc_with_tome": with_tome, "best_acc_without_tome": without_tome} if tome is not None else {}),
-        "paths": {"summary": str(out / "summary.json"), "best": str(out / "best"), "last": str(out / "last"),
-                  "state": str(out / "state"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png"),
-                  "config": str(out / "config.yaml")},
-    }
-    if accelerator.is_main_process:
-        atomic_write_json(out / "summary.json", summary)
-        plot_metrics(final, out / "metrics.png", summary)
-    accelerator.wait_for_everyone()
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation of a saved model (with and without ToMe)
-# ----------------------------------------------------------------------------------------------
-
-def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
-    """Accuracy of a saved model on the val split; with ``tome_r`` > 0 also with token merging."""
-    model = load(cfg.checkpoint)
-    # the size, crop, mean / std the model was saved with (its config.json data_config), unless overridden
-    val_ds = build_dataset(cfg.data_set, "val", data_path=cfg.data_path, input_size=cfg.input_size, model=model,
-                           synthetic_size=cfg.synthetic_images, num_classes=cfg.num_classes)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    loader = accelerator.prepare(make_loader(val_ds, cfg, train=False))
-    model = accelerator.prepare_model(model, evaluation_mode=True)
-    raw = unwrap(model)
-    result: dict[str, Any] = {"kind": "eval", "checkpoint": cfg.checkpoint, "params": count_params(raw),
-                              "images": len(val_ds),
-                              "attention_free_blocks": attention_free_indices(raw) if hasattr(raw, "blocks") else []}
-    result["acc"] = evaluate(model, loader, accelerator, desc="eval", progress=cfg.progress)
-    if cfg.tome_r > 0:
-        apply_tome(raw, r=tome_r_arg(cfg), start_idx=cfg.tome_start_idx, policy=cfg.tome_policy)
-        result["tome"] = {"r": cfg.tome_r, "inflection": cfg.tome_inflection, "start_idx": cfg.tome_start_idx,
-                          "policy": cfg.tome_policy}
-        result["acc_tome"] = evaluate(model, loader, accelerator, desc="eval+tome", progress=cfg.progress)
-        result["tokens_per_block"] = tome_token_counts(raw)
-        remove_tome(raw)
-    return result
+    def warn(self, line: str) -> None:
+        """A surprise worth a line: logged once (main process), kept in the run's warnings (summary.json)."""
+        if line in self.state.warnings:
+            return
+        self.state.warnings.append(line)
+        if self.main:
+            _logger.warning(line)
