@@ -22,12 +22,13 @@ from shrink.cli.runner import (
     parse_device,
     parse_layers,
 )
-from shrink.data.datasets import DATA_SETS
+from shrink.data.datasets import DATA_SETS, get_data_set
 from shrink.errors import ShrinkError
 from shrink.io import atomic_write_json
 from shrink.models.vit_digits import DENSE_WEIGHTS
 from shrink.precision import dtype_of
-from shrink.selection.layers import CRITERIA, layer_table, plot_selection, select_layers
+from shrink.selection.layers import layer_table, plot_selection, select_layers
+from shrink.selection.registry import CRITERIA, get_criterion
 
 DEFAULT_MODEL = "vit_digits"
 DEFAULT_CHECKPOINT = DENSE_WEIGHTS  # the embedded demo's dense weights, shipped with shrink.models
@@ -101,10 +102,12 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
     from shrink.modelio.create import model_skeleton
 
     layers = None if args.layers is None else parse_layers(args.layers, "--layers")
-    if args.criterion == "manual" and layers is None:
-        raise ShrinkError("--criterion manual needs --layers, e.g. --layers 0,1,3")
-    if args.criterion != "manual" and layers is not None:
-        raise ShrinkError("--layers is only used with --criterion manual")
+    takes_layers = get_criterion(args.criterion).takes_layers
+    if takes_layers and layers is None:
+        raise ShrinkError(f"--criterion {args.criterion} needs --layers, e.g. --layers 0,1,3")
+    if not takes_layers and layers is not None:
+        manual = ", ".join(n for n in CRITERIA if get_criterion(n).takes_layers)
+        raise ShrinkError(f"--layers is only used with --criterion {manual}")
     if args.ratio is not None and not (math.isfinite(args.ratio) and 0.0 <= args.ratio < 1.0):
         raise ShrinkError(f"--ratio must be in [0, 1), got {args.ratio}")
     ratio = args.ratio if args.ratio is not None or layers is not None else 0.4
@@ -121,7 +124,7 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, float, Path 
     if args.device is not None:
         parse_device(args.device)
     args.data_set = resolve_data_set(args.data_set, args.data_path)
-    if args.data_set in ("digits", "synthetic") and args.data_path is not None:
+    if get_data_set(args.data_set).path is None and args.data_path is not None:
         raise ShrinkError(f"--data-path is not used by --data-set {args.data_set}")
     check_data_path(args.data_set, args.data_path)
     check_output_dir(args.output_dir, "--output-dir", owned=OUTPUT_FILES)

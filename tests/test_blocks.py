@@ -1,4 +1,4 @@
-"""The block contract (shrink/blocks.py) on one tiny model per timm block class and per option that
+"""The block contract (shrink/blocks/) on one tiny model per timm block class and per option that
 changes the block: lambda = 1 is timm, lambda = 0 is the export, the export loses exactly the
 attention-only parameters, save/load is exact, ToMe r = 0 is a no-op, selection and counting run.
 
@@ -18,13 +18,8 @@ from timm.models.vision_transformer import ParallelScalingBlock
 
 import shrink
 from shrink.bench.measure import count_macs, count_parameters
-from shrink.blocks.contract import (
-    FAMILIES,
-    AttentionFreeBlock,
-    block_family,
-    classify_block,
-    removed_parameter_count,
-)
+from shrink.blocks.contract import FAMILIES, AttentionFreeBlock, block_family, classify_block
+from shrink.blocks.parts import removed_parameter_count
 
 from ._families import CASES, build, images
 
@@ -257,6 +252,7 @@ def traced_once(monkeypatch):
         return seen[key][1]
 
     monkeypatch.setattr(deploy, "export_program", export_program)
+    monkeypatch.setattr("shrink.deploy.onnx_export.export_program", export_program)  # the name to_onnx calls
     return seen
 
 
@@ -474,3 +470,60 @@ def test_merged_models_export_to_pt2_and_onnx(key, traced_once):
     sess = deploy.load_onnx_session(proto.SerializeToString())
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert abs(out - y.detach().numpy()).max() <= 1e-5
+
+
+def test_a_registered_family_dilutes_and_exports_its_block():
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention
+    from torch import nn
+
+    from shrink.blocks import Family, get_family, register_family, unregister_family
+
+    class PlainBlock(nn.Module):  # a block class no timm family knows: pre-norm, no layer scale
+        def __init__(self, dim: int):
+            super().__init__()
+            self.ln_a, self.mix, self.ln_m, self.ffn = nn.LayerNorm(dim), Attention(dim, 2), nn.LayerNorm(dim), Mlp(dim, 2 * dim)
+
+        def forward(self, x):
+            x = x + self.mix(self.ln_a(x))
+            return x + self.ffn(self.ln_m(x))
+
+    model = build("vit")
+    model.blocks[1] = PlainBlock(model.embed_dim)
+    x = images("vit")
+    with pytest.raises(shrink.ShrinkError, match="no attention sublayer"):
+        shrink.dilute(copy.deepcopy(model), [1])
+
+    @register_family("plain-test", blocks=[PlainBlock], norm1="ln_a", attn="mix", scale1=None, drop1="none",
+                     norm2="ln_m", mlp="ffn", scale2=None, drop2="none")
+    class PlainFamily(Family):
+        """Pre-norm; no layer scale and no drop path."""
+
+        def attention_branch(self, blk, x, ctx, attn_call=None):
+            return blk.mix(blk.ln_a(x), **ctx) if attn_call is None else attn_call(blk.mix, blk.ln_a(x), ctx)
+
+        def mlp_branch(self, blk, x, ctx):
+            return blk.ffn(blk.ln_m(x))
+
+    try:
+        assert get_family("plain-test").classes == (PlainBlock,)
+        with torch.no_grad():
+            y = model(x)
+            diluted = shrink.dilute(copy.deepcopy(model), [1], lam=1.0)
+            assert maxdiff(diluted(x), y) <= 1e-6
+            shrink.set_lambda(diluted, 0.0)
+            small = shrink.export(diluted)
+            assert maxdiff(small(x), diluted(x)) <= 1e-6
+        assert not any(k.startswith(("blocks.1.mix", "blocks.1.ln_a")) for k in small.state_dict())
+    finally:
+        unregister_family("plain-test")
+    assert "plain-test" not in shrink.blocks.FAMILIES
+
+
+def test_an_unknown_family_is_one_line():
+    from shrink.blocks import get_family
+
+    with pytest.raises(shrink.ShrinkError) as e:
+        get_family("vitt")
+    assert str(e.value).startswith("unknown block family 'vitt'; choose one of vit, eva, ")
+    assert "\n" not in str(e.value)

@@ -36,3 +36,31 @@ def test_count_classes_and_eval_copy_of_a_folder(tmp_path):
     assert calib[0][0].shape == (3, 32, 32)
     sub = calibration_subset(calib, 4, seed=0)
     assert list(sub.indices) == list(calibration_subset(calib, 4, seed=0).indices) and len(sub) == 4
+
+
+def test_a_registered_data_set_is_built_counted_and_checked():
+    from torch.utils.data import TensorDataset
+
+    from shrink.data import DATA_SETS, check_data_path, register_data_set, unregister_data_set
+
+    @register_data_set("ones", num_classes=3)
+    def ones(req):
+        c, h, w = req.input_shape()
+        n = 6 if req.split == "train" else 2
+        return TensorDataset(torch.ones(n, c, h, w), torch.zeros(n, dtype=torch.long))
+
+    try:
+        assert "ones" in DATA_SETS
+        ds = build_dataset("ones", "val", input_size=16)
+        assert len(ds) == 2 and ds[0][0].shape == (3, 16, 16)
+        assert count_classes("ones") == 3
+        check_data_path("ones", None)  # needs no --data-path
+    finally:
+        unregister_data_set("ones")
+    assert "ones" not in DATA_SETS
+
+
+def test_an_unknown_data_set_is_one_line():
+    with pytest.raises(ShrinkError) as e:
+        build_dataset("digitz", "train")
+    assert str(e.value) == "unknown data set 'digitz'; choose one of digits, cifar10, cifar100, folder, synthetic"

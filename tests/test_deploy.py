@@ -337,7 +337,9 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
         def run(self, outputs, feeds):
             return [torch.zeros(next(iter(feeds.values())).shape[0], 5).numpy()]
 
-    monkeypatch.setattr(deploy, "load_onnx_session", lambda *a, **kw: WrongSession())
+    wrong = lambda *a, **kw: WrongSession()  # noqa: E731
+    monkeypatch.setattr(deploy, "load_onnx_session", wrong)
+    monkeypatch.setattr("shrink.deploy.onnx_export.load_onnx_session", wrong)  # the name export_onnx calls
     path = tmp_path / "m.onnx"
     with pytest.raises(ShrinkError, match="differs from eager"):
         deploy.deploy(_small_vit(), path, "onnx")
@@ -387,3 +389,27 @@ def test_pt2_with_pickled_payload_is_refused(tmp_path):
     loaded, meta = deploy.load_program(ok)
     x = torch.randn(1, 2)
     assert torch.equal(loaded.module()(x), ep.module()(x)) and meta == {}
+
+
+def test_a_registered_format_is_written_by_deploy(tmp_path):
+    @deploy.register_format("state")
+    def write_state(model, path, *, input_size, batch_size, dynamic_batch, verify):
+        torch.save(model.state_dict(), path)
+        return {"format": "state", "keys": len(model.state_dict())}
+
+    try:
+        assert "state" in deploy.FORMATS
+        model = shrink.dilute(_small_vit(), [0], lam=0.0)
+        meta = deploy.deploy(model, tmp_path / "m.state", "state", opset=18)  # opset: not its option, ignored
+        saved = torch.load(tmp_path / "m.state", weights_only=True)
+        assert meta["keys"] == len(saved)
+        assert not any(k.startswith("blocks.0.attn.") for k in saved)  # the prepared (exported) model
+    finally:
+        deploy.unregister_format("state")
+    assert "state" not in deploy.FORMATS
+
+
+def test_an_unknown_format_is_one_line(tmp_path):
+    with pytest.raises(ShrinkError) as e:
+        deploy.deploy(_small_vit(), tmp_path / "m.tflite", "tflite")
+    assert str(e.value) == "unknown format 'tflite'; choose one of onnx, pt2"

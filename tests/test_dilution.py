@@ -194,3 +194,26 @@ def test_reference_schedule_keeps_a_fractional_length():
     assert [lambda_reference(e, 2.5) for e in range(4)] == pytest.approx([1.0, 0.6, 0.2, 0.0])
     assert [shrink.lambda_at("reference", e, dilution_epochs=2.5) for e in range(4)] == pytest.approx(
         [1.0, 0.6, 0.2, 0.0])
+
+
+def test_a_registered_schedule_is_used_by_lambda_at_and_listed():
+    from shrink.blocks.dilution import SCHEDULES, register_schedule, unregister_schedule
+
+    @register_schedule("half_then_zero")
+    def half_then_zero(epoch, step, steps_per_epoch, dilution_epochs):
+        return 0.5 if epoch < dilution_epochs else 0.0
+
+    try:
+        assert "half_then_zero" in SCHEDULES  # argparse choices see it
+        assert lambda_at("half_then_zero", 0, dilution_epochs=2) == 0.5
+        assert lambda_at("half_then_zero", 2, dilution_epochs=2) == 0.0
+    finally:
+        unregister_schedule("half_then_zero")
+    assert "half_then_zero" not in SCHEDULES
+    assert tuple(SCHEDULES) == ("reference", "linear", "cosine", "constant")
+
+
+def test_an_unknown_schedule_is_one_line():
+    with pytest.raises(shrink.ShrinkError) as e:
+        lambda_at("cosin", 0)
+    assert str(e.value) == ("unknown lambda schedule 'cosin'; choose one of reference, linear, cosine, constant")

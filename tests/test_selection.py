@@ -217,3 +217,30 @@ def test_loader_is_read_once_per_selection():
     dl = Counting(loader())
     r = select_layers(tiny_vit(depth=4), dl, k=2, progress=False)
     assert r.forward_passes == 1 + 4 + 3 and dl.iters == 1  # later passes reuse the cached batches
+
+
+def test_a_registered_criterion_runs_through_select_layers():
+    from shrink.selection.registry import register_criterion, unregister_criterion
+
+    @register_criterion("first_first")
+    def first_first(scoring, skipped, remaining):  # lower removes first: the lowest index
+        assert scoring.stats(skipped, remaining).images == 48  # measured on the calibration images
+        return {li: float(li) for li in remaining}
+
+    try:
+        assert "first_first" in CRITERIA
+        r = select_layers(tiny_vit(depth=4), loader(), k=2, criterion="first_first", progress=False)
+        assert r.layers == [0, 1] and r.criterion == "first_first"
+        assert [s["layer"] for s in r.scores["steps"]] == [0, 1]
+        with pytest.raises(ShrinkError, match="needs calibration images"):
+            select_layers(tiny_vit(depth=4), None, k=1, criterion="first_first")
+    finally:
+        unregister_criterion("first_first")
+    assert "first_first" not in CRITERIA
+
+
+def test_an_unknown_criterion_is_one_line():
+    with pytest.raises(ShrinkError) as e:
+        select_layers(tiny_vit(depth=4), None, k=1, criterion="entropyy")
+    assert str(e.value) == ("unknown selection criterion 'entropyy'; choose one of transfer_entropy, entropy, "
+                            "cosine, block_influence, random, last, manual")

@@ -1,4 +1,6 @@
 """The model side: the block contract (one adapter per timm block family), dilution, attention-free export."""
+# the built-in families register themselves with the contract on import (shrink.blocks.families)
+from shrink.blocks import families  # noqa: F401  isort: skip
 from shrink.blocks.attention_free import (
     attention_free_indices,
     export,
@@ -15,30 +17,38 @@ from shrink.blocks.contract import (
     classify_block,
     dilute_block,
     export_block,
-    export_slices,
     get_blocks,
-    output_projections,
-    probe_branches,
-    prune_shared_tables,
-    removed_names,
-    removed_parameter_count,
-    set_drop_path,
-    skip_attention,
+    get_family,
+    register_family,
+    unregister_family,
 )
 from shrink.blocks.dilution import (
+    SCHEDULE_REGISTRY,
     SCHEDULES,
     deploy_mode,
     dilute,
     diluted_blocks,
     get_lambda,
+    get_schedule,
     has_attention_layers,
     lambda_at,
     lambda_cosine,
     lambda_linear,
     lambda_reference,
+    register_schedule,
     set_lambda,
+    unregister_schedule,
     validate_layers,
 )
+from shrink.blocks.parts import (
+    export_slices,
+    output_projections,
+    prune_shared_tables,
+    removed_names,
+    removed_parameter_count,
+    set_drop_path,
+)
+from shrink.blocks.probes import probe_branches, skip_attention
 
 __all__ = [
     "AttentionFreeBlock",
@@ -46,6 +56,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "SCHEDULES",
+    "SCHEDULE_REGISTRY",
     "attention_block_indices",
     "attention_free_indices",
     "block_family",
@@ -59,7 +70,9 @@ __all__ = [
     "export_slices",
     "fold_residual_scale",
     "get_blocks",
+    "get_family",
     "get_lambda",
+    "get_schedule",
     "has_attention_layers",
     "is_folded",
     "lambda_at",
@@ -69,10 +82,14 @@ __all__ = [
     "output_projections",
     "probe_branches",
     "prune_shared_tables",
+    "register_family",
+    "register_schedule",
     "removed_names",
     "removed_parameter_count",
     "set_drop_path",
     "set_lambda",
     "skip_attention",
+    "unregister_family",
+    "unregister_schedule",
     "validate_layers",
 ]

@@ -20,16 +20,8 @@ import logging
 import torch
 from torch import nn
 
-from shrink.blocks.contract import (
-    AttentionFreeBlock,
-    DilutedBlock,
-    block_family,
-    export_block,
-    get_blocks,
-    output_projections,
-    prune_shared_tables,
-    removed_parameter_count,
-)
+from shrink.blocks.contract import AttentionFreeBlock, DilutedBlock, block_family, export_block, get_blocks
+from shrink.blocks.parts import output_projections, prune_shared_tables, removed_parameter_count
 from shrink.errors import ShrinkError
 
 __all__ = ["AttentionFreeBlock", "attention_free_indices", "export", "fold_residual_scale", "is_folded",

@@ -29,20 +29,25 @@ not computed and the block equals its attention-free export.
 A diluted block is the original block object with its class swapped to a subclass that mixes in
 :class:`DilutedBlock` (state-dict keys unchanged, plus the ``lam`` buffer). An attention-free block
 is an :class:`AttentionFreeBlock` that holds the kept parts under their original names.
+
+The adapters themselves are in :mod:`shrink.blocks.families` (one ``@register_family`` class each),
+the model-level answers in :mod:`shrink.blocks.parts`, the selection probes in
+:mod:`shrink.blocks.probes`. Long because the Family base, its registry and the diluted /
+attention-free block classes that call it are one contract.
 """
 from __future__ import annotations
 
-import contextlib
+import importlib
 import math
-import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shrink.errors import ShrinkError
+from shrink.introspect import num_params
+from shrink.registry import Registry
 
 __all__ = [
     "AttentionFreeBlock",
@@ -53,16 +58,11 @@ __all__ = [
     "block_family",
     "classify_block",
     "dilute_block",
-    "export_slices",
     "export_block",
     "get_blocks",
-    "output_projections",
-    "probe_branches",
-    "prune_shared_tables",
-    "removed_names",
-    "removed_parameter_count",
-    "set_drop_path",
-    "skip_attention",
+    "get_family",
+    "register_family",
+    "unregister_family",
 ]
 
 Ctx = dict[str, Any]
@@ -194,7 +194,7 @@ class Family:
         for name in self.removed:
             v = getattr(blk, name, None)
             if isinstance(v, nn.Module):
-                n += sum(p.numel() for p in v.parameters())
+                n += num_params(v)
             elif isinstance(v, torch.Tensor):
                 n += v.numel()
         return n
@@ -214,305 +214,48 @@ def mix(x: torch.Tensor, a: torch.Tensor, lam: torch.Tensor | float, scale: floa
     return (scale - (scale - 1.0) * lam) * x + lam * a
 
 
-class PostNormFamily(Family):
-    """``x + drop1(norm1(attn(x)))``, then ``x + drop2(norm2(mlp(x)))`` (norm after each branch)."""
+# --------------------------------------------------------------------------------------------------
+# The registry of families
+# --------------------------------------------------------------------------------------------------
 
-    layout = "post-norm"
-    residual_scale = 1.0
-
-    def attention_branch(self, blk, x, ctx, attn_call=None):
-        attn = getattr(blk, self.attn)
-        y = attn(x, **ctx) if attn_call is None else attn_call(attn, x, ctx)
-        return getattr(blk, self.drop1)(getattr(blk, self.norm1)(y))
-
-    def mlp_branch(self, blk, x, ctx):
-        return getattr(blk, self.drop2)(getattr(blk, self.norm2)(getattr(blk, self.mlp_name)(x)))
-
-    def merge_input(self, blk, x):
-        return x
-
-    def output_projections(self, blk, attention_free):
-        return [None]  # a norm follows each branch: folding does not apply
+FAMILIES: Registry[Family] = Registry("block family")  # name -> adapter, filled by @register_family
+_BY_CLASS: dict[type, Family] = {}
 
 
-class WindowedFamily(Family):
-    """The SAM ViT's block: tokens as ``(B, H, W, C)``, attention inside windows (window partition
-    and unpartition around it when ``window_size > 0``), the MLP over ``(B, H*W, C)``."""
-
-    tome_refusal = ("its tokens are a (B, H, W, C) grid cut into attention windows, and a merged token "
-                    "has no place in the grid")
-
-    def attention_branch(self, blk, x, ctx, attn_call=None):
-        from timm.models.vision_transformer_sam import window_partition, window_unpartition
-
-        B, H, W, _ = x.shape
-        h = getattr(blk, self.norm1)(x)
-        pad_hw = None
-        if blk.window_size > 0:
-            h, pad_hw = window_partition(h, blk.window_size)
-        attn = getattr(blk, self.attn)
-        h = attn(h, **ctx) if attn_call is None else attn_call(attn, h, ctx)
-        h = getattr(blk, self.drop1)(self._scale(blk, self.scale1, h))
-        if blk.window_size > 0:
-            h = window_unpartition(h, blk.window_size, (H, W), pad_hw)
-        return h
-
-    def mlp_branch(self, blk, x, ctx):
-        B, H, W, C = x.shape
-        m = super().mlp_branch(blk, x.reshape(B, H * W, C), ctx)
-        return m.reshape(B, H, W, C)
+def _timm_class(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(f"timm.models.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
 
 
-class ParallelThingsFamily(Family):
-    """``ParallelThingsBlock``: several pre-norm attention branches summed, then several MLP branches
-    summed. All attention branches of a block are removed together (``attns``)."""
-
-    def __init__(self, name, classes, **kw):
-        super().__init__(name, classes, context=("attn_mask", "is_causal"), **kw)
-
-    @property
-    def removed(self):
-        return ("attns",)
-
-    def attention_modules(self, blk):
-        return [branch.attn for branch in blk.attns]
-
-    def attention_branch(self, blk, x, ctx, attn_call=None):
-        outs = []
-        for branch in blk.attns:
-            h = branch.norm(x)
-            y = branch.attn(h, **ctx) if attn_call is None else attn_call(branch.attn, h, ctx)
-            outs.append(branch.drop_path(branch.ls(y)))
-        return torch.stack(outs).sum(dim=0)
-
-    def mlp_branch(self, blk, x, ctx):
-        return torch.stack([ffn(x) for ffn in blk.ffns]).sum(dim=0)
-
-    def merge_input(self, blk, x):
-        return blk.ffns[0].norm(x)
-
-    def output_projections(self, blk, attention_free):
-        projs = [] if attention_free else [getattr(b.attn, "proj", None) for b in blk.attns]
-        return [*projs, *(getattr(f.mlp, "fc2", None) for f in blk.ffns)]
-
-
-class ParallelScalingFamily(Family):
-    """``ParallelScalingBlock`` (ViT-22B style): attention and MLP read one ``in_norm`` and one fused
-    ``in_proj``; their outputs meet in ``out_proj`` (fused) or ``attn_out_proj + mlp_out_proj``,
-    then one LayerScale and drop path. Removal keeps the MLP rows / columns, the shared norm, layer
-    scale and biases; it drops the q / k / v rows, the q / k norms and the attention columns."""
-
-    layout = "parallel"
-    attention_only = ("q_norm", "k_norm", "attn_drop", "attn_out_proj")
-
-    def __init__(self, name, classes, **kw):
-        super().__init__(name, classes, context=("attn_mask", "is_causal"), **kw)
-
-    @property
-    def removed(self):
-        return self.attention_only
-
-    def attention_modules(self, blk):
-        return [blk]  # attention is inlined in the block
-
-    def _attend(self, blk, q, k, v, B, N, C, ctx):
-        q = blk.q_norm(q.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
-        k = blk.k_norm(k.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
-        v = v.view(B, N, blk.num_heads, blk.head_dim).transpose(1, 2)
-        if ctx.get("_keys") is not None:  # ToMe's matching metric: the keys averaged over heads
-            ctx["_keys"].append(k.mean(dim=1))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.get("attn_mask"),
-                                           dropout_p=blk.attn_drop.p if blk.training else 0.0,
-                                           is_causal=bool(ctx.get("is_causal", False)))
-        return y.transpose(1, 2).reshape(B, N, C)
-
-    @staticmethod
-    def _mlp_hidden(blk, h):
-        if blk.mlp_bias is not None:
-            h = h + blk.mlp_bias
-        return blk.mlp_drop(blk.mlp_act(h))
-
-    def forward(self, blk, x, lam, scale, ctx, probe=None):
-        B, N, C = x.shape
-        hidden = blk.in_split[0]
-        xn = blk.in_norm(x)
-        if lam is None:
-            m = self._mlp_out(blk, self._mlp_hidden(blk, F.linear(xn, blk.in_proj.weight[:hidden],
-                              None if blk.in_proj.bias is None else blk.in_proj.bias[:hidden])), full=True)
-            y = blk.drop_path(blk.ls(m))
-            if probe is not None:
-                probe.mlp(y)
-            return (x * scale if scale != 1.0 else x) + y
-        x_mlp, q, k, v = torch.split(blk.in_proj(xn), blk.in_split, dim=-1)
-        x_mlp = self._mlp_hidden(blk, x_mlp)
-        x_attn = self._attend(blk, q, k, v, B, N, C, ctx)
-        if blk.out_proj is not None:
-            y = blk.out_proj(torch.cat((lam * x_attn, x_mlp), dim=-1))
-            if probe is not None:
-                a = F.linear(x_attn, blk.out_proj.weight[:, :C])
-                probe.attention(x, blk.ls(a))
-                probe.mlp(blk.ls(y - lam * a))
-        else:
-            a = blk.attn_out_proj(x_attn)
-            m = blk.mlp_out_proj(x_mlp)
-            y = lam * a + m
-            if probe is not None:
-                probe.attention(x, blk.ls(a))
-                probe.mlp(blk.ls(m))
-        y = blk.drop_path(blk.ls(y))
-        if scale == 1.0:
-            return x + y
-        return (scale - (scale - 1.0) * lam) * x + y
-
-    def merged_forward(self, blk, x, lam, scale, ctx, call):
-        """The block on merged tokens (ToMe): proportional attention (``log(size)`` added to every key's
-        logit, as an additive mask of the fused attention); returns (output, keys averaged over heads,
-        or None when ``call.metric`` is False or the attention is gone, ``lam`` None)."""
-        keys: list[torch.Tensor] = []
-        ctx = {**ctx, "_keys": keys if call.metric else None}
-        if call.size is not None:  # (B, 1, 1, N): the same bias for every query and head
-            ctx["attn_mask"] = call.size.log().to(x.dtype).squeeze(-1)[:, None, None, :]
-        out = self.forward(blk, x, lam, scale, ctx)
-        return out, (keys[0] if keys else None)
-
-    @staticmethod
-    def _mlp_out(blk, h, full: bool):
-        """MLP output projection; ``full``: out_proj still has the attention columns in front."""
-        if getattr(blk, "out_proj", None) is not None:
-            w = blk.out_proj.weight
-            if full:
-                w = w[:, w.shape[1] - h.shape[-1]:]
-            return F.linear(h, w, blk.out_proj.bias)
-        return blk.mlp_out_proj(h)
-
-    def mlp_branch(self, blk, x, ctx):  # the attention-free block: in_proj / out_proj already hold MLP rows only
-        h = self._mlp_hidden(blk, blk.in_proj(blk.in_norm(x)))
-        return blk.drop_path(blk.ls(self._mlp_out(blk, h, full=False)))
-
-    def merge_input(self, blk, x):
-        return blk.in_norm(x)
-
-    def strip(self, blk):
-        parts = {n: getattr(blk, n) for n in self.kept_names(blk)}
-        cuts = self.export_slices(blk)
-        for name in ("in_proj", "out_proj"):  # new linears holding the MLP rows / columns only
-            old = getattr(blk, name, None)
-            if old is None:
-                continue
-            w = old.weight[cuts[f"{name}.weight"]]
-            b = None if old.bias is None else old.bias[cuts.get(f"{name}.bias", (slice(None),))]
-            new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                new.weight.copy_(w)
-                if b is not None:
-                    new.bias.copy_(b)
-            new.requires_grad_(old.weight.requires_grad)
-            parts[name] = new
-        return parts
-
-    def export_slices(self, blk):
-        hidden = blk.in_split[0]
-        out = {"in_proj.weight": (slice(0, hidden),)}
-        if blk.in_proj.bias is not None:
-            out["in_proj.bias"] = (slice(0, hidden),)
-        if blk.out_proj is not None:
-            out["out_proj.weight"] = (slice(None), slice(blk.out_proj.weight.shape[1] - hidden, None))
-        return out
-
-    def removed_parameters(self, blk):
-        dim = blk.in_proj.in_features
-        hidden = blk.in_split[0]
-        n = 3 * dim * dim + (3 * dim if blk.in_proj.bias is not None else 0)
-        if blk.out_proj is not None:
-            n += blk.out_proj.weight.shape[0] * (blk.out_proj.weight.shape[1] - hidden)
-        return n + super().removed_parameters(blk)  # q / k norms, attn_out_proj, lambdas
-
-    def output_projections(self, blk, attention_free):
-        if getattr(blk, "out_proj", None) is not None:
-            return [blk.out_proj]
-        return [blk.mlp_out_proj] if attention_free else [blk.attn_out_proj, blk.mlp_out_proj]
-
-
-class DiffParallelScalingFamily(ParallelScalingFamily):
-    """``DiffParallelScalingBlock``: the parallel block with differential attention (two softmax
-    maps, ``sub_norm``, the learned lambda parameters); always a fused ``out_proj``."""
-
-    attention_only = ("q_norm", "k_norm", "attn_drop", "sub_norm",
-                      "lambda_a", "lambda_b", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
-
-    def _attend(self, blk, q, k, v, B, N, C, ctx):
-        H, hd = blk.num_heads, blk.head_dim
-        q = q.reshape(B, N, 2 * H, hd).transpose(1, 2)
-        k = k.reshape(B, N, 2 * H, hd).transpose(1, 2)
-        v = v.reshape(B, N, H, 2 * hd).transpose(1, 2)
-        q, k = blk.q_norm(q), blk.k_norm(k)
-        if ctx.get("_keys") is not None:  # ToMe's matching metric: the keys averaged over both maps' heads
-            ctx["_keys"].append(k.mean(dim=1))
-        lambda_full = blk._compute_lambda().type_as(q)
-        q1, q2 = q.reshape(B, H, 2, N, hd).unbind(2)
-        k1, k2 = k.reshape(B, H, 2, N, hd).unbind(2)
-        p = blk.attn_drop_p if blk.training else 0.0
-        mask, causal = ctx.get("attn_mask"), bool(ctx.get("is_causal", False))
-        a1 = F.scaled_dot_product_attention(q1, k1, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        a2 = F.scaled_dot_product_attention(q2, k2, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        y = blk.sub_norm(a1 - lambda_full * a2) * (1 - blk.lambda_init)
-        return y.transpose(1, 2).reshape(B, N, C)
-
-
-def _timm_classes() -> list[Family]:
-    """The adapters, built from the timm classes this timm has."""
-    import importlib
-
-    def cls(module: str, name: str):
-        try:
-            return getattr(importlib.import_module(f"timm.models.{module}"), name)
-        except (ImportError, AttributeError):
-            return None
-
-    fams: list[Family] = []
-
-    def add(family_cls, name, classes, **kw):
+def register_family(name: str, *, blocks: Sequence[type | str], **kw: Any):
+    """Class decorator: an instance of the decorated :class:`Family` subclass, ``cls(name, classes, **kw)``,
+    becomes the adapter of the block classes ``blocks`` (classes, or ``"module.Class"`` paths under
+    ``timm.models``; those this timm lacks are skipped, and with none left nothing is registered)."""
+    def deco(cls: type[Family]) -> type[Family]:
+        classes = [_timm_class(b) if isinstance(b, str) else b for b in blocks]
         classes = [c for c in classes if c is not None]
         if classes:
-            fams.append(family_cls(name, classes, **kw))
-
-    vit_ctx = ("attn_mask", "is_causal")
-    add(Family, "vit", [cls("vision_transformer", "Block")], context=vit_ctx,
-        examples=("vit_*", "deit_*", "naflexvit_*", "vit_*_resnet*"),
-        notes="timm's pre-norm Block: ls1 / ls2 LayerScale, qk-norm, registers")
-    add(Family, "eva", [cls("eva", "EvaBlock")], context=("rope", "attn_mask", "is_causal"),
-        scale1="gamma_1", scale2="gamma_2",
-        examples=("eva02_*", "vit_*_dinov3", "vit_pe_*", "vit_*_rope_*"),
-        notes="RoPE passed to the attention; gamma_1 / gamma_2 layer scale; SwiGLU MLPs")
-    add(Family, "beit", [cls("beit", "Block")], context=("shared_rel_pos_bias",),
-        scale1="gamma_1", scale2="gamma_2", examples=("beit_*", "beitv2_*"),
-        notes="relative-position bias per block or shared (model.rel_pos_bias)")
-    add(Family, "cait", [cls("cait", "LayerScaleBlock")], scale1="gamma_1", scale2="gamma_2",
-        drop1="drop_path", drop2="drop_path", examples=("cait_*",),
-        notes="talking-heads self-attention blocks; the class-attention blocks (blocks_token_only) are kept")
-    add(Family, "relpos", [cls("vision_transformer_relpos", "RelPosBlock")], context=("shared_rel_pos",),
-        examples=("vit_relpos_*", "vit_srelpos_*"),
-        notes="relative-position bias per block, or shared (model.shared_rel_pos)")
-    add(WindowedFamily, "sam", [cls("vision_transformer_sam", "Block")], examples=("samvit_*",),
-        notes="(B, H, W, C) tokens; windowed or global attention with relative positions")
-    add(PostNormFamily, "respost", [cls("vision_transformer", "ResPostBlock")], context=vit_ctx,
-        examples=("vit_*_respost*",), notes="post-norm: a norm after each branch")
-    add(PostNormFamily, "eva-postnorm", [cls("eva", "EvaBlockPostNorm")], context=("rope", "attn_mask", "is_causal"),
-        examples=("eva02 (use_post_norm=True)",), notes="post-norm Eva block")
-    add(PostNormFamily, "relpos-respost", [cls("vision_transformer_relpos", "ResPostRelPosBlock")],
-        context=("shared_rel_pos",), examples=("vit_relpos_*_respost*",), notes="post-norm relative-position block")
-    add(ParallelThingsFamily, "parallel-things", [cls("vision_transformer", "ParallelThingsBlock")],
-        examples=("vit_*_parallel*",), notes="several attention / MLP branches in parallel")
-    add(ParallelScalingFamily, "parallel-scaling", [cls("vision_transformer", "ParallelScalingBlock")],
-        examples=("vit_*_pscan*",), notes="one in_norm / in_proj for attention and MLP, fused or split out_proj")
-    add(DiffParallelScalingFamily, "diff-parallel-scaling",
-        [cls("vision_transformer", "DiffParallelScalingBlock")], examples=("vit_*_pscan_diff*",),
-        notes="parallel block with differential attention")
-    return fams
+            taken = [c for c in classes if c in _BY_CLASS]
+            if taken:
+                raise ShrinkError(f"block class {taken[0].__name__} has an adapter already ({_BY_CLASS[taken[0]].name})")
+            fam = FAMILIES.add(name, cls(name, classes, **kw))
+            _BY_CLASS.update({c: fam for c in classes})
+        return cls
+    return deco
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in _timm_classes()}
-_BY_CLASS: dict[type, Family] = {c: f for f in FAMILIES.values() for c in f.classes}
+def get_family(name: str) -> Family:
+    """The adapter registered as ``name`` (a one-line ShrinkError naming the known ones otherwise)."""
+    return FAMILIES.lookup(name)
+
+
+def unregister_family(name: str) -> None:
+    fam = FAMILIES.remove(name)
+    for c in fam.classes:
+        _BY_CLASS.pop(c, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,7 +295,7 @@ def unsupported_reason(block: nn.Module) -> str:
     """One line: why ``block`` cannot have its attention removed, and what would be needed."""
     name = type(block).__name__
     return (f"{name} has no attention sublayer shrink can remove: its class has no adapter in the block "
-            f"contract (shrink/blocks.py), which would need to say where its token-mixing branch, norms "
+            f"contract (shrink/blocks/families.py: register_family), which would need to say where its token-mixing branch, norms "
             f"and layer scale sit")
 
 
@@ -675,8 +418,7 @@ class AttentionFreeBlock(nn.Module):
     def __init__(self, family: str, parts: dict[str, Any], residual_scale: float = 2.0,
                  non_persistent: Iterable[str] = ()):
         super().__init__()
-        if family not in FAMILIES:
-            raise ShrinkError(f"unknown block family {family!r}")
+        get_family(family)  # a one-line ShrinkError for an unknown name
         self.family = family
         skip = set(non_persistent)
         for name, value in parts.items():
@@ -709,157 +451,3 @@ def export_block(block: nn.Module) -> AttentionFreeBlock:
                              non_persistent=getattr(block, "_non_persistent_buffers_set", ()))
     out.train(block.training)
     return out
-
-
-def removed_parameter_count(model: nn.Module, layers: Iterable[int]) -> int:
-    """Parameters that exporting ``layers`` removes (block parts, plus shared position tables
-    that no remaining attention block would use)."""
-    blocks = get_blocks(model)
-    layers = set(layers)
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(blocks)]
-    if bad:
-        raise ShrinkError(f"layer index {bad[0]!r} is not a block of this model (0..{len(blocks) - 1})")
-    n = 0
-    for i in layers:
-        fam = block_family(blocks[i])
-        if fam is None or isinstance(blocks[i], AttentionFreeBlock):
-            raise ShrinkError(f"block {i} has no attention branch to remove")
-        n += fam.removed_parameters(blocks[i])
-    if set(attention_block_indices(model)) <= layers:
-        n += sum(sum(p.numel() for p in m.parameters()) for _, m in _shared_tables(model))
-    return n
-
-
-# Model-level tables that only attention reads, and the timm classes whose forward accepts None
-# for them (checked in tests): they go when no block with attention remains.
-_SHARED_TABLES = (("beit", "Beit", "rel_pos_bias"),
-                  ("vision_transformer_relpos", "VisionTransformerRelPos", "shared_rel_pos"),
-                  ("eva", "Eva", "rope"))
-
-
-def _shared_tables(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    out = []
-    for module, cls_name, attr in _SHARED_TABLES:
-        mod = __import__(f"timm.models.{module}", fromlist=[cls_name])
-        klass = getattr(mod, cls_name, None)
-        table = getattr(model, attr, None)
-        if klass is not None and isinstance(model, klass) and isinstance(table, nn.Module):
-            out.append((attr, table))
-    return out
-
-
-def prune_shared_tables(model: nn.Module) -> list[str]:
-    """Drop model-level position tables (shared relative-position bias, RoPE) once no block with
-    attention remains; returns the attribute names dropped."""
-    if attention_block_indices(model):
-        return []
-    dropped = []
-    for attr, _ in _shared_tables(model):
-        setattr(model, attr, None)
-        dropped.append(attr)
-    return dropped
-
-
-def export_slices(model: nn.Module) -> dict[str, tuple[slice, ...]]:
-    """For the diluted blocks of ``model``: the parameters that :func:`shrink.export` keeps only
-    in part (a parallel block's fused projections), by full name -> index of the kept part. Used to
-    carry optimizer state across the export."""
-    out: dict[str, tuple[slice, ...]] = {}
-    for i, b in enumerate(get_blocks(model)):
-        if isinstance(b, DilutedBlock):
-            prefix = f"{_blocks_prefix(model)}.{i}."
-            out.update({prefix + k: v for k, v in b._shrink_family.export_slices(b).items()})
-    return out
-
-
-def _blocks_prefix(model: nn.Module) -> str:
-    blocks = get_blocks(model)
-    return next(n for n, m in model.named_modules() if m is blocks)
-
-
-def removed_names() -> frozenset[str]:
-    """Every attribute name that some family removes with its token-mixing branch."""
-    return frozenset(n for f in FAMILIES.values() for n in f.removed)
-
-
-def set_drop_path(block: nn.Module, rate: float) -> None:
-    """Give every drop-path module of ``block`` the same stochastic-depth ``rate``, in place."""
-    from timm.layers import DropPath
-
-    for name, child in list(block.named_modules()):
-        if isinstance(child, (DropPath, nn.Identity)) and name.split(".")[-1].startswith("drop_path"):
-            parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            setattr(parent, name.rsplit(".", 1)[-1], DropPath(rate) if rate > 0 else nn.Identity())
-
-
-def output_projections(block: nn.Module) -> list[nn.Module | None]:
-    """The linear layers writing ``block``'s branches into the residual stream (None: unknown)."""
-    fam = block_family(block)
-    if fam is None:
-        return [None]
-    return fam.output_projections(block, isinstance(block, AttentionFreeBlock))
-
-
-# --------------------------------------------------------------------------------------------------
-# Running blocks differently for a while (selection)
-# --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _forward_override(blocks: Sequence[nn.Module], make: Callable[[nn.Module, Family], Callable]) -> Iterator[None]:
-    saved: list[tuple[nn.Module, object]] = []
-    try:
-        for blk in blocks:
-            fam = block_family(blk)
-            if fam is None or classify_block(blk) != "attention":
-                raise ShrinkError(f"block {type(blk).__name__} has no attention branch to run this way")
-            saved.append((blk, blk.__dict__.get("forward", None)))
-            blk.forward = types.MethodType(make(blk, fam), blk)
-        yield
-    finally:
-        for blk, fwd in saved:
-            if fwd is None:
-                blk.__dict__.pop("forward", None)
-            else:
-                blk.forward = fwd
-
-
-def skip_attention(blocks: Sequence[nn.Module]):
-    """Context: the attention branch of ``blocks`` is a pure identity (``x``, not ``2x``), the
-    paper's "skip" for selection on the untouched model."""
-    def make(blk, fam):
-        def forward(self, x, *args, **kwargs):
-            return fam.forward(self, x, None, 1.0, fam.context(args, kwargs))
-        return forward
-    return _forward_override(blocks, make)
-
-
-def probe_branches(blocks: dict[int, nn.Module], on_attention: Callable[[int, torch.Tensor, torch.Tensor], None],
-                   on_mlp: Callable[[int, torch.Tensor], None], skip: Iterable[int] = ()):
-    """Context: ``blocks`` (index -> block) run as in timm but report their branches:
-    ``on_attention(i, block_input, attention_branch)`` and ``on_mlp(i, mlp_branch)``. Blocks in
-    ``skip`` run with their attention as an identity (and report only the MLP branch)."""
-    skip = set(skip)
-
-    def make_for(i):
-        class Probe:
-            def attention(self, x, a):
-                on_attention(i, x, a)
-
-            def mlp(self, m):
-                on_mlp(i, m)
-
-        def make(blk, fam):
-            def forward(self, x, *args, **kwargs):
-                lam = None if i in skip else 1.0
-                return fam.forward(self, x, lam, 1.0, fam.context(args, kwargs), probe=Probe())
-            return forward
-        return make
-
-    @contextlib.contextmanager
-    def run():
-        with contextlib.ExitStack() as stack:
-            for i, blk in blocks.items():
-                stack.enter_context(_forward_override([blk], make_for(i)))
-            yield
-    return run()

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -26,6 +26,7 @@ from shrink.blocks.contract import (
     unsupported_reason,
 )
 from shrink.errors import ShrinkError
+from shrink.registry import Registry
 from shrink.unwrap import unwrap
 
 _logger = logging.getLogger(__name__)
@@ -123,7 +124,25 @@ def deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
 # Schedules: pure functions of (epoch, step) -> lambda, easy to plot.
 # --------------------------------------------------------------------------------------------------
 
-SCHEDULES = ("reference", "linear", "cosine", "constant")
+SCHEDULE_REGISTRY: Registry[Callable[[int, int, int, float], float]] = Registry("lambda schedule")
+SCHEDULES = SCHEDULE_REGISTRY.names  # ('reference', 'linear', 'cosine', 'constant', and any registered later)
+
+
+def register_schedule(name: str):
+    """Decorator: ``fn(epoch, step, steps_per_epoch, dilution_epochs) -> lambda`` becomes schedule ``name``."""
+    def deco(fn):
+        SCHEDULE_REGISTRY.add(name, fn)
+        return fn
+    return deco
+
+
+def get_schedule(name: str) -> Callable[[int, int, int, float], float]:
+    """The schedule function of ``name`` (a one-line ShrinkError naming the known ones otherwise)."""
+    return SCHEDULE_REGISTRY.lookup(name)
+
+
+def unregister_schedule(name: str) -> None:
+    SCHEDULE_REGISTRY.remove(name)
 
 
 def lambda_reference(epoch: int, dilution_epochs: float = 299) -> float:
@@ -155,16 +174,22 @@ def lambda_cosine(epoch: int, step: int, steps_per_epoch: int, dilution_epochs: 
     return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+@register_schedule("reference")
+def _reference(epoch: int, step: int, steps_per_epoch: int, dilution_epochs: float) -> float:
+    return lambda_reference(epoch, dilution_epochs)
+
+
+register_schedule("linear")(lambda_linear)
+register_schedule("cosine")(lambda_cosine)
+
+
+@register_schedule("constant")
+def _constant(epoch: int, step: int, steps_per_epoch: int, dilution_epochs: float) -> float:
+    return 1.0
+
+
 def lambda_at(
     kind: str, epoch: int, step: int = 0, steps_per_epoch: int = 1, dilution_epochs: float = 299
 ) -> float:
     """Lambda of schedule ``kind`` at (epoch, step within epoch). ``constant`` is always 1."""
-    if kind == "reference":
-        return lambda_reference(epoch, dilution_epochs)
-    if kind == "linear":
-        return lambda_linear(epoch, step, steps_per_epoch, dilution_epochs)
-    if kind == "cosine":
-        return lambda_cosine(epoch, step, steps_per_epoch, dilution_epochs)
-    if kind == "constant":
-        return 1.0
-    raise ShrinkError(f"unknown lambda schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    return get_schedule(kind)(epoch, step, steps_per_epoch, dilution_epochs)

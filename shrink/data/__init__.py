@@ -1,11 +1,15 @@
-"""Data: the data sets (digits, image folders, CIFAR, synthetic), their transforms and loaders' seeding."""
+"""Data: the data sets (digits, image folders, CIFAR, synthetic; one registered builder each), their
+transforms and loaders' seeding."""
 from shrink.data.datasets import (
+    DATA_SET_REGISTRY,
     DATA_SETS,
     DIGITS_MEAN,
     DIGITS_STD,
     NUM_CLASSES,
     AugmentationError,
     DataPipelineError,
+    DataRequest,
+    DataSetSpec,
     DigitsDataset,
     GuardedCIFAR10,
     GuardedCIFAR100,
@@ -18,19 +22,25 @@ from shrink.data.datasets import (
     calibration_subset,
     check_data_path,
     count_classes,
+    get_data_set,
     harden_augmentation,
     load_rgb,
     posterize_any_bits,
+    register_data_set,
     resolve_data_set,
+    unregister_data_set,
     with_transform,
 )
 
 __all__ = [
     "AugmentationError",
     "DATA_SETS",
+    "DATA_SET_REGISTRY",
     "DIGITS_MEAN",
     "DIGITS_STD",
     "DataPipelineError",
+    "DataRequest",
+    "DataSetSpec",
     "DigitsDataset",
     "GuardedCIFAR10",
     "GuardedCIFAR100",
@@ -44,9 +54,12 @@ __all__ = [
     "calibration_subset",
     "check_data_path",
     "count_classes",
+    "get_data_set",
     "harden_augmentation",
     "load_rgb",
     "posterize_any_bits",
+    "register_data_set",
     "resolve_data_set",
+    "unregister_data_set",
     "with_transform",
 ]

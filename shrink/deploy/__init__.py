@@ -15,37 +15,48 @@ inside the file (ONNX ``metadata_props`` key ``shrink.deploy``; the .pt2 archive
 
 ONNX needs the optional ``deploy`` extra (``pip install -e ".[deploy]"``: onnx, onnxruntime,
 onnxscript); ``import shrink`` and the .pt2 path never need it.
+
+Formats are registered (``@register_format`` in :mod:`shrink.deploy.formats`); the writers are in
+:mod:`shrink.deploy.onnx_export` and :mod:`shrink.deploy.pt2`, the ONNX graph check in
+:mod:`shrink.deploy.check`, what they share in :mod:`shrink.deploy.metadata`.
 """
+from shrink.deploy.check import ATTENTION_OPS, attention_nodes, check_attention_free
 from shrink.deploy.formats import (
-    ATTENTION_OPS,
+    FORMAT_REGISTRY,
     FORMATS,
+    ExportFormat,
+    deploy,
+    get_format,
+    read_metadata,
+    register_format,
+    unregister_format,
+)
+from shrink.deploy.metadata import (
     INPUT_NAME,
     METADATA_KEY,
     MIN_OPSET,
     OUTPUT_NAME,
     PT2_EXTRA_FILE,
     SCHEMA,
-    attention_nodes,
-    check_attention_free,
-    deploy,
     deploy_metadata,
-    export_onnx,
-    export_program,
-    load_onnx_session,
-    load_program,
     max_abs_diff,
     model_input_size,
     prepare_model,
-    read_metadata,
     require_deploy_extra,
-    save_program,
     sidecar_path,
+)
+from shrink.deploy.onnx_export import (
+    export_onnx,
+    load_onnx_session,
     to_onnx,
 )
+from shrink.deploy.pt2 import export_program, load_program, save_program
 
 __all__ = [
     "ATTENTION_OPS",
+    "ExportFormat",
     "FORMATS",
+    "FORMAT_REGISTRY",
     "INPUT_NAME",
     "METADATA_KEY",
     "MIN_OPSET",
@@ -58,14 +69,17 @@ __all__ = [
     "deploy_metadata",
     "export_onnx",
     "export_program",
+    "get_format",
     "load_onnx_session",
     "load_program",
     "max_abs_diff",
     "model_input_size",
     "prepare_model",
     "read_metadata",
+    "register_format",
     "require_deploy_extra",
     "save_program",
     "sidecar_path",
     "to_onnx",
+    "unregister_format",
 ]

@@ -22,7 +22,7 @@ from shrink.cli.runner import (
     cli_main,
     parse_layers,
 )
-from shrink.deploy import FORMATS, MIN_OPSET, deploy, require_deploy_extra, sidecar_path
+from shrink.deploy import FORMATS, MIN_OPSET, deploy, get_format, require_deploy_extra, sidecar_path
 from shrink.errors import ShrinkError
 from shrink.modelio.create import create_model, load
 from shrink.training.run_folder import DEPLOY, check_outside_run
@@ -82,12 +82,13 @@ def _validate_args(args: argparse.Namespace) -> Path:
         raise ShrinkError(f"--tome-start-idx must be >= 0, got {args.tome_start_idx}")
     if args.tome_r is None and (args.tome_start_idx != 0 or args.tome_policy != "none"):
         raise ShrinkError("--tome-start-idx / --tome-policy need --tome-r")
-    if args.opset is not None and args.format != "onnx":
-        raise ShrinkError("--opset applies to --format onnx only")
+    fmt = get_format(args.format)
+    if args.opset is not None and "opset" not in fmt.options:
+        with_opset = ", ".join(n for n in FORMATS if "opset" in get_format(n).options)
+        raise ShrinkError(f"--opset applies to --format {with_opset} only")
     if args.opset is not None and args.opset < MIN_OPSET:
         raise ShrinkError(f"--opset must be >= {MIN_OPSET}, got {args.opset}")
-    if args.format == "onnx":
-        require_deploy_extra()
+    require_deploy_extra(fmt.needs)
     if args.output:
         out = Path(args.output)
     elif ckpt is not None:  # RUN/best -> RUN/deploy/best.onnx: a run's folder keeps deploy/ for this

@@ -1,4 +1,4 @@
-"""Selection: the criteria (entropy, transfer entropy, the peers') and the layer search."""
+"""Selection: the criteria (entropy, transfer entropy, the peers', one registered function each) and the layer search."""
 from shrink.selection.criteria import (
     PassStats,
     Runner,
@@ -12,9 +12,7 @@ from shrink.selection.criteria import (
     skip_attention,
 )
 from shrink.selection.layers import (
-    CRITERIA,
     LOG_BASE,
-    SCORED,
     SelectionResult,
     layer_table,
     plot_selection,
@@ -22,25 +20,41 @@ from shrink.selection.layers import (
     select_layers,
     transfer_entropy,
 )
+from shrink.selection.registry import (
+    CRITERIA,
+    CRITERION_REGISTRY,
+    SCORED,
+    Criterion,
+    Scoring,
+    get_criterion,
+    register_criterion,
+    unregister_criterion,
+)
 
 __all__ = [
     "CRITERIA",
+    "CRITERION_REGISTRY",
+    "Criterion",
     "LOG_BASE",
     "PassStats",
     "Runner",
     "RunningMean",
     "RunningMoments",
     "SCORED",
+    "Scoring",
     "SelectionResult",
     "candidate_layers",
     "check_model_api",
     "finite_or_str",
     "gaussian_entropy",
+    "get_criterion",
     "layer_table",
     "plot_selection",
     "pre_logits",
     "ratio_to_k",
+    "register_criterion",
     "select_layers",
     "skip_attention",
     "transfer_entropy",
+    "unregister_criterion",
 ]

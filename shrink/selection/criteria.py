@@ -8,16 +8,17 @@ every difference (transfer entropy) and in every ranking.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from shrink.blocks.contract import DilutedBlock, attention_block_indices, get_blocks, probe_branches
-from shrink.blocks.contract import skip_attention as blocks_skip_attention
+from shrink.blocks.contract import DilutedBlock, attention_block_indices, get_blocks
+from shrink.blocks.probes import probe_branches
+from shrink.blocks.probes import skip_attention as blocks_skip_attention
 from shrink.errors import ShrinkError
+from shrink.io import jsonable
 
 
 class RunningMoments:
@@ -270,7 +271,5 @@ def check_model_api(model: nn.Module) -> None:
 
 
 def finite_or_str(v: float) -> float | str:
-    """JSON-safe float: non-finite values become the strings 'inf', '-inf', 'nan'."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
+    """JSON-safe float: non-finite values become the strings 'inf', '-inf', 'nan' (:func:`shrink.io.jsonable`)."""
+    return jsonable(v)

@@ -11,6 +11,8 @@ Every scoring criterion ranks candidate layers so that *lower means remove first
 - ``block_influence`` (ShortGPT): ``1 - cos(block input, block output)`` over all tokens.
 - ``random`` (seeded), ``last`` (the last k attention blocks), ``manual`` (explicit layers).
 
+Each is one registered function in :mod:`shrink.selection.registry` (``@register_criterion``).
+
 "Skipping" a layer makes its attention branch a pure identity (``x``, not ``2x``) on the untouched
 model. Greedy variants re-measure with the already chosen layers skipped; one-shot variants rank
 everything once on the full model.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,12 +32,15 @@ from tqdm.auto import tqdm
 
 from shrink.blocks.dilution import get_blocks, validate_layers
 from shrink.errors import ShrinkError
-from shrink.selection.criteria import PassStats, Runner, candidate_layers, check_model_api, finite_or_str
+from shrink.io import jsonable
+from shrink.selection.criteria import PassStats, Runner, candidate_layers, check_model_api
+from shrink.selection.registry import CRITERIA, CRITERION_REGISTRY, SCORED, Criterion, Scoring, get_criterion
 
 _logger = logging.getLogger(__name__)
 
-CRITERIA = ("transfer_entropy", "entropy", "cosine", "block_influence", "random", "last", "manual")
-SCORED = ("transfer_entropy", "entropy", "cosine", "block_influence")
+__all__ = ["CRITERIA", "LOG_BASE", "SCORED", "SelectionResult", "layer_table", "plot_selection", "ratio_to_k",
+           "select_layers", "transfer_entropy"]
+
 LOG_BASE = "e"  # every entropy is in nats
 
 
@@ -76,7 +80,7 @@ class SelectionResult:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (non-finite floats become the strings 'inf' / '-inf' / 'nan')."""
-        return _jsonable({
+        return jsonable({
             "criterion": self.criterion,
             "layers": list(self.layers),
             "k": self.k,
@@ -91,16 +95,6 @@ class SelectionResult:
             "scores": self.scores,
             **self.extra,
         })
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return finite_or_str(obj)
-    return obj
 
 
 def _rank_key(scores: dict[int, float], te_abs: bool):
@@ -131,14 +125,19 @@ def _resolve_amp(device: torch.device, amp_dtype: torch.dtype | None) -> torch.d
     return amp_dtype
 
 
-def _expected_passes(criterion: str, n: int, k: int, greedy: bool, measured: bool) -> int:
+def _is_te(name: str) -> bool:
+    crit = CRITERION_REGISTRY.get(name)
+    return crit is not None and crit.transfer_entropy
+
+
+def _expected_passes(crit: Criterion, n: int, k: int, greedy: bool, measured: bool) -> int:
     if not measured:
         return 0
     base = 1
-    if criterion == "transfer_entropy":
+    if crit.transfer_entropy:
         extra = sum(n - s for s in range(k)) if greedy else n
         return base + extra + (0 if greedy or k == 0 else 1)
-    if criterion in SCORED:
+    if crit.scored:
         return base + (max(k - 1, 0) if greedy else 0) + (1 if k else 0)
     return base + (1 if k else 0)
 
@@ -165,8 +164,7 @@ def select_layers(
     ``amp_dtype`` None means bf16 autocast on CUDA and full precision on CPU; torch.float32 turns it off.
     """
     t0 = time.perf_counter()
-    if criterion not in CRITERIA:
-        raise ShrinkError(f"unknown selection criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    crit = get_criterion(criterion)
     blocks = get_blocks(model)
     depth = len(blocks)
     candidates = candidate_layers(model)
@@ -174,22 +172,23 @@ def select_layers(
         raise ShrinkError("give a removal ratio or a layer count k, not both")
     if ratio is not None:
         k = ratio_to_k(ratio, depth)
-    if criterion == "manual":
+    if crit.takes_layers:
         if layers is None:
-            raise ShrinkError("criterion 'manual' needs an explicit list of layers")
+            raise ShrinkError(f"criterion {criterion!r} needs an explicit list of layers")
         layers = validate_layers(model, layers)
         if k is not None and k != len(layers):
             raise ShrinkError(f"ratio/k asks for {k} layers but {len(layers)} were given manually: {layers}")
         k = len(layers)
     elif layers is not None:
-        raise ShrinkError(f"explicit layers are only used with criterion 'manual', not {criterion!r}")
+        manual = ", ".join(n for n in CRITERIA if get_criterion(n).takes_layers)
+        raise ShrinkError(f"explicit layers are only used with criterion {manual!r}, not {criterion!r}")
     if k is None:
         raise ShrinkError("give a removal ratio or a layer count k")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ShrinkError(f"layer count k must be a non-negative integer, got {k!r}")
     if k > len(candidates):
         raise ShrinkError(f"cannot remove {k} attention layers: the model has only {len(candidates)}")
-    if loader is None and criterion in SCORED:
+    if loader is None and crit.scored:
         raise ShrinkError(f"criterion {criterion!r} needs calibration images (a loader)")
     check_model_api(model)
 
@@ -199,7 +198,7 @@ def select_layers(
     amp = _resolve_amp(dev, amp_dtype)
     modes = {m: m.training for m in model.modules()}
     measured = loader is not None
-    total = _expected_passes(criterion, len(candidates), k, greedy, measured)
+    total = _expected_passes(crit, len(candidates), k, greedy, measured)
     bar = tqdm(total=total, desc=f"select[{criterion}]", unit="pass", disable=not progress or total == 0)
     try:
         if dev != home:
@@ -208,7 +207,7 @@ def select_layers(
         runner = Runner(model, loader, dev, amp) if measured else None
         if runner is not None:
             runner.bar = bar
-        chosen, scores = _select(runner, criterion, candidates, k, greedy, seed, te_abs, layers)
+        chosen, scores = _select(runner, crit, candidates, k, greedy, seed, te_abs, layers)
         if runner is not None and chosen:
             if "te_of_selection" not in scores:
                 scores["te_of_selection"] = scores["feature_entropy"] - runner.run(skip=chosen).feature_entropy
@@ -224,15 +223,15 @@ def select_layers(
     return SelectionResult(
         layers=chosen, criterion=criterion, scores=scores, forward_passes=passes, seconds=seconds,
         k=k, depth=depth, ratio=None if ratio is None else float(ratio),
-        greedy=greedy if criterion in SCORED else False, seed=seed,
+        greedy=greedy if crit.scored else False, seed=seed,
         calib_images=scores.get("calib_images", 0),
-        extra={"te_mode": "abs" if te_abs else "signed"} if criterion == "transfer_entropy" else {},
+        extra={"te_mode": "abs" if te_abs else "signed"} if crit.transfer_entropy else {},
     )
 
 
 def _select(
     runner: Runner | None,
-    criterion: str,
+    crit: Criterion,
     candidates: list[int],
     k: int,
     greedy: bool,
@@ -247,25 +246,15 @@ def _select(
         scores["feature_entropy"] = base.feature_entropy
         scores["calib_images"] = base.images
         scores["per_layer"] = _per_layer(base)
-    if criterion == "random":
-        return random.Random(seed).sample(candidates, k), scores
-    if criterion == "last":
-        return sorted(candidates[len(candidates) - k:]) if k else [], scores
-    if criterion == "manual":
-        return list(manual or []), scores
+    if not crit.scored:
+        return list(crit.fn(list(candidates), k, seed=seed, layers=manual)), scores
     assert runner is not None and base is not None
     h_full = base.feature_entropy
 
     def score_all(skipped: list[int], remaining: list[int], stats: PassStats | None) -> dict[int, float]:
-        if criterion == "transfer_entropy":
-            return {li: h_full - runner.run(skip=skipped + [li]).feature_entropy for li in remaining}
-        if stats is None:
-            stats = runner.run(skip=skipped, probe_layers=remaining)
-        table = {"entropy": stats.attn_entropy, "cosine": stats.cosine,
-                 "block_influence": stats.block_influence}[criterion]
-        return {li: table[li] for li in remaining}
+        return crit.fn(Scoring(runner, h_full, stats), skipped, remaining)
 
-    use_abs = te_abs and criterion == "transfer_entropy"
+    use_abs = te_abs and crit.transfer_entropy
     steps: list[dict[str, Any]] = []
     chosen: list[int] = []
     if not greedy:
@@ -280,8 +269,8 @@ def _select(
             best = min(remaining, key=_rank_key(step_scores, use_abs))
             chosen.append(best)
             steps.append({"step": s, "layer": best, "score": step_scores[best], "candidates": step_scores})
-            _logger.info("step %d: layer %d (%s = %.6g)", s, best, criterion, step_scores[best])
-        if criterion == "transfer_entropy" and chosen:
+            _logger.info("step %d: layer %d (%s = %.6g)", s, best, crit.name, step_scores[best])
+        if crit.transfer_entropy and chosen:
             scores["te_of_selection"] = steps[-1]["score"]
     scores["steps"] = steps
     return chosen, scores
@@ -330,7 +319,7 @@ def layer_table(result: SelectionResult) -> str:
                     f"{fmt(per.get('cosine', {}), li)} {fmt(per.get('block_influence', {}), li)} {mark:>7}")
     steps = result.scores.get("steps", [])
     if steps:
-        label = "TE" if result.criterion == "transfer_entropy" else result.criterion
+        label = "TE" if _is_te(result.criterion) else result.criterion
         rows.append("")
         rows.append(f"{'step':>5} {'layer':>5} {label + ' (nats)' if label == 'TE' else label:>14}")
         for st in steps:
@@ -380,7 +369,7 @@ def plot_selection(result: SelectionResult, path) -> None:
             ax.annotate(str(s["layer"]), (s["step"] + 1, s["score"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("TE of chosen set (nats)" if result.criterion == "transfer_entropy" else result.criterion)
+        ax.set_ylabel("TE of chosen set (nats)" if _is_te(result.criterion) else result.criterion)
     else:
         ax.text(0.5, 0.5, f"criterion {result.criterion}: no scores", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(f"{result.criterion}: chosen {result.layers}", fontsize=9, pad=14)
