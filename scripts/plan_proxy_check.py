@@ -68,7 +68,7 @@ def main() -> int:
     import shrink
     from shrink.data.datasets import build_dataset, calibration_subset
     from shrink.plan import Candidate, Proxy, load_calibration, removal_order
-    from shrink.plan.search import plan_yaml
+    from shrink.plan.outputs import plan_yaml
 
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)

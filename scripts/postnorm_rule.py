@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
+from shrink.introspect import num_params  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RULES = {"s2_reference": 2.0, "s1_identity": 1.0}
@@ -190,7 +191,7 @@ def run_model(kind: str, args, train_set, val, calib, log) -> dict:
                 "seed": seed, "final_deploy_acc": final_acc, "export_acc": exp_acc,
                 "export_equal": bool(torch.equal(logits0, logits_exp)),
                 "export_max_abs_diff": float((logits0 - logits_exp).abs().max()),
-                "export_params": sum(p.numel() for p in exported.parameters()),
+                "export_params": num_params(exported),
                 "curve": curve, "seconds": time.perf_counter() - t1,
             })
             log(f"[{kind}] {rule} seed {seed}: lambda=0 untrained {acc0:.2f}% -> fine-tuned deployable "
@@ -202,7 +203,7 @@ def run_model(kind: str, args, train_set, val, calib, log) -> dict:
                        "runs": runs}
     return {"timm_model": MODELS[kind][0], "block": MODELS[kind][1], "block_types": block_types,
             "dense_acc": dense_acc, "dense_final_train_loss": dense_losses[-1] if dense_losses else None,
-            "dense_seconds": dense_seconds, "dense_params": sum(p.numel() for p in model.parameters()),
+            "dense_seconds": dense_seconds, "dense_params": num_params(model),
             "layers": layers, "selection": how, "te_of_selection": te,
             "default_residual_scale": _default_scale(model, layers), "rules": rules,
             "seconds": time.perf_counter() - t0}

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from shrink.cli.runner import OneLineArgumentParser, add_threads_argument, apply_threads, cli_main  # noqa: E402
 from shrink.errors import ShrinkError  # noqa: E402
+from shrink.introspect import num_params  # noqa: E402
 from shrink.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 PHOTOS = ("china", "flower")
@@ -114,7 +115,7 @@ def save_start_model(path: Path, seed: int) -> int:
     torch.manual_seed(seed)
     model = shrink.create_model("deit_tiny_patch16_224", patch_size=8, img_size=32, num_classes=10)
     shrink.save(model, path)
-    return sum(p.numel() for p in model.parameters())
+    return num_params(model)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,19 +12,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The layers, bottom to top (docs/architecture.md): each may import only from the layers below it.
+# The layers, bottom to top (docs/architecture.md): a module imports only from its own layer and the ones below.
+# A package is named once; its submodules belong to its layer.
+LAYERS = [
+    ("base", {"shrink.errors", "shrink.io", "shrink.precision", "shrink.unwrap", "shrink.introspect",
+              "shrink.values", "shrink.registry", "shrink._old_paths"}),
+    ("model files", {"shrink.models", "shrink._source_tree"}),
+    ("block contract", {"shrink.blocks"}),
+    ("the method", {"shrink.selection", "shrink.merging"}),
+    ("models in and out", {"shrink.modelio"}),
+    ("data", {"shrink.data"}),
+    ("run, measure, deploy", {"shrink.training", "shrink.bench", "shrink.deploy"}),
+    ("plan", {"shrink.plan"}),
+    ("command line", {"shrink.cli"}),
+    ("entry points", {"shrink.select", "shrink.convert", "main_lambda", "benchmark"}),
+]
 MODEL_LAYER = "shrink.models"
 CHECKPOINT_ALLOWED = {"shrink.errors", "shrink.unwrap"}  # plus shrink.models.*
-CORE = {"shrink.blocks.contract", "shrink.blocks.dilution", "shrink.blocks.attention_free", "shrink.merging.patch", "shrink.merging.merge", "shrink.merging.kernels",
-        "shrink.merging.rope", "shrink.merging.relpos", "shrink.merging.cait", "shrink.selection.criteria", "shrink.selection.layers"}
-ABOVE_CORE = {"shrink.modelio.create", "shrink.training.trainer", "shrink.training.loop", "shrink.training.parts", "shrink.training.run_folder", "shrink.training.metrics",
-              "shrink.training.sharding", "shrink.deploy", "shrink.deploy.__main__", "shrink.bench", "shrink.training.config",
-              "shrink.cli.runner", "shrink.select", "shrink.convert", "shrink.plan"}
-ENTRY_POINTS = {"shrink.select", "shrink.convert", "shrink.deploy.__main__", "shrink.plan.__main__", "main_lambda",
-                "benchmark"}
-# where argument parsing and printing live: the runner, the run's flags, and the `python -m` entry points
-CLI_LAYER = {"shrink.cli.runner", "shrink.training.config", "shrink.select", "shrink.convert", "shrink.deploy.__main__",
-             "shrink.plan.__main__"}
+# the block contract: the only modules that read a block's sublayers (norm1, attn, ls1, ...)
+CONTRACT = {"shrink.blocks.contract", "shrink.blocks.families", "shrink.blocks.positions", "shrink.blocks.probes"}
+# where argument parsing and printing live: the command-line package and the entry points (`python -m` included)
+ENTRY_POINTS = {"shrink.select", "shrink.convert", "main_lambda", "benchmark"}
+
+
+def _is_entry_point(module: str) -> bool:
+    return module in ENTRY_POINTS or module.endswith(".__main__")
+
+
+def _layer(module: str) -> int:
+    if _is_entry_point(module):
+        return len(LAYERS) - 1
+    if module == "shrink":  # the package's __init__: the public API, above everything but the entry points
+        return len(LAYERS) - 2
+    for i, (_, group) in enumerate(LAYERS):
+        if any(module == g or module.startswith(g + ".") for g in group):
+            return i
+    raise AssertionError(f"{module} is in no layer of tests/test_architecture.py: add it (and to docs/architecture.md)")
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -68,13 +91,11 @@ def _imports(name: str) -> tuple[set[str], set[str]]:
 GRAPH = {m: _imports(m)[0] for m in MODULES}
 
 
-def _in(module: str, group: set[str]) -> bool:
-    return any(module == g or module.startswith(g + ".") for g in group)
-
-
 def test_the_graph_covers_the_tree():
-    assert {"shrink", "shrink.modelio.checkpoint", "shrink.modelio.create", "shrink.models.ms_mlp", "main_lambda"} <= set(GRAPH)
-    assert "shrink.errors" in GRAPH["shrink.modelio.checkpoint"] and "shrink.models.bottleneck_mlp" in GRAPH["shrink.modelio.checkpoint"]
+    assert {"shrink", "shrink.modelio.checkpoint", "shrink.modelio.create", "shrink.models.ms_mlp",
+            "main_lambda"} <= set(GRAPH)
+    reader = GRAPH["shrink.modelio.checkpoint"]
+    assert "shrink.errors" in reader and "shrink.models.bottleneck_mlp" in reader
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith(MODEL_LAYER)))
@@ -85,14 +106,44 @@ def test_model_files_import_only_torch_timm_and_each_other(name):
     assert third_party <= {"torch", "timm"}, f"{name} imports {sorted(third_party)}"
 
 
-def test_checkpoint_io_sits_right_above_the_model_files():
+def test_the_checkpoint_reader_needs_only_the_model_files_and_the_base():
     extra = {m for m in GRAPH["shrink.modelio.checkpoint"] if not m.startswith(MODEL_LAYER)} - CHECKPOINT_ALLOWED
     assert not extra, f"shrink.modelio.checkpoint imports {sorted(extra)}"
 
 
-def test_the_block_contract_imports_only_errors():
-    ours = {m for m in GRAPH["shrink.blocks.contract"] if m.startswith("shrink")}
-    assert ours <= {"shrink.errors"}, f"shrink.blocks.contract imports {sorted(ours)}"
+def test_the_block_contract_imports_only_the_base():
+    for name in (m for m in MODULES if m.startswith("shrink.blocks")):
+        ours = {m for m in GRAPH[name] if m.startswith("shrink") and not m.startswith("shrink.blocks")}
+        assert all(_layer(m) == 0 for m in ours), f"{name} imports {sorted(ours)}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_every_module_is_in_a_layer(name):
+    _layer(name)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_flow_down_the_layers(name):
+    up = {m for m in GRAPH[name] if _layer(m) > _layer(name)}
+    assert not up, f"{name} ({LAYERS[_layer(name)][0]}) imports {sorted(up)} from a layer above it"
+
+
+def test_packages_import_each_other_one_way():
+    """No two stage packages import each other (0 arrows running back), whatever their layer."""
+    def package(m: str) -> str:
+        return ".".join(m.split(".")[:2]) if m.startswith("shrink.") else m
+
+    edges = {(package(m), package(d)) for m, deps in GRAPH.items() for d in deps
+             if package(m) != package(d) and m != "shrink" and not _is_entry_point(m)}
+    back = sorted((a, b) for a, b in edges if (b, a) in edges)
+    assert not back, f"packages import each other: {back}"
+
+
+def test_the_layer_check_can_fail(monkeypatch):
+    planted = {**GRAPH, "shrink.blocks.dilution": {*GRAPH["shrink.blocks.dilution"], "shrink.training.trainer"}}
+    monkeypatch.setitem(globals(), "GRAPH", planted)
+    with pytest.raises(AssertionError, match="from a layer above it"):
+        test_imports_flow_down_the_layers("shrink.blocks.dilution")
 
 
 # Attributes of timm transformer blocks (their sublayers): only the block contract reads them.
@@ -115,11 +166,11 @@ def _block_attribute_reads(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not m.startswith(MODEL_LAYER)
-                                        and m != "shrink.blocks.contract"))
+                                        and m not in CONTRACT))
 def test_only_the_block_contract_reads_block_attributes(name):
     path, _ = MODULES[name]
     found = _block_attribute_reads(ast.parse(path.read_text(encoding="utf-8")))
-    assert not found, f"{name} reads block attributes {found}: ask shrink.blocks.contract instead"
+    assert not found, f"{name} reads block attributes {found}: ask the block contract (shrink.blocks) instead"
 
 
 def test_block_attribute_check_can_fail():
@@ -127,15 +178,9 @@ def test_block_attribute_check_can_fail():
     assert sorted(_block_attribute_reads(ast.parse(src))) == [(3, "norm1"), (4, "gamma_1")]
 
 
-@pytest.mark.parametrize("name", sorted(CORE))
-def test_the_method_does_not_import_what_is_built_on_it(name):
-    up = {m for m in GRAPH[name] if _in(m, ABOVE_CORE) or m == "shrink"}
-    assert not up, f"{name} imports {sorted(up)}"
-
-
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if not _in(m, ENTRY_POINTS)))
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if not _is_entry_point(m)))
 def test_no_library_module_imports_an_entry_point(name):
-    bad = {m for m in GRAPH[name] if _in(m, ENTRY_POINTS)}
+    bad = {m for m in GRAPH[name] if _is_entry_point(m)}
     assert not bad, f"{name} imports the entry point(s) {sorted(bad)}"
 
 
@@ -184,7 +229,8 @@ def _calls(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not _in(m, CLI_LAYER)))
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not _is_entry_point(m)
+                                        and not m.startswith("shrink.cli")))
 def test_only_the_cli_layer_parses_flags_or_prints(name):
     calls = _calls(MODULES[name][0])
     assert "print" not in calls, f"{name} prints; return values or log instead"
@@ -208,3 +254,60 @@ def test_the_package_installs_no_top_level_models():
     top = (dist.read_text("top_level.txt") or "").split()
     assert "models" not in top and "shrink" in top
     assert (ROOT / "pyproject.toml").read_text().count('package-dir = { "shrink.models" = "models" }') == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage packages: what they export, the old flat paths, module size
+# ------------------------------------------------------------------------------------------------
+
+PACKAGES = sorted(m for m, (_, is_pkg) in MODULES.items() if is_pkg and m.startswith("shrink.")
+                  and not m.startswith(MODEL_LAYER))
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_each_package_exports_its_public_names(name):
+    """A short ``__init__`` that says what the stage offers: every name in ``__all__`` resolves."""
+    import importlib
+
+    module = importlib.import_module(name)
+    assert module.__doc__ and module.__doc__.strip(), f"{name} has no docstring"
+    assert getattr(module, "__all__", None), f"{name} has no __all__"
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names {missing}, which it does not have"
+    lines = len(MODULES[name][0].read_text().splitlines())
+    assert lines <= 120, f"{name}/__init__.py is {lines} lines: an __init__ exports, the code lives in modules"
+
+
+def test_the_old_flat_paths_still_import_and_warn():
+    """shrink 0.1's module paths (docs/architecture.md lists them) are the new modules, for one release."""
+    code = ("import importlib, warnings, shrink\n"
+            "from shrink._old_paths import OLD_PATHS\n"
+            "for old, new in OLD_PATHS.items():\n"
+            "    with warnings.catch_warnings(record=True) as w:\n"
+            "        warnings.simplefilter('always')\n"
+            "        got = importlib.import_module(old)\n"
+            "    assert got is importlib.import_module(new), old\n"
+            "    assert any(issubclass(x.category, DeprecationWarning) and new in str(x.message) for x in w), old\n"
+            "import shrink.train, shrink.tome\n"
+            "from shrink.factory import create_model\n"
+            "assert create_model is shrink.create_model and callable(shrink.export)\n"
+            "print(len(OLD_PATHS))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) >= 19
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    from shrink._old_paths import OLD_PATHS
+
+    assert all(f"`{old}`" in doc and f"`{new}`" in doc for old, new in OLD_PATHS.items())
+
+
+LONG = 400  # lines; a longer module says why in its docstring ("Long because ...")
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("shrink") and not m.startswith(MODEL_LAYER)))
+def test_a_long_module_says_why(name):
+    path, _ = MODULES[name]
+    lines = len(path.read_text().splitlines())
+    if lines > LONG:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "Long because" in doc, f"{name} is {lines} lines: split it, or say why in its docstring ('Long because ...')"

@@ -18,7 +18,7 @@ def test_input_size_follows_build_and_pretrained_cfg():
     assert bench.input_size(m384) == (3, 384, 384)
     m64 = timm.create_model("vit_tiny_patch16_384", img_size=64)
     assert bench.input_size(m64) == (3, 64, 64)
-    assert bench.input_size(m384, img_size=96) == (3, 96, 96)
+    assert bench.input_size(m384, 96) == (3, 96, 96)  # shrink.introspect.input_size: an int is a square side
 
 
 def test_model_list_file_and_comma_list(tmp_path):

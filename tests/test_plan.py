@@ -14,18 +14,16 @@ import yaml
 import shrink
 from shrink.errors import ShrinkError
 from shrink.plan import Candidate, block_kinds, token_counts
+from shrink.plan.outputs import check_plan_config, plan_yaml, write_outputs
 from shrink.plan.proxy import Proxy, removal_order
 from shrink.plan.search import (
     Entry,
     MacCounter,
     Target,
-    check_plan_config,
     enumerate_candidates,
     pareto_front,
-    plan_yaml,
     r_grid,
     search,
-    write_outputs,
 )
 
 from .conftest import tiny_vit

@@ -5,7 +5,8 @@ included), inference images/s, batch-1 latency, peak memory and, optionally, tra
 The report is a plain dict (schema ``shrink.bench/1``, documented in docs/benchmarks.md) that
 :func:`run` can also write as JSON, CSV and a PNG of images/s against GMACs.
 
-Modules: :mod:`.spec` (model lists, removal sets, configurations, the run plan),
+Modules: :mod:`.spec` (model lists, removal sets, configurations, the run plan), :mod:`.plan_file`
+(``benchmark.py --plan`` files),
 :mod:`.measure` (counts, timing, memory, OOM halving), :mod:`.report` (markdown, CSV, PNG)
 and :mod:`.runner` (:func:`run`). Every public name is re-exported here.
 """
@@ -26,6 +27,7 @@ from shrink.bench.measure import (
     time_calls,
 )
 from shrink.bench.ort import RUNTIMES, build_session, parse_runtimes, prepare_session
+from shrink.bench.plan_file import read_plan
 from shrink.bench.report import CSV_COLUMNS, SCHEMA, format_csv, format_markdown, plot_png, write_outputs
 from shrink.bench.runner import benchmark_one, run
 from shrink.bench.spec import (
@@ -38,7 +40,6 @@ from shrink.bench.spec import (
     parse_model_line,
     parse_models,
     plan,
-    read_plan,
     read_selection,
     resolve_removal,
     with_baseline,

@@ -21,6 +21,7 @@ from torch import nn
 
 from shrink.blocks.contract import block_family, classify_block
 from shrink.errors import ShrinkError
+from shrink.introspect import num_params
 from shrink.precision import DTYPES
 
 _logger = logging.getLogger(__name__)
@@ -42,16 +43,14 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     blocks the contract does not know (MLP families).
     """
     by_module: dict[str, int] = {}
-    total = 0
     for name, p in model.named_parameters():
         by_module[name.split(".")[0]] = by_module.get(name.split(".")[0], 0) + p.numel()
-        total += p.numel()
-    out: dict[str, Any] = {"total": total, "by_module": by_module, "in_blocks": None}
+    out: dict[str, Any] = {"total": num_params(model), "by_module": by_module, "in_blocks": None}
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         split = {"attention": 0, "mlp": 0, "other": 0}
         for b in blocks:
-            n = sum(p.numel() for p in b.parameters())
+            n = num_params(b)
             fam = block_family(b)
             if fam is None:
                 split["other"] += n
@@ -262,7 +261,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _with_oom_halving(measure: Callable[[int], dict[str, Any]], batch_size: int, device: torch.device,
+def with_oom_halving(measure: Callable[[int], dict[str, Any]], batch_size: int, device: torch.device,
                       what: str) -> dict[str, Any]:
     """Run ``measure(batch)``; on out-of-memory halve the batch and try again, and say so."""
     b = batch_size
@@ -333,7 +332,7 @@ def prepare_inference(model: nn.Module, size: Sequence[int], batch_size: int, de
                 first, _ = time_calls(forward, max(warmup, int(track_memory)), 0, 0, sync)
         return {"forward": forward, "first_call_s": first, "memory": peak.result(b) if track_memory else None}
 
-    s = _with_oom_halving(setup, batch_size, device, "inference")
+    s = with_oom_halving(setup, batch_size, device, "inference")
     return TimedModel(s.pop("forward"), s)
 
 
@@ -383,4 +382,4 @@ def measure_training(model: nn.Module, size: Sequence[int], batch_size: int, dev
                 "images_per_s_max": max(ips), "images_per_s_repeats": ips, "first_call_s": first,
                 "optimizer": "AdamW", "autocast": precision != "fp32"}
 
-    return _with_oom_halving(measure, batch_size, device, "training")
+    return with_oom_halving(measure, batch_size, device, "training")

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from shrink.bench.measure import PeakMemory, TimedModel, _with_oom_halving, time_calls
+from shrink.bench.measure import PeakMemory, TimedModel, time_calls, with_oom_halving
 from shrink.bench.spec import parse_choices
-from shrink.errors import ShrinkError
+from shrink.errors import ShrinkError, first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def check_runtimes(runtimes: Sequence[str], device: torch.device, precision: str
                               f"has {', '.join(ort.get_available_providers())})")
 
 
-def _providers(device: torch.device) -> list[Any]:
+def providers(device: torch.device) -> list[Any]:
+    """The execution providers for ``device``: CUDA then CPU on a GPU, else the CPU."""
     if device.type == "cuda":
         return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -63,13 +64,13 @@ def build_session(model: nn.Module, size: Sequence[int], device: torch.device, t
     proto = to_onnx(prepared, input_size=size, batch_size=example_batch, dynamic_batch=True)
     export_s = time.perf_counter() - t0
     data = proto.SerializeToString()
-    providers = _providers(device)
+    names = providers(device)
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(data, sess_options=_options(threads), providers=providers)
+        session = ort.InferenceSession(data, sess_options=session_options(threads), providers=names)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        raise ShrinkError(f"onnxruntime cannot load the exported model: {str(e).splitlines()[0]}") from None
+        raise ShrinkError(f"onnxruntime cannot load the exported model: {first_line(e)}") from None
     check = session if device.type == "cpu" else load_onnx_session(data, providers=["CPUExecutionProvider"],
                                                                    threads=threads)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
@@ -83,7 +84,8 @@ def build_session(model: nn.Module, size: Sequence[int], device: torch.device, t
     return session, info
 
 
-def _options(threads: int | None) -> Any:
+def session_options(threads: int | None) -> Any:
+    """ONNX Runtime session options for timing: every graph optimisation, quiet, no spinning threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -131,5 +133,5 @@ def prepare_session(session: Any, size: Sequence[int], batch_size: int, device: 
             first, _ = time_calls(forward, warmup, 0, 0)
         return {"forward": forward, "first_call_s": first, "memory": peak.result(b) if peak is not None else None}
 
-    s = _with_oom_halving(setup, batch_size, device, "onnxruntime inference")
+    s = with_oom_halving(setup, batch_size, device, "onnxruntime inference")
     return TimedModel(s.pop("forward"), s)

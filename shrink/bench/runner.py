@@ -6,7 +6,7 @@ import datetime as _dt
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,9 @@ from shrink.bench.spec import (
     build_variant,
     plan,
 )
-from shrink.cli.runner import parse_device
 from shrink.errors import ShrinkError
-from shrink.modelio.create import input_size
+from shrink.introspect import input_size
+from shrink.values import parse_device
 
 
 def _label(p: _Planned, model: nn.Module) -> str:
@@ -163,12 +163,23 @@ def _finish(model: nn.Module, size: Sequence[int], timers: dict[str, TimedModel]
     return out
 
 
-def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """All measurements of one configuration (``model`` on CPU in fp32; it is moved and cast)."""
+OnTiming = Callable[[TimedModel, int], None]
+
+
+def _time(t: TimedModel, iters: int, repeats: int, sync: Callable[[], None], on_timing: OnTiming | None) -> None:
+    t.time(iters, repeats, sync)
+    if on_timing is not None:
+        on_timing(t, repeats)
+
+
+def benchmark_one(model: nn.Module, settings: dict[str, Any], device: torch.device, *,
+                  on_timing: OnTiming | None = None) -> dict[str, Any]:
+    """All measurements of one configuration (``model`` on CPU in fp32; it is moved and cast).
+    ``on_timing`` as in :func:`run`."""
     out = _static(model, settings)
     timers = _prepare_timers(_runnable(model, settings, device), out["input_size"], settings, device)
     for t in timers.values():
-        t.time(settings["iters"], settings["repeats"], _sync_fn(device))
+        _time(t, settings["iters"], settings["repeats"], _sync_fn(device), on_timing)
     out.update(_finish(model, out["input_size"], timers, settings, device))
     return out
 
@@ -200,12 +211,16 @@ def _models(planned: list[_Planned], img_size: int | None, device: torch.device)
                                p.spec.tome_inflection)
 
 
-def run(cfg: BenchConfig) -> dict[str, Any]:
+def run(cfg: BenchConfig, *, on_timing: OnTiming | None = None) -> dict[str, Any]:
     """Measure every configuration of ``cfg`` and return the report; write the files it names.
 
     Configurations are measured one after the other, or with ``interleave`` round-robin: every
     configuration is set up first, then each timed repeat visits all of them (in a rotating
     order), so that load from other processes spreads over all configurations alike.
+
+    ``on_timing(timer, repeats)``, when given, is called after every timing visit: ``timer`` is the
+    :class:`~shrink.bench.measure.TimedModel` just timed (its ``setup`` holds the batch size) and
+    ``repeats`` how many timed repeats the visit added (1 per round when interleaved).
     """
     from tqdm.auto import tqdm
 
@@ -229,7 +244,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             if runtimes == [None]:
                 entry = _entry(p, model, cfg.img_size)
                 bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
-                entry.update(benchmark_one(model, settings, device))
+                entry.update(benchmark_one(model, settings, device, on_timing=on_timing))
                 results.append(entry)
             else:
                 static = _static(model, settings)
@@ -238,7 +253,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                     bar.set_postfix_str(f"{p.spec.name} {entry['label']} {rt}")
                     timers, info = _timers(rt, model, entry["input_size"], settings, device, cfg.threads)
                     for t in timers.values():
-                        t.time(settings["iters"], settings["repeats"], sync)
+                        _time(t, settings["iters"], settings["repeats"], sync, on_timing)
                     entry.update(_finish(model, entry["input_size"], timers, settings, device, rt))
                     if info is not None:
                         entry["onnx"] = info
@@ -265,7 +280,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             order = order[rep % len(order):] + order[:rep % len(order)]
             for i in order:
                 for t in staged[i][2].values():
-                    t.time(settings["iters"], 1, sync)
+                    _time(t, settings["iters"], 1, sync, on_timing)
         for entry, model, timers in staged:
             bar.set_postfix_str(f"finish {entry['model']} {entry['label']}")
             onnx_info = entry.pop("onnx", None)

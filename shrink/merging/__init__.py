@@ -1,4 +1,13 @@
-"""Token merging (ToMe) for timm 1.x: the bipartite merge, the block patch, per-family kernels, the picture."""
+"""Token merging (ToMe) for timm 1.x: the bipartite merge (``merge``), the ToMe blocks (``block``),
+model-level pooling and intermediates (``models``), apply / remove (``patch``), per-family kernels
+(``kernels``, ``rope``, ``relpos``, ``cait``), the picture (``vis``)."""
+from shrink.merging.block import (
+    ToMeAttentionFreeBlock,
+    ToMeBlock,
+    ToMeDilutedBlock,
+    ToMeState,
+    key_validity,
+)
 from shrink.merging.cait import (
     class_attention_sizes,
     talking_heads_with_metric,
@@ -11,6 +20,7 @@ from shrink.merging.kernels import (
     attention_with_metric,
     bind_methods,
     model_support,
+    protected_tokens,
     register_attention_kernel,
     register_model_support,
 )
@@ -31,10 +41,6 @@ from shrink.merging.merge import (
     weighted_mean,
 )
 from shrink.merging.patch import (
-    ToMeAttentionFreeBlock,
-    ToMeBlock,
-    ToMeDilutedBlock,
-    ToMeState,
     apply_tome,
     is_tome,
     remove_tome,
@@ -79,6 +85,7 @@ __all__ = [
     "class_attention_sizes",
     "init_source",
     "is_tome",
+    "key_validity",
     "load_image",
     "max_merge",
     "merge",
@@ -89,6 +96,7 @@ __all__ = [
     "merged_bias",
     "merged_bias_dense",
     "model_support",
+    "protected_tokens",
     "proportional_attention",
     "proportional_bias",
     "ramp",

@@ -9,7 +9,7 @@ embeddings, relative-position biases) must follow the merged tokens too.
 - An **attention kernel** (:func:`register_attention_kernel`) runs one attention class on merged
   tokens: ``kernel(attn, x, call) -> (output, metric or None)``; ``call`` (:class:`AttentionCall`)
   holds the token sizes, whether a metric is wanted, the block's index and extra inputs (``rope=``,
-  ``shared_rel_pos=``, ...) and the model's live :class:`~shrink.merging.patch.ToMeState` (token positions,
+  ``shared_rel_pos=``, ...) and the model's live :class:`~shrink.merging.block.ToMeState` (token positions,
   source map).
 - A **model support** (:func:`register_model_support`) says that a model class can run merged tokens
   end to end: how many prefix tokens never merge, a check of the model's settings, and what to
@@ -38,6 +38,7 @@ __all__ = [
     "attention_kernel",
     "attention_with_metric",
     "model_support",
+    "protected_tokens",
     "register_attention_kernel",
     "register_model_support",
 ]
@@ -117,6 +118,13 @@ def model_support(model: nn.Module) -> ModelSupport | None:
             if klass in s.classes:
                 return s
     return None
+
+
+def protected_tokens(model: nn.Module) -> int:
+    """Tokens of ``model``'s block sequence that never merge: its support's count, else ``num_prefix_tokens``
+    (CaiT: none; its class token joins after the blocks)."""
+    support = model_support(model)
+    return support.num_protected(model) if support is not None else int(getattr(model, "num_prefix_tokens", 0))
 
 
 class Undo:

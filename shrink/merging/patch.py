@@ -34,46 +34,40 @@ or blocks called one by one). One model must therefore not run two forwards at o
 refused with a ShrinkError while any block merges. ``forward_intermediates`` unmerges through the
 source map: ``output_fmt='NCHW'`` returns the full patch grid (each patch takes the value of the
 token it went into), ``'NLC'`` the merged tokens unless ``unmerge=True``.
+
+This module is the API (apply, remove, inspect); the block forwards and the shared state are in
+:mod:`shrink.merging.block`, pooling and ``forward_intermediates`` in :mod:`shrink.merging.models`.
 """
 from __future__ import annotations
 
 import logging
-import numbers
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from shrink.blocks.contract import (
-    AttentionFreeBlock,
-    DilutedBlock,
-    block_family,
-    classify_block,
-    get_blocks,
-    mix,
-    unsupported_reason,
-)
+from shrink.blocks.contract import block_family, classify_block, get_blocks, unsupported_reason
 from shrink.errors import ShrinkError
+from shrink.introspect import input_size as model_input_size
+from shrink.merging.block import (
+    ToMeAttentionFreeBlock,
+    ToMeBlock,
+    ToMeDilutedBlock,
+    ToMeState,
+    key_validity,
+    tome_class,
+)
 from shrink.merging.kernels import (
-    AttentionCall,
     ModelSupport,
     attention_kernel,
     attention_with_metric,
     bind_methods,
     model_support,
-    register_model_support,
+    protected_tokens,
 )
-from shrink.merging.merge import (
-    POLICIES,
-    bipartite_soft_matching,
-    init_source,
-    merge_source,
-    merge_wavg,
-    tome_schedule,
-    weighted_mean,
-)
+from shrink.merging.merge import POLICIES, tome_schedule
+from shrink.merging.models import tome_forward_intermediates
 from shrink.unwrap import unwrap
 
 __all__ = [
@@ -85,6 +79,7 @@ __all__ = [
     "apply_tome",
     "attention_with_metric",
     "is_tome",
+    "key_validity",
     "remove_tome",
     "tome_info",
     "tome_schedule",
@@ -93,316 +88,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-
-class ToMeState:
-    """Per-forward ToMe state of one model: token sizes, (optionally) the source map, and per-token
-    quantities that follow the merges (``tracked``: e.g. patch coordinates for rotary embeddings)."""
-
-    def __init__(self, model: nn.Module, num_protected: int, prop_attn: bool = True, trace_source: bool = False):
-        self.model = model  # read for grad_checkpointing; a plain attribute, not a submodule
-        self.num_protected = int(num_protected)
-        self.prop_attn = bool(prop_attn)
-        self.trace_source = bool(trace_source)
-        self.merging = False  # any block with r > 0
-        self.last_block = sys.maxsize  # index of the block that ran last; a lower or equal one starts anew
-        self.size: torch.Tensor | None = None  # (B, N, 1) patches per token; None = all ones
-        self.source: torch.Tensor | None = None  # (B, N, N0) 0/1: input tokens of each token
-        self.sources: dict[int, torch.Tensor] | None = None  # block -> source after it (forward_intermediates)
-        self.grid: tuple[int, int] | None = None  # the patch grid (H, W) of the current input, when known
-        # name -> fn(x (B, N0, C), state) -> (B, N0, k): per-token quantities set at the start of a forward
-        # and merged by size-weighted mean with the tokens (registered by a ModelSupport's install)
-        self.trackers: dict[str, Any] = {}
-        self.tracked: dict[str, torch.Tensor] = {}
-
-    def restart(self) -> None:
-        """The next block to run starts a new forward."""
-        self.last_block = sys.maxsize
-
-    def begin(self, x: torch.Tensor) -> None:
-        """Start a new forward pass on tokens ``x`` ``(B, N0, C)``."""
-        if self.merging and torch.is_grad_enabled() and getattr(self.model, "grad_checkpointing", False):
-            raise ShrinkError(
-                "ToMe cannot run under gradient checkpointing (blocks are re-run out of order and the "
-                "token count changes): call model.set_grad_checkpointing(False) or remove_tome(model)"
-            )
-        self.size = None
-        self.source = init_source(x.shape[0], x.shape[1], x.device) if self.trace_source else None
-        self.tracked = {name: fn(x, self) for name, fn in self.trackers.items()} if self.merging else {}
-
-
-def key_validity(attn_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``(B, N)`` bool: the tokens a padding mask lets be attended to.
-
-    ToMe takes the masks of padded batches (NaFlexVit's, symmetric or key-only, boolean or additive
-    with 0 / -inf or the dtype's minimum): a merged token has no row or column of an arbitrary mask,
-    so any other mask is a one-line ShrinkError."""
-    m = attn_mask
-    if m.dtype == torch.bool:
-        allowed = m
-    else:
-        low = torch.finfo(m.dtype).min / 2
-        if bool(((m != 0) & (m > low)).any()):
-            raise ShrinkError("ToMe takes padding masks only (0 where allowed, -inf where not); this attn_mask "
-                              "holds other values (a bias): remove_tome or pass no mask")
-        allowed = m > low
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    if allowed.shape[-1] != num_tokens:
-        raise ShrinkError(f"attn_mask covers {allowed.shape[-1]} tokens but the block sees {num_tokens}")
-    allowed = allowed.expand(-1, -1, num_tokens if allowed.shape[-2] != 1 else 1, -1).any(dim=1)  # (B, Q, K)
-    valid = allowed.any(dim=-2)  # (B, K): attended by some query
-    key_only = allowed == valid.unsqueeze(1)
-    symmetric = allowed == (valid.unsqueeze(-1) & valid.unsqueeze(1)) if allowed.shape[1] == num_tokens else key_only
-    if not bool((key_only.all(dim=(1, 2)) | symmetric.all(dim=(1, 2))).all()):
-        raise ShrinkError("ToMe takes padding masks only (a token is attended by all or by none); this attn_mask "
-                          "is not one: remove_tome or pass no mask")
-    return valid
-
-
-class ToMeBlock(nn.Module):
-    """Mixin of every ToMe block: the original block object (plain, diluted or attention-free) with
-    its class swapped to a subclass of this and of its class; state-dict keys unchanged.
-
-    It merges ``tome_r`` tokens between the token mixer and the MLP branch, asking the block
-    contract (:mod:`shrink.blocks.contract`) for the two branches."""
-
-    tome_r: int
-    tome_index: int
-    tome_sized: bool
-    tome_policy: str
-    _tome_state: ToMeState
-    _tome_prev: type  # the class before apply_tome (set on the generated class)
-
-    def _tome_init(self, r: int, index: int, state: ToMeState, policy: str, sized: bool = True) -> None:
-        self.tome_r = int(r)
-        self.tome_index = int(index)
-        self.tome_policy = policy
-        # False when no earlier block merges (or prop_attn is off): all sizes are 1 here, so a block
-        # with r = 0 runs the plain timm path (fused attention, no metric, no size bookkeeping)
-        self.tome_sized = bool(sized)
-        object.__setattr__(self, "_tome_state", state)  # shared, not a submodule
-
-    @property
-    def tome_plain(self) -> bool:
-        """True when this block runs exactly the original block's forward (nothing to merge or weigh)."""
-        return self.tome_r == 0 and not self.tome_sized
-
-    def _begin(self, x: torch.Tensor) -> None:
-        st = self._tome_state
-        if self.tome_index <= st.last_block:  # blocks run in increasing order within one forward
-            st.begin(x)
-        st.last_block = self.tome_index
-
-    def _attn_size(self) -> torch.Tensor | None:
-        """The sizes proportional attention weighs keys by; 0 for padding (log 0 = -inf masks it)."""
-        st = self._tome_state
-        size = st.size if st.prop_attn else None
-        valid = st.tracked.get("valid")
-        if valid is not None:
-            size = valid if size is None else size * valid
-        return size
-
-    def _merge(self, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        st = self._tome_state
-        valid = st.tracked.get("valid")
-        m = bipartite_soft_matching(metric, self.tome_r, st.num_protected,
-                                    None if valid is None else valid[..., 0] > 0.5)
-        if m is None:
-            return x
-        for name, t in st.tracked.items():  # before the sizes change: weighted by the sizes going in
-            st.tracked[name] = merge_wavg(m, t, st.size)[0]
-        x, st.size = merge_wavg(m, x, st.size)
-        if st.source is not None:
-            st.source = merge_source(m, st.source)
-        return x
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._begin(x)
-        out = self._tome_forward(x, *args, **kwargs)
-        st = self._tome_state
-        if st.sources is not None:  # forward_intermediates unmerges through the source after each block
-            st.sources[self.tome_index] = st.source
-        return out
-
-    def _tome_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.tome_plain:
-            return self._tome_prev.forward(self, x, *args, **kwargs)
-        fam = block_family(self)
-        ctx = fam.context(args, kwargs)
-        mask, causal = ctx.pop("attn_mask", None), bool(ctx.pop("is_causal", False))
-        if causal:
-            raise ShrinkError("ToMe blocks take no is_causal (merging changes the tokens); remove_tome first")
-        st = self._tome_state
-        if mask is not None and "valid" not in st.tracked:  # a padded batch: padding follows the merges
-            st.tracked["valid"] = key_validity(mask, x.shape[1]).unsqueeze(-1).to(torch.float32)
-        free = isinstance(self, AttentionFreeBlock) or (isinstance(self, DilutedBlock) and not self.attn_active)
-        if fam.layout == "parallel" and not isinstance(self, AttentionFreeBlock):
-            return self._parallel_forward(fam, x, ctx, free)
-        if free:
-            if self.residual_scale != 1.0:
-                x = x * self.residual_scale
-            if self.tome_r > 0 and self.tome_policy == "hidden":
-                x = self._merge(x, fam.merge_input(self, x))
-            return x + fam.mlp_branch(self, x, ctx)
-        metrics: list[torch.Tensor | None] = []
-        call_info = AttentionCall(self._attn_size(), self.tome_r > 0, self.tome_index, ctx, self._tome_state)
-
-        def call(attn: nn.Module, h: torch.Tensor, _ctx: dict) -> torch.Tensor:
-            y, metric = attention_kernel(attn)(attn, h, call_info)
-            metrics.append(metric)
-            return y
-
-        a = fam.attention_branch(self, x, ctx, attn_call=call)
-        x = mix(x, a, self.lam, self.residual_scale) if isinstance(self, DilutedBlock) else x + a
-        if self.tome_r > 0:  # several attention branches (ParallelThingsBlock): their keys averaged
-            x = self._merge(x, metrics[0] if len(metrics) == 1 else torch.stack(metrics).mean(dim=0))
-        return x + fam.mlp_branch(self, x, ctx)
-
-    def _parallel_forward(self, fam: Any, x: torch.Tensor, ctx: dict, free: bool) -> torch.Tensor:
-        """A block whose attention and MLP read the same normed input (ParallelScalingBlock): run it
-        whole (proportional attention) and merge its output, matched on its keys; when its attention is
-        gone (diluted to lambda 0) policy "hidden" matches on the shared normed input."""
-        diluted = isinstance(self, DilutedBlock)
-        lam = None if free else (self.lam if diluted else 1.0)
-        scale = self.residual_scale if diluted else 1.0
-        want = self.tome_r > 0 and not free
-        call_info = AttentionCall(self._attn_size(), want, self.tome_index, ctx, self._tome_state)
-        out, metric = fam.merged_forward(self, x, lam, scale, ctx, call_info)
-        if self.tome_r > 0 and free and self.tome_policy == "hidden":
-            metric = fam.merge_input(self, x)
-        return self._merge(out, metric) if metric is not None and self.tome_r > 0 else out
-
-    def extra_repr(self) -> str:
-        base = self._tome_prev.extra_repr(self)
-        policy = "" if not isinstance(self, (DilutedBlock, AttentionFreeBlock)) else f", policy={self.tome_policy}"
-        return f"{base + ', ' if base else ''}r={self.tome_r}{policy}"
-
-
-class ToMeDilutedBlock(ToMeBlock, DilutedBlock):
-    """A diluted block under ToMe: merge after the lambda-weighted attention branch (keys metric);
-    at lambda 0 it is attention-free and follows the policy."""
-
-
-class ToMeAttentionFreeBlock(ToMeBlock, AttentionFreeBlock):
-    """An attention-free block under ToMe: policy "none" passes tokens through, "hidden" merges
-    ``tome_r`` tokens before the MLP, matched on the MLP's normalised input."""
-
-    _tome_prev = AttentionFreeBlock
-
-
-_TOME_CLASSES: dict[type, type] = {}
-
-
-def _tome_class(cls: type) -> type:
-    """The ToMe subclass of block class ``cls`` (made once, cached)."""
-    if cls is AttentionFreeBlock:
-        return ToMeAttentionFreeBlock
-    out = _TOME_CLASSES.get(cls)
-    if out is None:
-        mixin = ToMeDilutedBlock if issubclass(cls, DilutedBlock) else ToMeBlock
-        attrs = {"_tome_prev": cls, "__module__": __name__}
-        if not issubclass(cls, DilutedBlock):
-            attrs["_shrink_base"] = cls
-        out = type(f"ToMe{cls.__name__}", (mixin, cls), attrs)
-        _TOME_CLASSES[cls] = out
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Model-level pieces: pooling by size, forward_intermediates guard.
-# --------------------------------------------------------------------------------------------------
-
-def _tome_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-    """VisionTransformer.pool with the average weighted by token size (bound to the model)."""
-    st: ToMeState = self._tome_state
-    size = st.size
-    if size is None or size.shape[:2] != x.shape[:2]:
-        return type(self).pool(self, x, pool_type)
-    if self.attn_pool is not None:  # MAP: proportional attention in the pool, log(size) on each key
-        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        x, size = x[:, p:], size[:, p:]
-        return self.attn_pool(x, attn_mask=size.log().to(x.dtype).transpose(1, 2).unsqueeze(1))
-    pool_type = self.global_pool if pool_type is None else pool_type
-    if pool_type not in ("avg", "avgmax"):
-        return type(self).pool(self, x, pool_type)
-    p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-    x, size = x[:, p:], size[:, p:]
-    mean = weighted_mean(x, size)
-    if pool_type == "avg":
-        return mean
-    return 0.5 * (x.amax(dim=1) + mean)
-
-
-def _tome_forward_intermediates(
-    self: nn.Module,
-    x: torch.Tensor,
-    indices: int | Sequence[int] | None = None,
-    return_prefix_tokens: bool = False,
-    norm: bool = False,
-    stop_early: bool = False,
-    output_fmt: str = "NCHW",
-    intermediates_only: bool = False,
-    output_dict: bool = False,
-    unmerge: bool | None = None,
-    **kwargs: Any,
-):
-    """timm's ``forward_intermediates`` under ToMe (bound to the model).
-
-    While tokens merge, each intermediate is unmerged through the source map: every original patch
-    takes the value of the token it was merged into, so ``NCHW`` always returns the full patch grid
-    (dense heads work as on the plain model). ``NLC`` returns the merged tokens unless
-    ``unmerge=True``. Prefix tokens never merge and come back as they are.
-    """
-    if output_fmt not in ("NCHW", "NLC"):
-        raise ShrinkError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-    unmerge = output_fmt == "NCHW" if unmerge is None else bool(unmerge)
-    st: ToMeState = self._tome_state
-    plain = type(self).forward_intermediates
-    if not (st.merging and unmerge):
-        if output_dict:
-            kwargs["output_dict"] = True
-        return plain(self, x, indices=indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
-                     stop_early=stop_early, output_fmt=output_fmt, intermediates_only=intermediates_only, **kwargs)
-    from timm.models._features import feature_take_indices
-
-    take, _ = feature_take_indices(len(get_blocks(self)), indices)
-    traced = st.trace_source
-    st.trace_source, st.sources = True, {}
-    try:
-        out = plain(self, x, indices=indices, return_prefix_tokens=bool(st.num_protected), norm=norm,
-                    stop_early=stop_early, output_fmt="NLC", intermediates_only=False, **kwargs)
-        sources = st.sources
-    finally:
-        st.trace_source, st.sources = traced, None
-    final, inter = out
-    npt = st.num_protected  # prefix tokens of the block sequence (CaiT: none; its class token comes later)
-    pairs = [(t, None) if not npt else t for t in inter]
-    B, _, height, width = x.shape
-    patches, prefixes = [], []
-    for i, (tokens, prefix) in zip(sorted(take), pairs, strict=True):
-        where = sources[i][:, npt:, npt:].argmax(dim=1)  # (B, patches): the token each patch is in now
-        full = tokens.gather(1, where.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            full = full.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
-        patches.append(full)
-        prefixes.append(prefix)
-    if output_dict:
-        result: dict[str, Any] = {"image_intermediates": patches}
-        if npt and return_prefix_tokens:
-            result["image_intermediates_prefix"] = prefixes
-        if not intermediates_only:
-            result["image_features"] = final
-        return result
-    if npt and return_prefix_tokens:
-        patches = list(zip(patches, prefixes, strict=True))
-    return patches if intermediates_only else (final, patches)
-
-
-# --------------------------------------------------------------------------------------------------
-# apply / remove
-# --------------------------------------------------------------------------------------------------
 
 def _block_kinds(model: nn.Module) -> list[str]:
     """'attn' or 'free' per block; a ShrinkError for any block the contract does not know."""
@@ -445,81 +130,6 @@ def _check_merging(model: nn.Module, kinds: list[str], schedule: list[int]) -> M
     if support.check is not None:
         support.check(model)
     return support
-
-
-def _check_attention_pool(pool: nn.Module | None) -> None:
-    """ShrinkError unless merged tokens can go through ``pool``: none, or timm's attention-pool
-    (MAP) head without a positional table of its own (it weighs merged tokens by size)."""
-    from timm.layers import AttentionPoolLatent
-
-    if pool is None:
-        return
-    if type(pool) is not AttentionPoolLatent or getattr(pool, "pos_embed", None) is not None:
-        raise ShrinkError(f"attention pooling {type(pool).__name__} does not support merged tokens (timm's "
-                          "MAP head without its own pos_embed does); use token or avg pooling (r = 0 works)")
-
-
-def _install_vit(model: nn.Module, state: ToMeState):
-    return bind_methods(model, pool=_tome_pool) if hasattr(type(model), "pool") else None
-
-
-def _timm_vit_classes() -> tuple[type, ...]:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return (VisionTransformer,)
-
-
-register_model_support(ModelSupport(
-    "vit", _timm_vit_classes(), check=lambda m: _check_attention_pool(getattr(m, "attn_pool", None)),
-    install=_install_vit,
-))
-
-
-def _naflex_pool(self: nn.Module, x: torch.Tensor, pool_type: str | None = None,
-                 patch_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """NaFlexVit._pool on merged tokens: weights = size, 0 for padding (bound to the model)."""
-    st: ToMeState = self._tome_state
-    size, valid = st.size, st.tracked.get("valid")
-    if size is None and valid is None or (size if size is not None else valid).shape[1] != x.shape[1]:
-        return type(self)._pool(self, x, pool_type, patch_valid)
-    w = size if size is not None else torch.ones_like(valid)
-    if valid is not None:
-        w = w * valid
-    npt = self.num_prefix_tokens
-    p = 0 if self.pool_include_prefix else npt
-    if self.attn_pool is not None:  # MAP: log(weight) on each key, -inf for padding
-        return self.attn_pool(x[:, p:], attn_mask=w[:, p:].log().to(x.dtype).transpose(1, 2).unsqueeze(1))
-    pool_type = self.global_pool if pool_type is None else pool_type
-    if pool_type not in ("avg", "avgmax", "max"):
-        return type(self)._pool(self, x, pool_type, None)
-    x, w = x[:, p:], w[:, p:]
-    mean = weighted_mean(x, w)
-    if pool_type == "avg":
-        return mean
-    peak = x.masked_fill(w == 0, torch.finfo(x.dtype).min).amax(dim=1)
-    return peak if pool_type == "max" else 0.5 * (mean + peak)
-
-
-def _check_naflex(model: nn.Module) -> None:
-    _check_attention_pool(getattr(model, "attn_pool", None))
-    if getattr(model, "rope", None) is not None:
-        raise ShrinkError("token merging (r > 0) is not implemented for NaFlexVit with RoPE (per-patch rotary "
-                          "coordinates); r = 0 works")
-
-
-def _naflex_classes() -> tuple[type, ...]:
-    try:
-        from timm.models.naflexvit import NaFlexVit
-    except ImportError:
-        return ()
-    return (NaFlexVit,)
-
-
-if _naflex_classes():
-    register_model_support(ModelSupport(
-        "naflexvit", _naflex_classes(), check=_check_naflex,
-        install=lambda model, state: bind_methods(model, _pool=_naflex_pool),
-    ))
 
 
 class _RecordGrid:
@@ -568,18 +178,15 @@ def apply_tome(
     kinds = _block_kinds(model)
     schedule = tome_schedule(kinds, r, start_idx, policy)  # validate everything before changing the model
     merging = any(v > 0 for v in schedule)
-    support = model_support(model)
-    if merging:
-        support = _check_merging(model, kinds, schedule)
+    support = _check_merging(model, kinds, schedule) if merging else None
     if is_tome(model):
         remove_tome(model)
     blocks = get_blocks(model)
-    protected = support.num_protected(model) if support is not None else int(getattr(model, "num_prefix_tokens", 0))
-    state = ToMeState(model, protected, prop_attn=prop_attn, trace_source=trace_source)
+    state = ToMeState(model, protected_tokens(model), prop_attn=prop_attn, trace_source=trace_source)
     state.merging = merging
     for i, b in enumerate(blocks):
         sized = prop_attn and any(v > 0 for v in schedule[:i])  # tokens may arrive merged
-        b.__class__ = _tome_class(type(b))
+        b.__class__ = tome_class(type(b))
         b._tome_init(schedule[i], i, state, policy, sized)
     model._tome_state = state
     model._tome_info = {"r": r, "start_idx": start_idx, "policy": policy, "prop_attn": prop_attn,
@@ -592,7 +199,7 @@ def apply_tome(
         if isinstance(pe, nn.Module):
             undo.append(pe.register_forward_pre_hook(_RecordGrid(state)).remove)
         if hasattr(type(model), "forward_intermediates"):  # dense outputs unmerge through the source map
-            undo.append(bind_methods(model, forward_intermediates=_tome_forward_intermediates))
+            undo.append(bind_methods(model, forward_intermediates=tome_forward_intermediates))
         if support.install is not None:
             u = support.install(model, state)
             if u is not None:
@@ -633,24 +240,6 @@ def tome_state(model: nn.Module) -> ToMeState:
     return model._tome_state
 
 
-def _input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int, int]:
-    pe = getattr(model, "patch_embed", None)
-    in_chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
-    if input_size is None:
-        img = getattr(pe, "img_size", None)
-        if img is None:
-            raise ShrinkError("cannot tell the model's input size; pass input_size=(C, H, W)")
-        return (in_chans, int(img[0]), int(img[1]))
-    if isinstance(input_size, numbers.Integral):
-        return (in_chans, int(input_size), int(input_size))
-    size = tuple(int(v) for v in input_size)
-    if len(size) == 2:
-        return (in_chans, *size)
-    if len(size) != 3:
-        raise ShrinkError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")
-    return size  # type: ignore[return-value]
-
-
 @torch.inference_mode()
 def tome_token_counts(
     model: nn.Module, input_size: int | Sequence[int] | None = None, batch: int = 1
@@ -658,7 +247,7 @@ def tome_token_counts(
     """Tokens left after each block, measured by a real forward pass on a random input."""
     model = unwrap(model)
     blocks = get_blocks(model)
-    c, h, w = _input_size(model, input_size)
+    c, h, w = model_input_size(model, input_size)
     p = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, h, w, generator=gen).to(device=p.device, dtype=p.dtype)
@@ -673,6 +262,3 @@ def tome_token_counts(
             hk.remove()
         model.train(was_training)
     return counts
-
-
-# the families' kernels and model supports register themselves on import

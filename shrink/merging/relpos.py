@@ -144,6 +144,18 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return attn.attn_drop(a.softmax(dim=-1)) @ v
 
 
+def _attend_merged(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   call: AttentionCall) -> torch.Tensor:
+    """Attention over merged tokens: the bias merged like the tokens, plus ``log(size)`` on every key."""
+    mask = _attention_bias(merge_bias(bias, q.shape[-2], call), call.size, q.dtype)
+    return _attend(attn, q, k, v, mask, attn.scale)
+
+
+def _project(attn: nn.Module, out: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The heads joined and projected, and the keys metric (mean over heads) when the call wants it."""
+    return attn.proj_drop(attn.proj(_merge_heads(out))), (k.mean(dim=1) if call.metric else None)
+
+
 # --------------------------------------------------------------------------------------------------
 # BEiT
 # --------------------------------------------------------------------------------------------------
@@ -180,10 +192,8 @@ def beit_kernel(attn: nn.Module, x: torch.Tensor, call: AttentionCall) -> tuple[
                 a = a + shared
             out = attn.attn_drop(a.softmax(dim=-1)) @ v
     else:
-        mask = _attention_bias(merge_bias(bias, N, call), call.size, q.dtype)
-        out = _attend(attn, q, k, v, mask, attn.scale)
-    out = attn.proj_drop(attn.proj(_merge_heads(out)))
-    return out, (k.mean(dim=1) if call.metric else None)
+        out = _attend_merged(attn, q, k, v, bias, call)
+    return _project(attn, out, k, call)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,10 +232,8 @@ def relpos_kernel(attn: nn.Module, x: torch.Tensor, call: AttentionCall) -> tupl
                 a = a + shared
             out = attn.attn_drop(a.softmax(dim=-1)) @ v
     else:
-        mask = _attention_bias(merge_bias(bias, N, call), call.size, q.dtype)
-        out = _attend(attn, q, k, v, mask, attn.scale)
-    out = attn.proj_drop(attn.proj(_merge_heads(out)))
-    return out, (k.mean(dim=1) if call.metric else None)
+        out = _attend_merged(attn, q, k, v, bias, call)
+    return _project(attn, out, k, call)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from shrink.data.datasets import DATA_SETS
     from shrink.plan.cost import RUNTIMES
     from shrink.precision import DTYPES
-    from shrink.selection.layers import CRITERIA
+    from shrink.selection import CRITERIA, get_criterion
 
     p = OneLineArgumentParser(
         prog="python -m shrink.plan",
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-workers", type=int, default=2, help="data-loader workers for reading the calibration images")
     d.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     s = p.add_argument_group("search space")
-    s.add_argument("--criterion", default="transfer_entropy", choices=[c for c in CRITERIA if c != "manual"],
+    s.add_argument("--criterion", default="transfer_entropy", choices=[c for c in CRITERIA if not get_criterion(c).takes_layers],
                    help="selection criterion whose order the removal sets follow (prefixes of it)")
     s.add_argument("--order", default=None,
                    help="the removal order itself, e.g. 3,1,2 (skips the selection; prefixes of it are tried)")
@@ -166,7 +166,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     """Every cheap check before a model is built or an image read; returns the parsed lists."""
     from shrink.data.datasets import check_data_path, resolve_data_set
     from shrink.merging.merge import POLICIES
-    from shrink.plan.search import OUTPUT_FILES
+    from shrink.plan.outputs import OUTPUT_FILES
 
     target = _target(args)
     parse_device(args.device)
@@ -237,10 +237,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     """Plan from parsed ``args``: the search result, the written paths, the cost table, warnings, the order."""
     from shrink.blocks.dilution import get_blocks
     from shrink.data.datasets import build_dataset, calibration_subset, count_classes
-    from shrink.modelio.create import input_size as model_input_size
+    from shrink.introspect import input_size as model_input_size
     from shrink.plan.cost import cached_cost_table
+    from shrink.plan.outputs import write_outputs
     from shrink.plan.proxy import Proxy, load_calibration, removal_order
-    from shrink.plan.search import MacCounter, enumerate_candidates, search, write_outputs
+    from shrink.plan.search import MacCounter, enumerate_candidates, search
 
     t0 = time.perf_counter()
     parsed = check_args(args)
@@ -326,14 +327,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
 
 
 def _summary(out: dict[str, Any]) -> str:
-    from shrink.plan.search import _describe
+    from shrink.plan.search import describe
 
     res = out["result"]
     c = res.chosen
     lines = [f"removal order ({len(out['order'])}): {out['order']}",
              f"candidates: {len(res.entries)} distinct, {res.meeting} meet {res.target.flag} {res.target.value:g}, "
              f"{len(res.scored)} scored, {len(res.front)} on the Pareto front",
-             f"chosen: {_describe(c.candidate)}",
+             f"chosen: {describe(c.candidate)}",
              f"  predicted {c.predicted_ms:.3f} ms vs dense {res.dense_ms:.3f} ms = {c.predicted_speedup:.3f}x"
              + (f", {c.gmacs:.4g} GMACs" if c.gmacs is not None else ""),
              f"  proxy: KL {c.score.kl:.4g} nats, top-1 agreement {c.score.top1_agreement:.3f}"
