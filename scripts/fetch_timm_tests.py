@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fetch timm's own test suite for the installed timm, for ``tests/test_timm_contract.py``.
+"""Fetch timm's own test suite for the installed timm, for ``tests/models/test_timm_contract.py``.
 
 Downloads the source distribution of the *installed* timm version with pip (``pip download
 timm==<version> --no-deps --no-binary :all:``) and extracts its ``tests/`` folder to

@@ -6,7 +6,7 @@
 #   QUICK=1 bash scripts/gpu_check.sh         # smaller sizes (a smoke run of every step, ~5 minutes)
 #   bash scripts/gpu_check.sh --dry-run       # any machine, on the CPU: every step's set-up and its
 #                                             # smallest version, the report skeleton; exit 0 when all
-#                                             # of it works (CI runs it: tests/test_gpu_check.py)
+#                                             # of it works (CI runs it: tests/project/test_gpu_check.py)
 #   PYTHON=/path/to/python OUT=dir ...        # the interpreter and the output folder
 #
 # Steps (each logged; a failing step is reported and the next one still runs):
@@ -107,9 +107,9 @@ echo -e "\n## Results\n" >> "$REPORT"
 
 # 1. tests that need or exercise CUDA
 if [[ "$DRY" == "1" ]]; then PYTEST_MODE=(--collect-only); else PYTEST_MODE=(); fi
-"$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_MODE[@]}" tests/test_dilution.py tests/test_devices.py \
+"$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_MODE[@]}" tests/blocks/test_dilution.py tests/training/test_devices.py \
   -m "not slow" > "$OUT/pytest.log" 2>&1
-status "GPU tests (pytest tests/test_dilution.py tests/test_devices.py${PYTEST_MODE[*]:+ ${PYTEST_MODE[*]}})" $? "$OUT/pytest.log"
+status "GPU tests (pytest tests/blocks/test_dilution.py tests/training/test_devices.py${PYTEST_MODE[*]:+ ${PYTEST_MODE[*]}})" $? "$OUT/pytest.log"
 
 # 2./3. the DeiT recipes, 2 epochs: epoch 0 diluted (lambda 1), epoch 1 attention-free (lambda 0)
 RECIPE=(--data-set synthetic --synthetic-images "$IMAGES" "${SIZE[@]}" --no-pretrained --batch-size "$BATCH"
@@ -189,7 +189,7 @@ fi
 
 # 5. resume with the fp16 grad scaler, 2 processes (1 with a single GPU): one epoch, then --resume through the
 #    switch. --dry-run: the CPU has no fp16 scaler; the DeiT-T run of step 2 is resumed for a third epoch
-#    (its attention-free state) in one process (2-process resume on a CPU is tests/test_multiprocess.py's).
+#    (its attention-free state) in one process (2-process resume on a CPU is tests/training/test_multiprocess.py's).
 if [[ "$DRY" == "1" ]]; then
   launch 1 no
   "${LAUNCH[@]}" main_lambda.py --model deit_tiny_patch16_224 --remove-layers 0,2,4 "${RECIPE[@]}" --epochs 3 \

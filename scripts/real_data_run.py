@@ -25,7 +25,7 @@ a kill + resume, evaluation from best/ with and without ToMe.
 
     python scripts/real_data_run.py --out out/real_data --threads 1
 
-Not in CI (minutes); ``tests/test_real_data_e2e.py`` is its small version.
+Not in CI (minutes); ``tests/training/test_real_data_e2e.py`` is its small version.
 """
 from __future__ import annotations
 

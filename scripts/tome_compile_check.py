@@ -1,7 +1,7 @@
 """torch.compile with inductor (the default backend) of a merged model of every family: equal to
 eager and no recompilation for a second batch of the same shape.
 
-CI checks the same cases with the ``aot_eager`` backend (tests/test_tome_families.py::COMPILED: no
+CI checks the same cases with the ``aot_eager`` backend (tests/merging/test_tome_families.py::COMPILED: no
 C++ build); inductor's code generation costs tens of seconds a model on a CPU, so it runs here:
 
     python scripts/tome_compile_check.py            # every case, r = 2, policy hidden
@@ -21,9 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.test_tome_families import COMPILED  # noqa: E402
+
 import shrink  # noqa: E402
 from tests._families import build, images  # noqa: E402
-from tests.test_tome_families import COMPILED  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Files for tests/test_bad_input.py: saved models damaged in every way, hostile pickles, odd folders.
+"""Files for tests/cli/test_bad_input.py: saved models damaged in every way, hostile pickles, odd folders.
 
 Every builder takes the case's folder ``t`` (a Path) and creates what the case needs inside it; the
 test snapshots ``t`` before and after the run. A hostile pickle touches ``t / MARKER`` when executed.

@@ -421,7 +421,7 @@ def real_image_folder(root: Path, per_class: int = 12, val_per_class: int = 4, s
 
 
 # ------------------------------------------------------------------------------------------------
-# timm's own test suite (tests/test_timm_contract.py): fetched here, once, on first use
+# timm's own test suite (tests/models/test_timm_contract.py): fetched here, once, on first use
 # ------------------------------------------------------------------------------------------------
 
 def _fetch_script():

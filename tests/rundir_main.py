@@ -3,7 +3,7 @@
     torchrun --nnodes 2 --nproc_per_node 1 --node_rank R ... tests/rundir_main.py OUT
 
 Rank 0 creates OUT (as a run's main process does) and every process takes part in the check. Exit 0
-when every process sees OUT; else the check's one line on stderr and exit 2. tests/test_rundir.py
+when every process sees OUT; else the check's one line on stderr and exit 2. tests/training/test_rundir.py
 starts two such "machines" in different working folders, so that a relative OUT is a different folder
 on each, as on machines that do not share a file system.
 """

@@ -1,6 +1,6 @@
 """pytest plugin: run timm's own ``tests/test_models.py`` on this project's registered models only.
 
-Used by ``tests/test_timm_contract.py``, which runs, in a subprocess, from the folder that holds the
+Used by ``tests/models/test_timm_contract.py``, which runs, in a subprocess, from the folder that holds the
 extracted ``tests/`` (fetched by the ``timm_tests`` fixture of conftest.py)::
 
     cd .cache/timm-tests/<version>
@@ -29,7 +29,7 @@ What it changes, and nothing else (timm's test file is run as it is):
 4. timm's markers (``base``, ``cfg`` ... and pytest-timeout's ``timeout``) are registered, so the
    run has no unknown-marker warnings; the timeouts themselves need pytest-timeout and are not applied.
 5. With ``TIMM_CONTRACT_CLAIMS=<folder>`` in the environment, a test runs only if this process is the
-   first to claim it (it creates ``<folder>/<hash of the test id>``); ``tests/test_timm_contract.py``
+   first to claim it (it creates ``<folder>/<hash of the test id>``); ``tests/models/test_timm_contract.py``
    runs two such processes side by side on the same list (one thread each, one per core) and joins
    their results: each test runs once, in whichever process reaches it first, so neither waits for
    the other however long the tests are.
