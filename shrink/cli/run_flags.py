@@ -120,11 +120,12 @@ _EMBEDDED_HEAD = """\
 """
 
 
-def embedded_yaml(write: bool = False, path: str | Path = EMBEDDED_YAML) -> str:
+def embedded_yaml(write: bool = False, path: str | Path = EMBEDDED_YAML, defaults: RunConfig | None = None) -> str:
     """The text of configs/embedded.yaml: every RunConfig field with its default, by group; ``write``
-    writes it to ``path``."""
-    defaults, lines, group = RunConfig(), [_EMBEDDED_HEAD.rstrip("\n")], None
-    for f in dataclasses.fields(RunConfig):
+    writes it to ``path``. ``defaults``: another RunConfig (a subclass with other defaults) to write."""
+    defaults = RunConfig() if defaults is None else defaults
+    lines, group = [_EMBEDDED_HEAD.rstrip("\n")], None
+    for f in dataclasses.fields(defaults):
         if f.metadata.get("group") != group:
             group = f.metadata.get("group")
             lines.append(f"\n# {group}")

@@ -88,6 +88,7 @@ def cli_main(
     *,
     prefix: str = "error: ",
     verbose: bool | None = None,
+    setup: bool = True,
 ) -> int:
     """Run ``body(argv)`` as a CLI and return its exit code.
 
@@ -100,8 +101,12 @@ def cli_main(
     names them (``error: rank 1: ...``); a process that stops because another one failed (a
     collective whose peer is gone, the launcher's SIGTERM) says so in one line instead of a
     traceback. See :func:`say_error`.
+
+    ``setup=False`` leaves logging and warnings as the caller set them up (an application that embeds
+    the command, a test under pytest); otherwise :func:`setup_output` quiets them for a terminal.
     """
-    setup_output(verbose)
+    if setup:
+        setup_output(verbose)
     world, rank = _world()
     if world > 1:
         _terminate_as_exception()
@@ -178,7 +183,7 @@ def _lost_a_peer(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _PEER_LOST)
 
 
-_SAY_WAIT_S = 1.0  # how long a failing process waits for the others' errors before it speaks
+SAY_WAIT_S = 1.0  # how long a failing process waits for the others' errors before it speaks (a setting: tests shorten it)
 
 
 def say_error(prefix: str, message: str, *, rank: int | None = None, world: int | None = None) -> None:
@@ -223,7 +228,7 @@ def _shared_error(message: str, world: int, rank: int) -> list[int] | None:
     key = f"shrink_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     store.set(f"{key}rank{rank}", message)
     store.add(f"{key}count", 1)
-    deadline = time.monotonic() + _SAY_WAIT_S
+    deadline = time.monotonic() + SAY_WAIT_S
     while store.add(f"{key}count", 0) < world and time.monotonic() < deadline:
         time.sleep(0.05)
     ranks = [r for r in range(world) if store.check([f"{key}rank{r}"])

@@ -595,23 +595,21 @@ def test_good_input_passes(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_runner_exit_codes(capsys, monkeypatch):
-    """The runner: ShrinkError and OSError are one line and 2, Ctrl-C is 130, a bug keeps its traceback."""
-    import shrink.cli.runner
+def test_cli_runner_exit_codes(capsys):
+    """The runner: ShrinkError and OSError are one line and 2, Ctrl-C is 130, a bug keeps its traceback.
+    ``setup=False`` keeps pytest's logging as it is."""
     from shrink.cli.runner import cli_main
-
-    monkeypatch.setattr(shrink.cli.runner, "setup_output", lambda verbose=None: None)  # keep pytest's logging as it is
 
     def raise_(e):
         def body(argv):
             raise e
         return body
 
-    assert cli_main(raise_(ShrinkError("bad\nvalue"))) == 2
+    assert cli_main(raise_(ShrinkError("bad\nvalue")), setup=False) == 2
     assert capsys.readouterr().err == "error: bad value\n"
-    assert cli_main(raise_(PermissionError(13, "Permission denied", "/ro/x.json"))) == 2
+    assert cli_main(raise_(PermissionError(13, "Permission denied", "/ro/x.json")), setup=False) == 2
     assert capsys.readouterr().err == "error: /ro/x.json: Permission denied\n"
-    assert cli_main(raise_(KeyboardInterrupt())) == 130
+    assert cli_main(raise_(KeyboardInterrupt()), setup=False) == 130
     assert capsys.readouterr().err == "interrupted\n"
     with pytest.raises(ZeroDivisionError):
-        cli_main(raise_(ZeroDivisionError("a bug")))
+        cli_main(raise_(ZeroDivisionError("a bug")), setup=False)

@@ -71,7 +71,7 @@ def job_store(monkeypatch):
 
     import shrink.cli.runner
 
-    monkeypatch.setattr(shrink.cli.runner, "_SAY_WAIT_S", 0.2)
+    monkeypatch.setattr(shrink.cli.runner, "SAY_WAIT_S", 0.2)  # a documented setting
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
     yield store.port  # the store lives as long as the test

@@ -317,32 +317,36 @@ def test_explicit_output_into_a_run_is_refused(tmp_path, capsys):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-def test_a_failed_export_leaves_no_empty_deploy_folder(tmp_path, monkeypatch, capsys):
+def test_a_failed_export_leaves_no_empty_deploy_folder(tmp_path, capsys):
+    """A format whose writer fails after making the folder (registered for the test, as a user would)."""
     best = _digits_pruned(tmp_path)
 
-    def fail(model, out, *a, **kw):  # as deploy.deploy fails after atomic_write made the folder
+    @deploy.register_format("failing")
+    def fail(model, out, **kw):  # as a writer fails after atomic_write made the folder
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         raise ShrinkError("export failed")
 
-    monkeypatch.setattr("shrink.deploy.__main__.deploy", fail)
-    assert "export failed" in _cli_error(["--checkpoint", str(best)], capsys)
+    try:
+        assert "export failed" in _cli_error(["--checkpoint", str(best), "--format", "failing"], capsys)
+    finally:
+        deploy.unregister_format("failing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
-def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
-    class WrongSession:  # an ONNX Runtime session whose outputs differ from eager PyTorch
-        def get_inputs(self):
-            return [type("Input", (), {"name": deploy.INPUT_NAME})()]
+class _DiffersWhenExported(VisionTransformer):
+    """A model whose exported graph computes something else than eager PyTorch (a real export bug's shape)."""
 
-        def run(self, outputs, feeds):
-            return [torch.zeros(next(iter(feeds.values())).shape[0], 5).numpy()]
+    def forward(self, x):
+        y = super().forward(x)
+        return y * 0 if torch.compiler.is_exporting() else y
 
-    wrong = lambda *a, **kw: WrongSession()  # noqa: E731
-    monkeypatch.setattr(deploy, "load_onnx_session", wrong)
-    monkeypatch.setattr("shrink.deploy.onnx_export.load_onnx_session", wrong)  # the name export_onnx calls
-    path = tmp_path / "m.onnx"
-    with pytest.raises(ShrinkError, match="differs from eager"):
-        deploy.deploy(_small_vit(), path, "onnx")
+
+def test_failed_verification_leaves_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = _DiffersWhenExported(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5).eval()
+    for fmt in ("onnx", "pt2"):
+        with pytest.raises(ShrinkError, match="differs from eager"):
+            deploy.deploy(model, tmp_path / f"m.{fmt}", fmt)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -77,22 +77,21 @@ def test_embedded_yaml_is_generated_from_the_defaults():
     assert config_from_args(["--config", str(EMBEDDED_YAML)]).to_dict() == config_from_args([]).to_dict()
 
 
-def test_embedded_yaml_check_fails_when_a_default_changes(monkeypatch, tmp_path):
+def test_embedded_yaml_check_fails_when_a_default_changes(tmp_path):
     """The check is not vacuous: a changed default no longer matches the file as written."""
     import dataclasses
 
-    import shrink.cli.run_flags as run_flags
     from shrink.cli.run_flags import EMBEDDED_YAML, embedded_yaml
 
     @dataclasses.dataclass
     class Changed(RunConfig):
         epochs: int = dataclasses.field(default=41, metadata=RunConfig.__dataclass_fields__["epochs"].metadata)
 
-    monkeypatch.setattr(run_flags, "RunConfig", Changed)
-    assert "epochs: 41" in embedded_yaml() and EMBEDDED_YAML.read_text() != embedded_yaml()
+    changed = embedded_yaml(defaults=Changed())
+    assert "epochs: 41" in changed and EMBEDDED_YAML.read_text() != changed
     out = tmp_path / "e.yaml"
-    embedded_yaml(write=True, path=out)
-    assert out.read_text() == embedded_yaml()
+    embedded_yaml(write=True, path=out, defaults=Changed())
+    assert out.read_text() == changed
 
 
 def test_settings_are_checked_and_merged_in_memory():
