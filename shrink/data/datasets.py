@@ -106,6 +106,12 @@ def get_data_set(name: str) -> DataSetSpec:
     return DATA_SET_REGISTRY.lookup(name)
 
 
+def reads_files(name: str) -> bool:
+    """Whether data set ``name`` reads files (a ``--data-path``); one that does not is built in memory,
+    and its loaders need no worker processes."""
+    return get_data_set(name).path is not None
+
+
 def unregister_data_set(name: str) -> None:
     DATA_SET_REGISTRY.remove(name)
 
@@ -126,6 +132,9 @@ def check_data_path(name: str, data_path: str | os.PathLike | None, flag: str = 
     """
     spec = get_data_set(name)
     if spec.path is None:
+        if data_path is not None:
+            with_path = ", ".join(n for n in DATA_SETS if get_data_set(n).path is not None)
+            raise ShrinkError(f"{flag} is not used by --data-set {name}; leave it out, or give --data-set {with_path}")
         return
     if data_path is None or not str(data_path).strip():
         raise ShrinkError(f"--data-set {name} needs {flag} ({spec.path})")

@@ -186,8 +186,6 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
               "r_values": None if args.r_values is None else _ints(args.r_values, "--r-values"),
               "order": None if args.order is None else _ints(args.order, "--order")}
     args.data_set = resolve_data_set(args.data_set, args.data_path)
-    if args.data_set in ("digits", "synthetic") and args.data_path is not None:
-        raise ShrinkError(f"--data-path is not used by --data-set {args.data_set}")
     check_data_path(args.data_set, args.data_path)
     if args.finetune is not None and not Path(args.finetune).exists():
         raise ShrinkError(f"--finetune: not found: {args.finetune}")
@@ -236,7 +234,7 @@ def _build_model(args: argparse.Namespace, num_classes: int):
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """Plan from parsed ``args``: the search result, the written paths, the cost table, warnings, the order."""
     from shrink.blocks.dilution import get_blocks
-    from shrink.data.datasets import build_dataset, calibration_subset, count_classes
+    from shrink.data.datasets import build_dataset, calibration_subset, count_classes, reads_files
     from shrink.introspect import input_size as model_input_size
     from shrink.plan.cost import cached_cost_table
     from shrink.plan.outputs import write_outputs
@@ -277,7 +275,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     dataset = build_dataset(args.data_set, "train", data_path=args.data_path, input_size=args.input_size, model=model,
                             train_transform=False, synthetic_size=args.calib_images, num_classes=num_classes)
     images, labels = load_calibration(calibration_subset(dataset, args.calib_images, seed=args.seed),
-                                      num_workers=0 if args.data_set in ("digits", "synthetic") else args.num_workers)
+                                      num_workers=args.num_workers if reads_files(args.data_set) else 0)
     from shrink.selection.criteria import candidate_layers
 
     k = min(depth - 1 if args.max_remove is None else args.max_remove, depth - 1, len(candidate_layers(model)))

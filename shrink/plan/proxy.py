@@ -75,10 +75,11 @@ def removal_order(
     that size. ``last`` is returned from the last block backwards (its prefixes are then "the last j").
     ``manual`` has no order of its own: give the order to the search directly.
     """
+    from shrink.selection import get_criterion
     from shrink.selection.layers import select_layers
 
-    if criterion == "manual":
-        raise ShrinkError("criterion 'manual' has no removal order: give the order itself (--order 3,1,2)")
+    if get_criterion(criterion).takes_layers:
+        raise ShrinkError(f"criterion {criterion!r} has no removal order: give the order itself (--order 3,1,2)")
     y = labels if labels is not None else torch.zeros(len(images), dtype=torch.long)
     loader = DataLoader(TensorDataset(images, y), batch_size=batch_size, shuffle=False)
     amp = torch.float32  # the proxy runs in fp32; so does the selection it orders

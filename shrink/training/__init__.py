@@ -10,7 +10,6 @@ _EXPORTS = {
     "MAX_SEED": "config",
     "tome_r_arg": "config",
     "tome_schedule_for": "config",
-    "IN_MEMORY": "parts",
     "set_constant_drop_path": "parts",
     "build_model": "parts",
     "build_datasets": "parts",

@@ -131,7 +131,7 @@ def _choice(cfg: RunConfig, key: str, choices, origin: Mapping[str, str]) -> Non
 def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] | None) -> None:
     from timm.optim import list_optimizers
 
-    from shrink.selection.layers import CRITERIA
+    from shrink.selection import CRITERIA, get_criterion
 
     n = lambda key: name_of(key, origin)  # noqa: E731
     for key in _RANGES:
@@ -167,8 +167,8 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
             raise ShrinkError(f"{n('remove_layers')} has a negative index: {cfg.remove_layers}")
         if cfg.remove_ratio:
             raise ShrinkError(f"give {n('remove_ratio')} or {n('remove_layers')}, not both")
-    if cfg.criterion == "manual" and cfg.remove_ratio:
-        raise ShrinkError(f"{n('criterion')} manual picks no layers; give the layers with --remove-layers")
+    if cfg.remove_ratio and get_criterion(cfg.criterion).takes_layers:
+        raise ShrinkError(f"{n('criterion')} {cfg.criterion} picks no layers; give the layers with --remove-layers")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ShrinkError(f"{n('batch_size')} must be even with mixup/cutmix (timm's Mixup pairs images), "
                           f"got {cfg.batch_size}")
@@ -237,9 +237,6 @@ def check_model_path(path: str, name: str, *, dir_ok: bool, file_ok: bool = True
 def check_data(cfg: RunConfig, n: Namer, explicit: set[str] | None) -> None:
     from shrink.data.datasets import check_data_path
 
-    if cfg.data_set in ("digits", "synthetic") and cfg.data_path is not None:
-        raise ShrinkError(f"{n('data_path')} is not used by --data-set {cfg.data_set}; leave it out, or give "
-                          f"--data-set folder / cifar10 / cifar100")
     check_data_path(cfg.data_set, cfg.data_path, flag=n("data_path"))
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from shrink.blocks.dilution import get_blocks, has_attention_layers, validate_layers
 from shrink.blocks.parts import set_drop_path
-from shrink.data.datasets import WorkerSeeder, build_dataset, calibration_subset, with_transform
+from shrink.data.datasets import WorkerSeeder, build_dataset, calibration_subset, reads_files, with_transform
 from shrink.errors import ShrinkError
 from shrink.modelio.create import create_model
 from shrink.precision import dtype_of
@@ -25,7 +25,6 @@ from shrink.training.config import RunConfig
 
 _logger = logging.getLogger(__name__)
 
-IN_MEMORY = ("digits", "synthetic")
 
 
 def set_constant_drop_path(model: nn.Module, rate: float) -> None:
@@ -71,7 +70,7 @@ def make_loader(ds: Dataset, cfg: RunConfig, *, train: bool) -> DataLoader:
     times in the epoch's order, which depends only on the epoch, and Accelerate deals the batches
     out to the processes, so a multi-process run sees the same data as a single process.
     """
-    workers = 0 if cfg.data_set in IN_MEMORY else cfg.num_workers
+    workers = cfg.num_workers if reads_files(cfg.data_set) else 0  # in-memory sets need no workers
     sampler = None
     if train and cfg.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
