@@ -1,4 +1,7 @@
-"""The whole benchmark run: settings, environment, per-configuration measurement and :func:`run`."""
+"""The whole benchmark run: settings, environment, per-configuration measurement and :func:`run`.
+
+Long because :func:`run` reads as a sequence of steps (settings, one-after-the-other or interleaved
+measurement, the report) whose private helpers share this module's settings and entries."""
 from __future__ import annotations
 
 import contextlib
@@ -226,73 +229,126 @@ def run(cfg: BenchConfig, *, on_timing: OnTiming | None = None) -> dict[str, Any
 
     device = parse_device(cfg.device)
     settings = _settings(cfg, device)
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise ShrinkError(f"--threads must be >= 1, got {cfg.threads}")
-        torch.set_num_threads(cfg.threads)
+    _apply_threads(cfg.threads)
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     environment = _environment(device)  # load average before the run, other processes included
     environment["allocator"] = set_allocator(cfg.allocator)
     planned, skipped = plan(cfg)
     sync = _sync_fn(device)
-    results: list[dict[str, Any]] = []
     bar = tqdm(total=len(planned) * (2 if cfg.interleave else 1), desc="benchmark", unit="step",
                disable=not cfg.progress, file=sys.stderr)
-    runtimes = _runtime_plan(settings)
-    if not cfg.interleave:
-        for p, model in _models(planned, cfg.img_size, device):
-            if runtimes == [None]:
-                entry = _entry(p, model, cfg.img_size)
-                bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
-                entry.update(benchmark_one(model, settings, device, on_timing=on_timing))
-                results.append(entry)
-            else:
-                static = _static(model, settings)
-                for rt in sorted(runtimes, key=lambda r: r == "torch"):  # onnxruntime first: torch moves the model
-                    entry = {**_entry(p, model, cfg.img_size, rt), **static}
-                    bar.set_postfix_str(f"{p.spec.name} {entry['label']} {rt}")
-                    timers, info = _timers(rt, model, entry["input_size"], settings, device, cfg.threads)
-                    for t in timers.values():
-                        _time(t, settings["iters"], settings["repeats"], sync, on_timing)
-                    entry.update(_finish(model, entry["input_size"], timers, settings, device, rt))
-                    if info is not None:
-                        entry["onnx"] = info
-                    results.append(entry)
-                    del timers
-            del model
-            _free(device)
-            bar.update()
-        results = _runtime_order(results, runtimes)
-    else:
-        staged = []
-        for p, model in _models(planned, cfg.img_size, device):
-            static = _static(model, settings)
-            for rt in sorted(runtimes, key=lambda r: r == "torch"):
-                entry = {**_entry(p, model, cfg.img_size, rt), **static}
-                bar.set_postfix_str(f"set up {p.spec.name} {entry['label']}{'' if rt is None else ' ' + rt}")
-                timers, info = _timers(rt or "torch", model, entry["input_size"], settings, device, cfg.threads)
-                if info is not None:
-                    entry["onnx"] = info
-                staged.append((entry, model, timers))
-            bar.update()
-        for rep in range(settings["repeats"]):
-            order = list(range(len(staged)))
-            order = order[rep % len(order):] + order[:rep % len(order)]
-            for i in order:
-                for t in staged[i][2].values():
-                    _time(t, settings["iters"], 1, sync, on_timing)
-        for entry, model, timers in staged:
-            bar.set_postfix_str(f"finish {entry['model']} {entry['label']}")
-            onnx_info = entry.pop("onnx", None)
-            entry.update(_finish(model, entry["input_size"], timers, settings, device, entry.get("runtime", "torch")))
-            if onnx_info is not None:
-                entry["onnx"] = onnx_info
-            results.append(entry)
-        bar.update(len(planned))
-        del staged
-        results = _runtime_order(results, runtimes)
+    measure = _measure_interleaved if cfg.interleave else _measure_in_turn
+    results = measure(cfg, planned, settings, device, sync, bar, on_timing)
     bar.close()
     _free(device)
+    report = _report(cfg, started, environment, settings, results, skipped)
+    write_outputs(report, cfg.json_path, cfg.csv_path, cfg.plot_path)
+    return report
+
+
+def _apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ShrinkError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _measure_in_turn(cfg: BenchConfig, planned: list[_Planned], settings: dict[str, Any], device: torch.device,
+                     sync: Callable[[], None], bar: Any, on_timing: OnTiming | None) -> list[dict[str, Any]]:
+    """Each configuration set up, timed and finished before the next one (the rows of :func:`run`)."""
+    results: list[dict[str, Any]] = []
+    runtimes = _runtime_plan(settings)
+    for p, model in _models(planned, cfg.img_size, device):
+        if runtimes == [None]:
+            entry = _entry(p, model, cfg.img_size)
+            bar.set_postfix_str(f"{p.spec.name} {entry['label']}")
+            entry.update(benchmark_one(model, settings, device, on_timing=on_timing))
+            results.append(entry)
+        else:
+            results += _measure_runtimes(cfg, p, model, settings, device, runtimes, sync, bar, on_timing)
+        del model
+        _free(device)
+        bar.update()
+    return _runtime_order(results, runtimes)
+
+
+def _measure_runtimes(cfg: BenchConfig, p: _Planned, model: nn.Module, settings: dict[str, Any],
+                      device: torch.device, runtimes: list[str | None], sync: Callable[[], None], bar: Any,
+                      on_timing: OnTiming | None) -> list[dict[str, Any]]:
+    """One configuration in every runtime asked for, one after the other: a row each."""
+    rows = []
+    static = _static(model, settings)
+    for rt in sorted(runtimes, key=lambda r: r == "torch"):  # onnxruntime first: torch moves the model
+        entry = {**_entry(p, model, cfg.img_size, rt), **static}
+        bar.set_postfix_str(f"{p.spec.name} {entry['label']} {rt}")
+        timers, info = _timers(rt, model, entry["input_size"], settings, device, cfg.threads)
+        for t in timers.values():
+            _time(t, settings["iters"], settings["repeats"], sync, on_timing)
+        entry.update(_finish(model, entry["input_size"], timers, settings, device, rt))
+        if info is not None:
+            entry["onnx"] = info
+        rows.append(entry)
+        del timers
+    return rows
+
+
+def _measure_interleaved(cfg: BenchConfig, planned: list[_Planned], settings: dict[str, Any],
+                         device: torch.device, sync: Callable[[], None], bar: Any,
+                         on_timing: OnTiming | None) -> list[dict[str, Any]]:
+    """Every configuration set up first, then timed round-robin, then finished (the rows of :func:`run`)."""
+    runtimes = _runtime_plan(settings)
+    staged = _stage(cfg, planned, settings, device, runtimes, bar)
+    _time_round_robin([timers for _, _, timers in staged], settings, sync, on_timing)
+    results = _finish_staged(staged, settings, device, bar)
+    bar.update(len(planned))
+    del staged
+    return _runtime_order(results, runtimes)
+
+
+def _stage(cfg: BenchConfig, planned: list[_Planned], settings: dict[str, Any], device: torch.device,
+           runtimes: list[str | None], bar: Any) -> list[tuple[dict[str, Any], nn.Module, dict[str, TimedModel]]]:
+    """(entry, model, timers) of every configuration in every runtime, all set up before any is timed."""
+    staged = []
+    for p, model in _models(planned, cfg.img_size, device):
+        static = _static(model, settings)
+        for rt in sorted(runtimes, key=lambda r: r == "torch"):
+            entry = {**_entry(p, model, cfg.img_size, rt), **static}
+            bar.set_postfix_str(f"set up {p.spec.name} {entry['label']}{'' if rt is None else ' ' + rt}")
+            timers, info = _timers(rt or "torch", model, entry["input_size"], settings, device, cfg.threads)
+            if info is not None:
+                entry["onnx"] = info
+            staged.append((entry, model, timers))
+        bar.update()
+    return staged
+
+
+def _time_round_robin(timer_sets: list[dict[str, TimedModel]], settings: dict[str, Any],
+                      sync: Callable[[], None], on_timing: OnTiming | None) -> None:
+    """Each timed repeat visits every configuration, starting one further along each round."""
+    for rep in range(settings["repeats"]):
+        order = list(range(len(timer_sets)))
+        order = order[rep % len(order):] + order[:rep % len(order)]
+        for i in order:
+            for t in timer_sets[i].values():
+                _time(t, settings["iters"], 1, sync, on_timing)
+
+
+def _finish_staged(staged: list[tuple[dict[str, Any], nn.Module, dict[str, TimedModel]]], settings: dict[str, Any],
+                   device: torch.device, bar: Any) -> list[dict[str, Any]]:
+    results = []
+    for entry, model, timers in staged:
+        bar.set_postfix_str(f"finish {entry['model']} {entry['label']}")
+        onnx_info = entry.pop("onnx", None)
+        entry.update(_finish(model, entry["input_size"], timers, settings, device, entry.get("runtime", "torch")))
+        if onnx_info is not None:
+            entry["onnx"] = onnx_info
+        results.append(entry)
+    return results
+
+
+def _report(cfg: BenchConfig, started: str, environment: dict[str, Any], settings: dict[str, Any],
+            results: list[dict[str, Any]], skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """The report of :func:`run`: speed-ups, skip notes and (benchmark.py --plan) the plan added to the rows."""
     _add_speedups(results, cfg.baseline)
     _add_skip_notes(results, skipped)
     plan_entry = _add_plan(results, cfg.plan, settings) if cfg.plan is not None else None
@@ -301,7 +357,6 @@ def run(cfg: BenchConfig, *, on_timing: OnTiming | None = None) -> dict[str, Any
               "results": results, "skipped": skipped}
     if plan_entry is not None:  # only in benchmark.py --plan runs (schema unchanged otherwise)
         report["plan"] = plan_entry
-    write_outputs(report, cfg.json_path, cfg.csv_path, cfg.plot_path)
     return report
 
 

@@ -234,16 +234,11 @@ def _build_model(args: argparse.Namespace, num_classes: int):
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """Plan from parsed ``args``: the search result, the written paths, the cost table, warnings, the order."""
     from shrink.blocks.dilution import get_blocks
-    from shrink.data.datasets import build_dataset, calibration_subset, count_classes, reads_files
-    from shrink.introspect import input_size as model_input_size
-    from shrink.plan.cost import cached_cost_table
+    from shrink.data.datasets import count_classes
     from shrink.plan.outputs import write_outputs
-    from shrink.plan.proxy import Proxy, load_calibration, removal_order
-    from shrink.plan.search import MacCounter, enumerate_candidates, search
 
     t0 = time.perf_counter()
     parsed = check_args(args)
-    target = parsed["target"]
     device = parse_device(args.device)
     progress = not args.quiet
     num_classes = count_classes(args.data_set, args.data_path, default=10)
@@ -251,31 +246,64 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
     for w in warnings:
         _logger.warning(w)
     depth = len(get_blocks(model))
-    merging = not args.no_merging
-    if merging:  # apply_tome checks everything before it changes the model: a cheap probe
-        from shrink.merging.patch import apply_tome, remove_tome
+    merging = not args.no_merging and _merging_available(model, name, warnings)
+    table, t_cost = _cost_table(model, name, args, device, progress)  # first, on the untouched dense model
+    images, labels = _calibration(model, args, num_classes)
+    order, criterion, t_sel = _removal_order(model, images, labels, depth, args, parsed, device, progress)
+    res, t_search, t_proxy = _search(model, images, labels, order, table, depth, merging, args, parsed, device,
+                                     progress)
+    record = {"model": name, "argv": list(argv) if argv is not None else sys.argv[1:], "criterion": criterion,
+              "calib_images": len(images), "data_set": args.data_set, "warnings": warnings,
+              "seconds": {"cost_table": round(t_cost, 2), "selection": round(t_sel, 2), "proxy": round(t_proxy, 2),
+                          "search_without_proxy": round(t_search - t_proxy, 3)}, "device": str(device)}
+    record["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    key = table.key
+    title = f"{name}, {key.device} {key.dtype} batch {key.batch_size}, {key.runtime}"
+    paths = write_outputs(res, args.output_dir, table=table, base_config=base, record=record,
+                          plot=not args.no_plot, title=title, tome_train=not args.no_tome_train)
+    return {"result": res, "paths": paths, "table": table, "warnings": warnings, "order": order}
 
-        try:
-            remove_tome(apply_tome(model, 1))
-        except ShrinkError as e:
-            merging = False
-            warnings.append(f"token merging is not available for {name} ({e}); planning layer removal only")
-            _logger.warning(warnings[-1])
 
-    # the cost table first, on the untouched dense model (it copies what it times)
+def _merging_available(model, name: str, warnings: list[str]) -> bool:
+    """Whether ToMe can patch ``model``; a warning (logged, added to ``warnings``) when it cannot."""
+    from shrink.merging.patch import apply_tome, remove_tome
+
+    try:  # apply_tome checks everything before it changes the model: a cheap probe
+        remove_tome(apply_tome(model, 1))
+    except ShrinkError as e:
+        warnings.append(f"token merging is not available for {name} ({e}); planning layer removal only")
+        _logger.warning(warnings[-1])
+        return False
+    return True
+
+
+def _cost_table(model, name: str, args: argparse.Namespace, device, progress: bool):
+    """The cost table for this device and batch (measured or reused; it copies what it times) and its seconds."""
+    from shrink.plan.cost import cached_cost_table
+
     t_cost = time.perf_counter()
     table = cached_cost_table(model, name, cache_dir=args.cache_dir, device=str(device), dtype=args.dtype,
                               batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
                               img_size=args.input_size, rebuild=args.rebuild_cost, token_step=args.token_step,
                               repeats=args.repeats, progress=progress)
-    t_cost = time.perf_counter() - t_cost
-    key = table.key
-    n_tok, n_prot = key.num_tokens, key.num_protected
+    return table, time.perf_counter() - t_cost
+
+
+def _calibration(model, args: argparse.Namespace, num_classes: int):
+    """(images, labels): the training split's deterministic calibration subset."""
+    from shrink.data.datasets import build_dataset, calibration_subset, reads_files
+    from shrink.plan.proxy import load_calibration
 
     dataset = build_dataset(args.data_set, "train", data_path=args.data_path, input_size=args.input_size, model=model,
                             train_transform=False, synthetic_size=args.calib_images, num_classes=num_classes)
-    images, labels = load_calibration(calibration_subset(dataset, args.calib_images, seed=args.seed),
-                                      num_workers=args.num_workers if reads_files(args.data_set) else 0)
+    return load_calibration(calibration_subset(dataset, args.calib_images, seed=args.seed),
+                            num_workers=args.num_workers if reads_files(args.data_set) else 0)
+
+
+def _removal_order(model, images, labels, depth: int, args: argparse.Namespace, parsed: dict[str, Any], device,
+                   progress: bool) -> tuple[list[int], str, float]:
+    """(the layers in removal order, at most --max-remove of them; the criterion's name; seconds)."""
+    from shrink.plan.proxy import removal_order
     from shrink.selection.criteria import candidate_layers
 
     k = min(depth - 1 if args.max_remove is None else args.max_remove, depth - 1, len(candidate_layers(model)))
@@ -289,13 +317,24 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
         order = removal_order(model, images, labels, k=k, criterion=args.criterion, seed=args.seed,
                               batch_size=args.proxy_batch_size, device=device, progress=progress) if k else []
         criterion = args.criterion
-    t_sel = time.perf_counter() - t_sel
+    return order, criterion, time.perf_counter() - t_sel
+
+
+def _search(model, images, labels, order: list[int], table, depth: int, merging: bool, args: argparse.Namespace,
+            parsed: dict[str, Any], device, progress: bool):
+    """Enumerate the candidates, search them with the proxy: (the result, its seconds, the proxy's seconds)."""
+    from shrink.introspect import input_size as model_input_size
+    from shrink.plan.proxy import Proxy
+    from shrink.plan.search import MacCounter, enumerate_candidates, search
+
+    key = table.key
+    n_tok, n_prot = key.num_tokens, key.num_protected
     cands = enumerate_candidates(order, depth, n_tok, n_prot, r_values=parsed["r_values"],
                                  start_idxs=parsed["start_idxs"], policies=parsed["policies"],
                                  merging=merging)
     proxy = Proxy(model, images, labels, batch_size=args.proxy_batch_size, device=device)
     macs = None
-    if target.kind == "gmacs":
+    if parsed["target"].kind == "gmacs":
         size = model_input_size(model, args.input_size)
         macs = MacCounter(proxy.built, proxy.model, size, n_tok, n_prot, depth).gmacs
     proxy_s: list[float] = []  # seconds of each proxy call, for the record
@@ -308,20 +347,11 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
             proxy_s.append(time.perf_counter() - t)
 
     t_search = time.perf_counter()
-    res = search(cands, table, target, depth=depth, num_tokens=n_tok, num_protected=n_prot, score=score, gmacs=macs,
-                 max_candidates=args.max_candidates, device=str(key.device))
+    res = search(cands, table, parsed["target"], depth=depth, num_tokens=n_tok, num_protected=n_prot, score=score,
+                 gmacs=macs, max_candidates=args.max_candidates, device=str(key.device))
     t_search = time.perf_counter() - t_search
-    t_proxy = sum(proxy_s)
     res.order = list(order)
-    record = {"model": name, "argv": list(argv) if argv is not None else sys.argv[1:], "criterion": criterion,
-              "calib_images": len(images), "data_set": args.data_set, "warnings": warnings,
-              "seconds": {"cost_table": round(t_cost, 2), "selection": round(t_sel, 2), "proxy": round(t_proxy, 2),
-                          "search_without_proxy": round(t_search - t_proxy, 3)}, "device": str(device)}
-    record["seconds"]["total"] = round(time.perf_counter() - t0, 2)
-    title = f"{name}, {key.device} {key.dtype} batch {key.batch_size}, {key.runtime}"
-    paths = write_outputs(res, args.output_dir, table=table, base_config=base, record=record,
-                          plot=not args.no_plot, title=title, tome_train=not args.no_tome_train)
-    return {"result": res, "paths": paths, "table": table, "warnings": warnings, "order": order}
+    return res, t_search, sum(proxy_s)
 
 
 def _summary(out: dict[str, Any]) -> str:

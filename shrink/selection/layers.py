@@ -165,9 +165,25 @@ def select_layers(
     """
     t0 = time.perf_counter()
     crit = get_criterion(criterion)
-    blocks = get_blocks(model)
-    depth = len(blocks)
+    depth = len(get_blocks(model))
     candidates = candidate_layers(model)
+    k, layers = _resolve_k(model, loader, crit, criterion, depth, candidates, ratio, k, layers)
+    chosen, scores, passes = _measure_and_select(model, loader, crit, criterion, candidates, k, greedy, seed,
+                                                 te_abs, layers, device, amp_dtype, progress)
+    seconds = time.perf_counter() - t0
+    _logger.info("selected layers %s by %s (%d passes, %.1f s)", chosen, criterion, passes, seconds)
+    return SelectionResult(
+        layers=chosen, criterion=criterion, scores=scores, forward_passes=passes, seconds=seconds,
+        k=k, depth=depth, ratio=None if ratio is None else float(ratio),
+        greedy=greedy if crit.scored else False, seed=seed, calib_images=scores.get("calib_images", 0),
+        extra={"te_mode": "abs" if te_abs else "signed"} if crit.transfer_entropy else {},
+    )
+
+
+def _resolve_k(model: nn.Module, loader: Iterable | None, crit: Criterion, criterion: str, depth: int,
+               candidates: list[int], ratio: float | None, k: int | None,
+               layers: Sequence[int] | None) -> tuple[int, list[int] | None]:
+    """k (from ``ratio``, ``k`` or manual ``layers``, returned validated), checked for model and criterion."""
     if ratio is not None and k is not None:
         raise ShrinkError("give a removal ratio or a layer count k, not both")
     if ratio is not None:
@@ -191,10 +207,23 @@ def select_layers(
     if loader is None and crit.scored:
         raise ShrinkError(f"criterion {criterion!r} needs calibration images (a loader)")
     check_model_api(model)
+    return k, layers
 
+
+def _home_and_target(model: nn.Module, device: str | torch.device | None) -> tuple[torch.device, torch.device]:
+    """The device the model is on and the one to measure on (that one unless ``device`` is given)."""
     param = next(model.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
-    dev = torch.device(device) if device is not None else home
+    return home, (torch.device(device) if device is not None else home)
+
+
+def _measure_and_select(
+    model: nn.Module, loader: Iterable | None, crit: Criterion, criterion: str, candidates: list[int], k: int,
+    greedy: bool, seed: int, te_abs: bool, manual: list[int] | None,
+    device: str | torch.device | None, amp_dtype: torch.dtype | None, progress: bool,
+) -> tuple[list[int], dict[str, Any], int]:
+    """Select on the target device in eval mode, then restore the model: (chosen, scores, passes)."""
+    home, dev = _home_and_target(model, device)
     amp = _resolve_amp(dev, amp_dtype)
     modes = {m: m.training for m in model.modules()}
     measured = loader is not None
@@ -207,26 +236,16 @@ def select_layers(
         runner = Runner(model, loader, dev, amp) if measured else None
         if runner is not None:
             runner.bar = bar
-        chosen, scores = _select(runner, crit, candidates, k, greedy, seed, te_abs, layers)
-        if runner is not None and chosen:
-            if "te_of_selection" not in scores:
-                scores["te_of_selection"] = scores["feature_entropy"] - runner.run(skip=chosen).feature_entropy
+        chosen, scores = _select(runner, crit, candidates, k, greedy, seed, te_abs, manual)
+        if runner is not None and chosen and "te_of_selection" not in scores:
+            scores["te_of_selection"] = scores["feature_entropy"] - runner.run(skip=chosen).feature_entropy
     finally:
         bar.close()
         for m, mode in modes.items():
             m.training = mode
         if dev != home:
             model.to(home)
-    passes = runner.passes if runner is not None else 0
-    seconds = time.perf_counter() - t0
-    _logger.info("selected layers %s by %s (%d passes, %.1f s)", chosen, criterion, passes, seconds)
-    return SelectionResult(
-        layers=chosen, criterion=criterion, scores=scores, forward_passes=passes, seconds=seconds,
-        k=k, depth=depth, ratio=None if ratio is None else float(ratio),
-        greedy=greedy if crit.scored else False, seed=seed,
-        calib_images=scores.get("calib_images", 0),
-        extra={"te_mode": "abs" if te_abs else "signed"} if crit.transfer_entropy else {},
-    )
+    return chosen, scores, (runner.passes if runner is not None else 0)
 
 
 def _select(
@@ -290,8 +309,7 @@ def transfer_entropy(
     candidate_layers(model)
     check_model_api(model)
     layers = validate_layers(model, layers)
-    param = next(model.parameters(), None)
-    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    _, dev = _home_and_target(model, device)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()

@@ -129,11 +129,29 @@ def _choice(cfg: RunConfig, key: str, choices, origin: Mapping[str, str]) -> Non
 
 
 def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] | None) -> None:
-    from timm.optim import list_optimizers
-
-    from shrink.selection import CRITERIA, get_criterion
-
+    """Ranges and choices, then the combinations of values, then files, data and the model, in that order
+    (the first failing check is the one the user sees)."""
     n = lambda key: name_of(key, origin)  # noqa: E731
+    _check_ranges_and_choices(cfg, origin)
+    _check_names_and_paths(cfg, n)
+    # --- combinations ---
+    _check_removal(cfg, n)
+    _check_mixup_batch(cfg, n)
+    _check_eval_mode(cfg, n)
+    _check_tome_settings(cfg, n)
+    # --- files ---
+    _check_files(cfg, n, explicit)
+    # --- the model, on the meta device: name, arguments, input size, layers (no memory, no download) ---
+    if not cfg.eval:
+        check_model(cfg, n, explicit)
+    else:
+        check_saved_model(cfg, n)  # config.json checked before any work
+
+
+def _check_ranges_and_choices(cfg: RunConfig, origin: Mapping[str, str]) -> None:
+    """Every value in its range, every value with a fixed set of choices one of them."""
+    from shrink.selection import CRITERIA
+
     for key in _RANGES:
         _check_range(cfg, key, origin)
     for f in dataclasses.fields(cfg):  # every field declared with choices (YAML skips argparse's check)
@@ -145,6 +163,12 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
     _choice(cfg, "tome_policy", ("none", "hidden"), origin)
     _choice(cfg, "criterion", CRITERIA, origin)
     _choice(cfg, "sched", SCHEDS, origin)
+
+
+def _check_names_and_paths(cfg: RunConfig, n: Namer) -> None:
+    """The optimizer, logger, output folder, paths, model name and augmentation policy are usable strings."""
+    from timm.optim import list_optimizers
+
     if cfg.opt.lower() not in list_optimizers() and cfg.opt.lower().split("_")[-1] not in list_optimizers():
         raise ShrinkError(f"{n('opt')}: unknown optimizer {cfg.opt!r} (see timm.optim.list_optimizers())")
     if cfg.log_with not in (None, "tensorboard", "wandb"):
@@ -159,7 +183,12 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
     if cfg.aa is not None and cfg.aa.lower() != "none":
         check_aa(cfg.aa, n("aa"))
 
-    # --- combinations ---
+
+def _check_removal(cfg: RunConfig, n: Namer) -> None:
+    """--remove-layers holds distinct non-negative indices and comes without --remove-ratio; a ratio needs
+    a criterion that picks the layers itself."""
+    from shrink.selection import get_criterion
+
     if cfg.remove_layers is not None:
         if len(set(cfg.remove_layers)) != len(cfg.remove_layers):
             raise ShrinkError(f"{n('remove_layers')} has a repeated index: {cfg.remove_layers}")
@@ -169,9 +198,17 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
             raise ShrinkError(f"give {n('remove_ratio')} or {n('remove_layers')}, not both")
     if cfg.remove_ratio and get_criterion(cfg.criterion).takes_layers:
         raise ShrinkError(f"{n('criterion')} {cfg.criterion} picks no layers; give the layers with --remove-layers")
+
+
+def _check_mixup_batch(cfg: RunConfig, n: Namer) -> None:
+    """Mixup / CutMix pair the images of a batch: the batch size must be even."""
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ShrinkError(f"{n('batch_size')} must be even with mixup/cutmix (timm's Mixup pairs images), "
                           f"got {cfg.batch_size}")
+
+
+def _check_eval_mode(cfg: RunConfig, n: Namer) -> None:
+    """--eval needs --checkpoint and no --resume; training takes no --checkpoint."""
     if cfg.eval:
         if not cfg.checkpoint:
             raise ShrinkError("--eval needs --checkpoint DIR (a model written by shrink.save)")
@@ -181,6 +218,10 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
         if cfg.checkpoint:
             raise ShrinkError(f"{n('checkpoint')} is the model for --eval; to start training from weights use "
                               f"--finetune")
+
+
+def _check_tome_settings(cfg: RunConfig, n: Namer) -> None:
+    """--tome-train needs --tome-r > 0; the other merging settings are ignored (a warning) at --tome-r 0."""
     if cfg.tome_train and cfg.tome_r == 0:
         raise ShrinkError(f"{n('tome_train')} merges tokens while training: give {n('tome_r')} > 0 (tokens merged "
                           f"per block)")
@@ -189,7 +230,9 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
             if getattr(cfg, key) != getattr(type(cfg), key):
                 warn(f"{n(key)} is ignored: {n('tome_r')} is 0 (no token merging)")
 
-    # --- files ---
+
+def _check_files(cfg: RunConfig, n: Namer, explicit: set[str] | None) -> None:
+    """The checkpoints and the data exist, and the logger's package is installed."""
     if cfg.finetune is not None:
         check_model_path(cfg.finetune, n("finetune"), dir_ok=True)
     if cfg.checkpoint is not None:
@@ -201,12 +244,6 @@ def check_values(cfg: RunConfig, origin: Mapping[str, str], explicit: set[str] |
         needs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[cfg.log_with]
         if not any(importlib.util.find_spec(m) for m in needs):
             raise ShrinkError(f"--log-with {cfg.log_with} needs the {needs[0]} package: pip install {needs[0]}")
-
-    # --- the model, on the meta device: name, arguments, input size, layers (no memory, no download) ---
-    if not cfg.eval:
-        check_model(cfg, n, explicit)
-    else:
-        check_saved_model(cfg, n)  # config.json checked before any work
 
 
 def check_aa(aa: str, name: str) -> None:

@@ -74,63 +74,11 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
     blocks = get_blocks(model)
     if len(blocks) != key.depth:
         raise ShrinkError(f"the model has {len(blocks)} blocks; the cost key says {key.depth}")
-    b, p, n0 = key.batch_size, key.num_protected, key.num_tokens
+    p, n0 = key.num_protected, key.num_tokens
     rt = runtime_for(key)
     grid, rg = token_grid(n0, p, token_step), r_grid_for(n0, p)
-    dim = _embed_dim(model, key)
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(b, n0, dim, generator=gen)
-    block = blocks[min(1, len(blocks) - 1)]  # a block as the model runs it (all blocks of one model are alike)
-    free = free_block(model, min(1, len(blocks) - 1))
-
-    def tok(n: int) -> torch.Tensor:
-        return x0[:, :n].contiguous()
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(b, n, 1)
-
-    timers: dict[tuple, Callable[[], Any]] = {}
-    with torch_threads(key.threads):
-        prepared = {"plain": rt.prepare(Plain(copy.deepcopy(block)), grid[0]),
-                    "attn": rt.prepare(AttnHalf(copy.deepcopy(block)), grid[0]),
-                    "mlp": rt.prepare(MlpHalf(copy.deepcopy(block)), grid[0]),
-                    "free": rt.prepare(Plain(copy.deepcopy(free)), grid[0])}
-        metric_dim = _metric_dim(block, x0)
-        for n in reversed(grid):  # the first bind exports (onnxruntime): at the most tokens
-            timers[("plain", n)] = prepared["plain"]((tok(n),))
-            timers[("attn", n)] = prepared["attn"]((tok(n), ones(n)))
-            timers[("mlp", n)] = prepared["mlp"]((tok(n),))
-            timers[("free", n)] = prepared["free"]((tok(n),))
-        # ONNX Runtime: the merge step's shapes depend on n's parity and r, so no one export covers a token
-        # range; it is timed in eager torch (a small share of a block; its error shows in the validation)
-        merge_rt = Runtime(key) if key.runtime == "onnxruntime" else rt
-        for hidden in (False, True):
-            name = "merge_hidden" if hidden else "merge"
-            for r in rg:
-                lo = 2 * r + p  # max_merge(n) >= r from here on
-                if lo > n0:
-                    continue
-                bind = merge_rt.prepare(MergeStep(r, p, copy.deepcopy(free) if hidden else None), lo)
-                for n in grid:
-                    if n >= lo:
-                        metric = torch.randn(b, n, metric_dim, generator=gen)
-                        timers[(name, n, r)] = bind((tok(n), metric, ones(n)))
-        edges = _edges_timers(model, key, rt, grid)
-        timers.update(edges)
-        _logger.info("cost table: timing %d parts x %d repeats (%s)", len(timers), repeats, key)
-        # the median of the repeats, as benchmark.py reports whole models: the fastest repeat would miss
-        # what a loaded machine adds to every small op (measured: whole ToMe models then lose to the sum)
-        ms = interleaved(timers, warmup, repeats, rt.sync, progress, "cost table")
-    parts: dict[str, Any] = {name: [ms[(name, n)] for n in grid] for name in ("plain", "attn", "mlp", "free")}
-    timed = sorted(n for name, n, *_ in ms if name == "edges")
-    parts["edges"] = [interp(timed, [ms[("edges", t)] for t in timed], n) for n in grid]
-    for name in PARTS_NR:
-        rows = []
-        for n in grid:
-            cap = max_merge(n, p)
-            # r beyond what n allows is capped (as bipartite_soft_matching does): the largest timed r <= cap
-            rows.append([0.0 if cap == 0 else ms[(name, n, max(v for v in rg if v <= min(r, cap)))] for r in rg])
-        parts[name] = rows
+    ms, timers = _time_parts(model, blocks, key, rt, grid, rg, warmup=warmup, repeats=repeats, progress=progress)
+    parts = _parts(ms, grid, rg, p)
     raw = None
     if smooth:
         raw, parts = parts, smooth_parts(parts, grid, p)
@@ -143,6 +91,99 @@ def build_cost_table(model: nn.Module, key: CostKey, *, token_step: int = 8, rep
         calibrate(table, model, list(fit), list(check), repeats=repeats, warmup=warmup, progress=progress)
     table.info["build_s"] = round(time.perf_counter() - t_start, 1)
     return table
+
+
+def _time_parts(model: nn.Module, blocks: Sequence[nn.Module], key: CostKey, rt: Runtime, grid: list[int],
+                rg: list[int], *, warmup: int, repeats: int, progress: bool) -> tuple[dict[tuple, float], dict]:
+    """Every part timed on the grid in interleaved repeats: (median ms per timer key, the timers)."""
+    x0, gen, block, free = _inputs(model, blocks, key)
+    with torch_threads(key.threads):
+        prepared = _prepare_parts(rt, block, free, grid[0])
+        metric_dim = _metric_dim(block, x0)
+        timers = _bind_parts(prepared, x0, grid)
+        timers.update(_merge_timers(key, rt, free, x0, gen, grid, rg, metric_dim))
+        edges = _edges_timers(model, key, rt, grid)
+        timers.update(edges)
+        _logger.info("cost table: timing %d parts x %d repeats (%s)", len(timers), repeats, key)
+        # the median of the repeats, as benchmark.py reports whole models: the fastest repeat would miss
+        # what a loaded machine adds to every small op (measured: whole ToMe models then lose to the sum)
+        ms = interleaved(timers, warmup, repeats, rt.sync, progress, "cost table")
+    return ms, timers
+
+
+def _inputs(model: nn.Module, blocks: Sequence[nn.Module],
+            key: CostKey) -> tuple[torch.Tensor, torch.Generator, nn.Module, nn.Module]:
+    """(random tokens at the most tokens, the generator that drew them (it draws the merge metrics next),
+    a block and an attention-free block as the model runs them)."""
+    dim = _embed_dim(model, key)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(key.batch_size, key.num_tokens, dim, generator=gen)
+    block = blocks[min(1, len(blocks) - 1)]  # a block as the model runs it (all blocks of one model are alike)
+    free = free_block(model, min(1, len(blocks) - 1))
+    return x0, gen, block, free
+
+
+def _tok(x0: torch.Tensor, n: int) -> torch.Tensor:
+    return x0[:, :n].contiguous()
+
+
+def _ones(x0: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.ones(x0.shape[0], n, 1)
+
+
+def _prepare_parts(rt: Runtime, block: nn.Module, free: nn.Module, n: int) -> dict[str, Callable]:
+    """The block's parts (whole, attention half, MLP half, attention-free), each a copy, prepared at ``n`` tokens."""
+    return {"plain": rt.prepare(Plain(copy.deepcopy(block)), n),
+            "attn": rt.prepare(AttnHalf(copy.deepcopy(block)), n),
+            "mlp": rt.prepare(MlpHalf(copy.deepcopy(block)), n),
+            "free": rt.prepare(Plain(copy.deepcopy(free)), n)}
+
+
+def _bind_parts(prepared: dict[str, Callable], x0: torch.Tensor, grid: list[int]) -> dict[tuple, Callable]:
+    timers: dict[tuple, Callable[[], Any]] = {}
+    for n in reversed(grid):  # the first bind exports (onnxruntime): at the most tokens
+        timers[("plain", n)] = prepared["plain"]((_tok(x0, n),))
+        timers[("attn", n)] = prepared["attn"]((_tok(x0, n), _ones(x0, n)))
+        timers[("mlp", n)] = prepared["mlp"]((_tok(x0, n),))
+        timers[("free", n)] = prepared["free"]((_tok(x0, n),))
+    return timers
+
+
+def _merge_timers(key: CostKey, rt: Runtime, free: nn.Module, x0: torch.Tensor, gen: torch.Generator,
+                  grid: list[int], rg: list[int], metric_dim: int) -> dict[tuple, Callable]:
+    """The merge step, without and with the attention-free block on the hidden tokens, at every r and n it allows."""
+    p, n0 = key.num_protected, key.num_tokens
+    # ONNX Runtime: the merge step's shapes depend on n's parity and r, so no one export covers a token
+    # range; it is timed in eager torch (a small share of a block; its error shows in the validation)
+    merge_rt = Runtime(key) if key.runtime == "onnxruntime" else rt
+    timers: dict[tuple, Callable] = {}
+    for hidden in (False, True):
+        name = "merge_hidden" if hidden else "merge"
+        for r in rg:
+            lo = 2 * r + p  # max_merge(n) >= r from here on
+            if lo > n0:
+                continue
+            bind = merge_rt.prepare(MergeStep(r, p, copy.deepcopy(free) if hidden else None), lo)
+            for n in grid:
+                if n >= lo:
+                    metric = torch.randn(key.batch_size, n, metric_dim, generator=gen)
+                    timers[(name, n, r)] = bind((_tok(x0, n), metric, _ones(x0, n)))
+    return timers
+
+
+def _parts(ms: dict[tuple, float], grid: list[int], rg: list[int], p: int) -> dict[str, Any]:
+    """The table's parts from the timings: per grid point, and per grid point x r for the merge steps."""
+    parts: dict[str, Any] = {name: [ms[(name, n)] for n in grid] for name in ("plain", "attn", "mlp", "free")}
+    timed = sorted(n for name, n, *_ in ms if name == "edges")
+    parts["edges"] = [interp(timed, [ms[("edges", t)] for t in timed], n) for n in grid]
+    for name in PARTS_NR:
+        rows = []
+        for n in grid:
+            cap = max_merge(n, p)
+            # r beyond what n allows is capped (as bipartite_soft_matching does): the largest timed r <= cap
+            rows.append([0.0 if cap == 0 else ms[(name, n, max(v for v in rg if v <= min(r, cap)))] for r in rg])
+        parts[name] = rows
+    return parts
 
 
 def smooth_parts(parts: dict[str, Any], grid: list[int], num_protected: int) -> dict[str, Any]:
