@@ -247,6 +247,15 @@ def test_importing_shrink_registers_the_families_and_no_top_level_models():
     assert out[0] == "[]" and out[1] == "True True shrink.models"
 
 
+def test_every_package_is_installed():
+    """pyproject's explicit package list names every package of the source tree (a wheel has only those)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "shrink").rglob("__init__.py")}
+    assert tree | {"shrink.models"} == listed, f"pyproject packages differ from the tree: {sorted(tree ^ listed)}"
+
+
 def test_the_package_installs_no_top_level_models():
     from importlib.metadata import distribution
 
