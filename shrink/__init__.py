@@ -26,7 +26,8 @@ from shrink.blocks.dilution import (
 from shrink.errors import ShrinkError
 from shrink.merging.patch import apply_tome, remove_tome, tome_token_counts
 from shrink.modelio.checkpoint import get_bottleneck_mlp, load_checkpoint, read_checkpoint
-from shrink.modelio.create import create_model, load, save
+from shrink.modelio.create import create_model
+from shrink.modelio.saved import load, save
 from shrink.selection.layers import select_layers
 
 __version__ = "0.1.0"

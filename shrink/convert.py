@@ -18,7 +18,8 @@ from shrink.cli.runner import (
 )
 from shrink.errors import ShrinkError
 from shrink.modelio.checkpoint import load_checkpoint
-from shrink.modelio.create import create_model, save
+from shrink.modelio.create import create_model
+from shrink.modelio.saved import save
 
 __all__ = ["main"]
 

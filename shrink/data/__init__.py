@@ -3,11 +3,7 @@ transforms and loaders' seeding."""
 from shrink.data.datasets import (
     DATA_SET_REGISTRY,
     DATA_SETS,
-    DIGITS_MEAN,
-    DIGITS_STD,
     NUM_CLASSES,
-    AugmentationError,
-    DataPipelineError,
     DataRequest,
     DataSetSpec,
     DigitsDataset,
@@ -16,21 +12,19 @@ from shrink.data.datasets import (
     GuardedImageFolder,
     SyntheticDataset,
     WorkerSeeder,
-    augment_ops,
     build_dataset,
     build_transform,
     calibration_subset,
     check_data_path,
     count_classes,
     get_data_set,
-    harden_augmentation,
-    load_rgb,
-    posterize_any_bits,
     register_data_set,
     resolve_data_set,
     unregister_data_set,
     with_transform,
 )
+from shrink.data.sources import DIGITS_MEAN, DIGITS_STD, DataPipelineError, load_rgb
+from shrink.data.transforms import AugmentationError, augment_ops, harden_augmentation, posterize_any_bits
 
 __all__ = [
     "AugmentationError",

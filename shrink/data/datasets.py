@@ -18,33 +18,21 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from shrink.data.sources import (
-    DIGITS_MEAN,
-    DIGITS_STD,
-    DataPipelineError,
     DigitsDataset,
     GuardedCIFAR10,
     GuardedCIFAR100,
     GuardedImageFolder,
     SyntheticDataset,
-    load_rgb,
 )
 from shrink.data.transforms import (
-    AugmentationError,
-    augment_ops,
     build_transform,
-    harden_augmentation,
     model_data_config,
-    posterize_any_bits,
 )
 from shrink.errors import ShrinkError, first_line
 from shrink.registry import Registry
 
 __all__ = [
-    "DATA_SETS", "DATA_SET_REGISTRY", "DIGITS_MEAN", "DIGITS_STD", "NUM_CLASSES", "AugmentationError",
-    "DataPipelineError", "DataRequest", "DataSetSpec", "DigitsDataset", "GuardedCIFAR10", "GuardedCIFAR100",
-    "GuardedImageFolder", "SyntheticDataset", "WorkerSeeder", "augment_ops", "build_dataset", "build_transform",
-    "calibration_subset", "check_data_path", "count_classes", "get_data_set", "harden_augmentation", "load_rgb",
-    "posterize_any_bits", "register_data_set", "resolve_data_set", "unregister_data_set", "with_transform",
+    "DATA_SETS", "DATA_SET_REGISTRY", "NUM_CLASSES", "DataRequest", "DataSetSpec", "DigitsDataset", "GuardedCIFAR10", "GuardedCIFAR100", "GuardedImageFolder", "SyntheticDataset", "WorkerSeeder", "build_dataset", "build_transform", "calibration_subset", "check_data_path", "count_classes", "get_data_set", "register_data_set", "resolve_data_set", "unregister_data_set", "with_transform",
 ]
 
 

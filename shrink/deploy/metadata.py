@@ -131,7 +131,7 @@ def deploy_metadata(
     from timm.data import resolve_data_config
 
     from shrink.merging import patch as tome
-    from shrink.modelio.create import describe_architecture
+    from shrink.modelio.saved import describe_architecture
 
     m = unwrap(model)
     c, h, w = (int(v) for v in input_size)

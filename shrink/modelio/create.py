@@ -44,6 +44,8 @@ from shrink.modelio.schema import (
     validate_config,
 )
 
+# The names of the flat layout's shrink.factory (an alias of this module for one release,
+# shrink._old_paths); the library imports them from their own modules.
 __all__ = [
     "FORMAT", "MODEL_FILE", "CONFIG_FILE", "MAX_PARAMS", "build_from_config", "check_hub", "check_input_size",
     "create_model", "describe_architecture", "input_size", "load", "model_skeleton", "read_config", "save", "validate_config",

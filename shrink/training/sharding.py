@@ -21,7 +21,8 @@ from shrink.blocks.attention_free import export
 from shrink.blocks.dilution import get_blocks
 from shrink.blocks.parts import export_slices
 from shrink.errors import ShrinkError
-from shrink.modelio.create import FORMAT, build_from_config, describe_architecture
+from shrink.modelio.saved import build_from_config, describe_architecture
+from shrink.modelio.schema import FORMAT
 from shrink.unwrap import unwrap
 
 _logger = logging.getLogger(__name__)

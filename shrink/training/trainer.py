@@ -46,7 +46,7 @@ from shrink.errors import ShrinkError
 from shrink.introspect import num_params
 from shrink.io import atomic_append_line, atomic_write_json, atomic_write_text, clean_leftovers
 from shrink.merging.patch import apply_tome
-from shrink.modelio.create import save
+from shrink.modelio.saved import save
 from shrink.training import parts as recipe
 from shrink.training.config import RunConfig
 from shrink.training.evaluation import (

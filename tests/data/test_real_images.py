@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from shrink import ShrinkError
-from shrink.data.datasets import augment_ops, build_dataset, build_transform
+from shrink.data.datasets import build_dataset, build_transform
+from shrink.data.transforms import augment_ops
 
 from ..conftest import real_image_folder
 
